@@ -1,0 +1,288 @@
+"""TrainingConfig: every knob of a run, typed, documented and validated when it is built.
+
+The field names and defaults of the original RLHF_time trainer are kept as they were; the rest are what a
+trainer needs beyond them. One YAML file mirrors this class field for field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlhf_time.errors import RlhfTimeError
+
+MODEL_TYPES = ("Qwen", "Llama")
+STAGES = ("sft", "rm", "dpo", "ppo", "kd")
+DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference")
+TINY_MODEL_NAME = "tiny"
+
+
+class ConfigError(RlhfTimeError, ValueError):
+    """A config value is wrong: the message names the field and what is allowed."""
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    return Field(default, description=help, **kwargs)
+
+
+class TrainingConfig(BaseModel):
+    """All settings of one run. Unknown keys, wrong types and out-of-range values raise ConfigError."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- run -----------------------------------------------------------------------------------------
+    experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name.")
+    output_dir: str = _f("outputs", "Folder that holds one sub-folder per experiment.")
+    stage: Literal["sft", "rm", "dpo", "ppo", "kd"] = _f("sft", "Training stage: sft, rm (reward model), dpo, ppo, kd.")
+    seed: int = _f(42, "Seed for weights init of new heads, data order and dropout.")
+    device: Optional[str] = _f(None, "cuda, cuda:N or cpu; None picks cuda when available, else cpu.")
+
+    # --- model ---------------------------------------------------------------------------------------
+    model_name: str = _f("Qwen/Qwen3-8B", "Hub id or local folder of a causal LM; 'tiny' builds the embedded default offline.")
+    model_type: Optional[str] = _f("Qwen", "Model family: Qwen or Llama (case-insensitive); inferred from the model when not set.")
+    trust_remote_code: bool = _f(False, "Allow code shipped with a hub model to run. Off unless you trust the source.")
+    attn_implementation: Optional[str] = _f(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = sdpa.")
+
+    # --- data ----------------------------------------------------------------------------------------
+    train_file: Optional[str] = _f(None, "Training data: .jsonl, .json or .csv. None with model_name='tiny' uses the bundled quickstart task.")
+    eval_file: Optional[str] = _f(None, "Evaluation data, same formats as train_file.")
+    data_format: Literal["auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference"] = _f(
+        "auto", "Record format; auto detects it from the first record's keys.")
+    prompt_template: Optional[str] = _f(None, "Template for user turns, must contain {prompt}; None uses the tokenizer's chat template.")
+    response_template: Optional[str] = _f(None, "Template for assistant turns, must contain {response}.")
+    system_prompt: Optional[str] = _f(None, "System message added to conversations that have none (chat-template mode).")
+    max_seq_length: int = _f(2048, "Longest tokenised example; longer ones are truncated, keeping the start of the response.", gt=0)
+    max_train_samples: Optional[int] = _f(None, "Use only the first N training records.", gt=0)
+    max_eval_samples: Optional[int] = _f(None, "Use only the first N evaluation records.", gt=0)
+    data_cache_dir: Optional[str] = _f(None, "Where tokenised data is cached; None = output_dir/.cache.")
+
+    # --- batching ------------------------------------------------------------------------------------
+    batch_size: int = _f(8, "Examples per micro-batch (per device).", gt=0)
+    eval_batch_size: Optional[int] = _f(None, "Examples per evaluation batch; None = batch_size.", gt=0)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimiser step.", gt=0)
+    shuffle: bool = _f(True, "Shuffle the data order every epoch (from seed).")
+    group_by_length: bool = _f(True, "Form batches from examples of similar length so little compute goes to padding.")
+    max_tokens_per_batch: Optional[int] = _f(None, "Token budget per micro-batch (padded size) instead of a fixed batch_size.", gt=0)
+    packing: bool = _f(False, "Concatenate examples into rows with attention kept inside each example (padding-free).")
+
+    # --- optimisation --------------------------------------------------------------------------------
+    num_train_epochs: float = _f(3, "Passes over the training data.", gt=0)
+    max_steps: Optional[int] = _f(None, "Stop after this many optimiser steps; overrides num_train_epochs.", gt=0)
+    learning_rate: float = _f(2e-5, "Peak learning rate.", gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = _f("linear", "Schedule after warmup: linear, cosine or constant.")
+    warmup_steps_ratio: float = _f(0.1, "Share of the total optimiser steps spent warming up linearly from 0.", ge=0, le=1)
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norm weights).", ge=0)
+    adam_beta1: float = _f(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", gt=0)
+    max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm to this; None or 0 disables clipping.", ge=0)
+    label_smoothing: float = _f(0.0, "Label smoothing of the SFT cross-entropy.", ge=0, lt=1)
+    loss_chunk_size: int = _f(1024, "Target tokens per chunk when the loss is computed from hidden states (memory-lean).", gt=0)
+    use_amp: bool = _f(False, "Mixed precision: bf16 autocast where supported (CPU included), else fp16 with a grad scaler.")
+    use_gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+
+    # --- tuning strategy -----------------------------------------------------------------------------
+    use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of the full model.")
+    lora_rank: int = _f(8, "LoRA rank r.", gt=0)
+    lora_alpha: float = _f(32, "LoRA alpha (scaling = alpha / r).", gt=0)
+    lora_dropout: float = _f(0.1, "Dropout on the LoRA input, in [0, 1).", ge=0, lt=1)
+    lora_target_modules: Optional[list[str]] = _f(["q_proj", "v_proj"], "Module names that get adapters; the family default when not set.")
+    freeze_layers: Optional[list[int]] = _f(None, "Indices of decoder layers to freeze (e.g. [0, 1, 2]); the rest trains.")
+
+    # --- evaluation, early stopping ------------------------------------------------------------------
+    eval_strategy: Literal["no", "steps", "epoch"] = _f("epoch", "When to evaluate: no, steps (every eval_steps) or epoch.")
+    eval_steps: int = _f(100, "Evaluate every N optimiser steps when eval_strategy=steps.", gt=0)
+    metric_for_best_model: str = _f("eval_loss", "Metric that picks the best checkpoint and drives early stopping.")
+    greater_is_better: Optional[bool] = _f(None, "Whether a larger metric is better; None infers it (False for loss/perplexity).")
+    early_stopping_patience: Optional[int] = _f(None, "Stop after N evaluations without improvement; None disables.", gt=0)
+    early_stopping_threshold: float = _f(0.0, "Minimum improvement that counts as better.", ge=0)
+
+    # --- checkpoints, logging ------------------------------------------------------------------------
+    save_strategy: Literal["no", "steps", "epoch"] = _f("epoch", "When to save a checkpoint: no, steps or epoch.")
+    save_steps: int = _f(500, "Save every N optimiser steps when save_strategy=steps.", gt=0)
+    save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints (the best is never deleted); None keeps all.", gt=0)
+    resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' for the newest in the run folder.")
+    logging_steps: int = _f(10, "Console/TensorBoard log every N optimiser steps.", gt=0)
+    report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Where scalars go besides metrics.jsonl: tensorboard or none.")
+    disable_progress_bar: bool = _f(False, "Hide the tqdm progress bar.")
+
+    # --- distributed ---------------------------------------------------------------------------------
+    distributed: Literal["auto", "ddp", "fsdp"] = _f("auto", "Data-parallel strategy under torchrun: ddp (auto) or fsdp (FSDP2).")
+    fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters and optimiser state on CPU.")
+
+    # --- preference stages (rm, dpo) -----------------------------------------------------------------
+    beta: float = _f(0.1, "DPO temperature beta.", gt=0)
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = _f("sigmoid", "DPO loss variant.")
+    dpo_label_smoothing: float = _f(0.0, "Conservative-DPO label smoothing epsilon.", ge=0, lt=0.5)
+    rpo_alpha: Optional[float] = _f(None, "Weight of an SFT (NLL) term on the chosen response; None disables.", ge=0)
+    precompute_ref_logps: bool = _f(False, "DPO: compute reference log-probs once before training.")
+    reward_margin: float = _f(0.0, "RM: margin m in -log sigmoid(r_c - r_r - m) (per-pair 'margin' overrides).")
+    reward_centering: Optional[float] = _f(None, "RM: weight of the centering term mean((r_c + r_r)^2); None disables.", ge=0)
+
+    # --- generation ----------------------------------------------------------------------------------
+    max_new_tokens: int = _f(512, "Default number of new tokens for predict/chat.", gt=0)
+    do_sample: bool = _f(False, "Sample instead of greedy decoding.")
+    temperature: float = _f(1.0, "Sampling temperature.", gt=0)
+    top_p: float = _f(1.0, "Nucleus sampling threshold.", gt=0, le=1)
+    top_k: int = _f(50, "Top-k sampling.", ge=0)
+
+    # --- validators ----------------------------------------------------------------------------------
+    @field_validator("model_type")
+    @classmethod
+    def _known_model_type(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        for name in MODEL_TYPES:
+            if value.lower() == name.lower():
+                return name
+        raise ValueError(f"unknown model_type {value!r}; allowed: {', '.join(MODEL_TYPES)} (case-insensitive)")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _prompt_placeholder(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and "{prompt}" not in value:
+            raise ValueError("must contain the placeholder {prompt}")
+        return value
+
+    @field_validator("response_template")
+    @classmethod
+    def _response_placeholder(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and "{response}" not in value:
+            raise ValueError("must contain the placeholder {response}")
+        return value
+
+    @field_validator("freeze_layers")
+    @classmethod
+    def _non_negative_layers(cls, value: Optional[list[int]]) -> Optional[list[int]]:
+        if value is not None and any(index < 0 for index in value):
+            raise ValueError("layer indices must be >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainingConfig":
+        if self.use_lora and self.freeze_layers:
+            raise ValueError("use_lora and freeze_layers cannot be combined: LoRA already freezes the base model")
+        if self.lora_target_modules is not None and not self.lora_target_modules:
+            raise ValueError("lora_target_modules: give at least one module name, or null for the family default")
+        return self
+
+    # --- construction with clear errors --------------------------------------------------------------
+    def __init__(self, **data: Any) -> None:
+        unknown = [key for key in data if key not in type(self).model_fields]
+        if unknown:
+            raise ConfigError(_unknown_keys_message(unknown))
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise ConfigError(_validation_message(error)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in type(self).model_fields:
+            raise ConfigError(_unknown_keys_message([name]))
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as error:
+            raise ConfigError(_validation_message(error)) from None
+
+    # --- derived values ------------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: output_dir/experiment_name."""
+        return Path(self.output_dir) / self.experiment_name
+
+    def is_set(self, name: str) -> bool:
+        """Whether the user gave this field (as opposed to it holding its default)."""
+        return name in self.model_fields_set
+
+    def metric_greater_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not any(word in self.metric_for_best_model for word in ("loss", "perplexity"))
+
+    # --- YAML ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "TrainingConfig":
+        """Read a YAML file (safe loader) and apply `key=value` overrides typed by the schema."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(error, 'problem', error)})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+        values.update(parse_overrides(overrides or []))
+        try:
+            return cls(**values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ['batch_size=4', 'freeze_layers=[0,1]'] into typed values; strings stay strings for str fields."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} is not of the form key=value")
+        if key not in TrainingConfig.model_fields:
+            raise ConfigError(_unknown_keys_message([key]))
+        values[key] = _typed_value(key, raw)
+    return values
+
+
+def _typed_value(key: str, raw: str) -> Any:
+    annotation = TrainingConfig.model_fields[key].annotation
+    wants_str = annotation is str or (typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation))
+    if raw.strip().lower() in ("null", "none", "~"):
+        return None
+    if wants_str or typing.get_origin(annotation) is Literal:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _unknown_keys_message(keys: list[str]) -> str:
+    fields = list(TrainingConfig.model_fields)
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key, fields, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        parts.append(f"unknown config key {key!r}{hint}")
+    return "; ".join(parts) + ". Run `rlhf-time train --help-config` for the list of fields."
+
+
+def _validation_message(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{field}: {message}{shown}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def describe_fields() -> str:
+    """A plain-text table of every field, its default and help (for --help-config and the README)."""
+    lines = []
+    for name, info in TrainingConfig.model_fields.items():
+        lines.append(f"{name} = {info.default!r}\n    {info.description}")
+    return "\n".join(lines)

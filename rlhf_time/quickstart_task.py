@@ -1,0 +1,45 @@
+"""The bundled quickstart task: write a number's digits as Chinese numerals (数字转中文).
+
+"把数字写成中文：4072" -> "四零七二". A tiny model cannot know this before training and learns it within a minute
+or two on a laptop CPU; the mapping is per digit, so exact match on unseen numbers shows real learning.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+CHINESE_DIGITS = "零一二三四五六七八九"
+PROMPT = "把数字写成中文：{number}"
+BUNDLED_DIR = Path(__file__).parent / "data" / "bundled"
+TRAIN_FILE = BUNDLED_DIR / "quickstart_train.jsonl"
+EVAL_FILE = BUNDLED_DIR / "quickstart_eval.jsonl"
+
+
+def to_chinese(number: str) -> str:
+    return "".join(CHINESE_DIGITS[int(digit)] for digit in number)
+
+
+def make_records(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    records, seen = [], set(exclude)
+    while len(records) < count:
+        number = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 6)))
+        if number in seen:
+            continue
+        seen.add(number)
+        records.append({"prompt": PROMPT.format(number=number), "response": to_chinese(number)})
+    return records
+
+
+def write_bundled_files(train_count: int = 2000, eval_count: int = 64) -> None:
+    """Regenerate the shipped files (deterministic); eval numbers never occur in training."""
+    eval_records = make_records(eval_count, seed=1)
+    train_records = make_records(train_count, seed=0, exclude={r["prompt"].split("：")[1] for r in eval_records})
+    for path, records in ((TRAIN_FILE, train_records), (EVAL_FILE, eval_records)):
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_bundled_files()

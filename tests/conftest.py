@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models and tokenizers built offline, saved as a user's local model folder would be."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_time.models.tiny import load_tiny_tokenizer, tiny_model_path
+
+torch.set_num_threads(2)
+
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The embedded default's tokenizer (Qwen-style ChatML, eos = <|im_end|>)."""
+    return load_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Folder of the embedded default model (tiny Qwen3), built offline into a temp cache."""
+    return tiny_model_path(tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture(scope="session")
+def llama_model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama model with a Llama-3-style chat template (eot = <|eot_id|>), saved as a local folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from rlhf_time.models.tiny import TOKENIZER_DIR
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_DIR / "tokenizer.json"))
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    tokenizer.bos_token = "<|begin_of_text|>"
+    tokenizer.eos_token = "<|eot_id|>"
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
