@@ -1,0 +1,199 @@
+"""The `rlhf-time` command: train | eval | predict | chat | export | score.
+
+Errors in config or data print one line on stderr and exit with code 2 (use --debug for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rlhf_time.errors import RlhfTimeError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        return args.handler(args)
+    except (RlhfTimeError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-time", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    train = command("train", _train, "Train with a YAML config (no config: the quickstart on the embedded tiny model).")
+    train.add_argument("config", nargs="?", help="YAML file mirroring TrainingConfig")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=4 use_lora=true")
+    train.add_argument("--nproc", type=int, default=None, help="launch N processes on this node via torchrun")
+    train.add_argument("--help-config", action="store_true", help="list every config field with default and help")
+
+    evaluate = command("eval", _eval, "Evaluate a model on eval_file; prints the metrics as JSON.")
+    evaluate.add_argument("config", help="YAML config (set model_name to a trained folder)")
+    evaluate.add_argument("overrides", nargs="*", help="key=value overrides")
+
+    predict = command("predict", _predict, "Generate answers for prompts from a file; writes JSONL.")
+    predict.add_argument("model", help="trained model folder (e.g. outputs/<run>/final), adapter folder or 'tiny'")
+    predict.add_argument("--input", required=True, help=".txt (one prompt per line) or .jsonl/.json/.csv with a 'prompt' field")
+    predict.add_argument("--output", required=True, help="JSONL file to write {prompt, prediction} lines to")
+    predict.add_argument("overrides", nargs="*", help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
+
+    chat = command("chat", _chat, "Interactive chat with a trained model (empty line or /exit to quit, /reset to clear).")
+    chat.add_argument("model", help="trained model folder, adapter folder or 'tiny'")
+    chat.add_argument("overrides", nargs="*", help="key=value overrides (system_prompt=..., max_new_tokens=...)")
+
+    export = command("export", _export, "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
+    export.add_argument("adapter", help="folder with adapter_config.json (e.g. outputs/<run>/final)")
+    export.add_argument("output", help="folder to write the merged model to")
+
+    score = command("score", _score, "Score prompt/response pairs with a trained reward model; writes JSONL.")
+    score.add_argument("model", help="reward model folder")
+    score.add_argument("--input", required=True, help=".jsonl/.json/.csv with prompt and response fields")
+    score.add_argument("--output", required=True, help="JSONL file to write {prompt, response, reward} lines to")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+def _train(args: argparse.Namespace) -> int:
+    from rlhf_time.config import TrainingConfig, describe_fields
+
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _exec_torchrun(args)
+    if args.config is None:
+        from rlhf_time.quickstart_task import run_quickstart
+
+        run_quickstart(args.overrides)
+        return 0
+    config = TrainingConfig.from_yaml(args.config, args.overrides)
+    trainer = _trainer_for(config)
+    results = trainer.train()
+    if trainer.dist.is_main:
+        print(json.dumps(results, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
+def _trainer_for(config):
+    from rlhf_time import trainer as stages
+
+    by_stage = {"sft": "SFTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer"}
+    if config.stage not in by_stage or not hasattr(stages, by_stage[config.stage]):
+        raise RlhfTimeError(f"stage {config.stage!r} has no trainer yet; available: "
+                            f"{', '.join(s for s, n in by_stage.items() if hasattr(stages, n))}")
+    return getattr(stages, by_stage[config.stage])(config)
+
+
+def _exec_torchrun(args: argparse.Namespace) -> int:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "rlhf_time", "train", *([args.config] if args.config else []), *args.overrides]
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rlhf_time.config import TrainingConfig
+
+    config = TrainingConfig.from_yaml(args.config, args.overrides)
+    if not config.eval_file:
+        raise RlhfTimeError(f"{args.config}: eval needs eval_file")
+    config.train_file = None
+    print(json.dumps(_trainer_for(config).evaluate(), indent=2))
+    return 0
+
+
+def _inference_trainer(model: str, overrides: list[str]):
+    from rlhf_time.config import TrainingConfig, parse_overrides
+    from rlhf_time.trainer import SFTrainer
+
+    values = {}
+    saved = Path(model) / "rlhf_time_config.yaml"
+    if saved.is_file():  # keep the templates and generation settings the model was trained with
+        import yaml
+
+        stored = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        keep = ("prompt_template", "response_template", "system_prompt", "model_type", "max_seq_length",
+                "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "trust_remote_code")
+        values = {k: stored[k] for k in keep if k in stored}
+    values.update(parse_overrides(overrides))
+    values.update(model_name=model, train_file=None, eval_file=None, use_lora=False, freeze_layers=None,
+                  report_to="none")
+    return SFTrainer(TrainingConfig(**values))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from rlhf_time.data import read_prompts
+
+    prompts = read_prompts(args.input)
+    trainer = _inference_trainer(args.model, args.overrides)
+    answers = trainer.predict(prompts)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        for prompt, answer in zip(prompts, answers):
+            handle.write(json.dumps({"prompt": prompt, "prediction": answer}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(answers)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    trainer = _inference_trainer(args.model, args.overrides)
+    history: list[dict[str, str]] = []
+    print("rlhf-time chat: empty line or /exit quits, /reset clears the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("user> ").strip()
+        except EOFError:
+            break
+        if line in ("", "/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = trainer.chat(history)
+        history.append({"role": "assistant", "content": reply})
+        print(f"assistant> {reply}", flush=True)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from rlhf_time.models.export import merge_adapter
+
+    merge_adapter(args.adapter, args.output)
+    print(f"merged model written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from rlhf_time.trainer.reward import score_file
+
+    score_file(args.model, args.input, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

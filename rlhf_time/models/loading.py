@@ -1,0 +1,115 @@
+"""Load a tokenizer and a causal LM (or a reward model) from a local folder, the hub, or the embedded default."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from rlhf_time.config import TINY_MODEL_NAME, TrainingConfig
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.models.families import ModelFamily, resolve_family
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(name: str) -> str:
+    """'tiny' -> the cached embedded default (built on first use); anything else is passed through."""
+    if name == TINY_MODEL_NAME:
+        from rlhf_time.models.tiny import tiny_model_path
+
+        return str(tiny_model_path())
+    return name
+
+
+def load_tokenizer(config: TrainingConfig, path: str | None = None):
+    """The model's tokenizer with a pad token and a chat template guaranteed."""
+    from transformers import AutoTokenizer
+
+    source = path or resolve_model_path(config.model_name)
+    tokenizer = _from_pretrained(AutoTokenizer, source, config.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_family(config: TrainingConfig, path: str | None = None) -> ModelFamily:
+    from transformers import AutoConfig
+
+    source = adapter_base(path or resolve_model_path(config.model_name))
+    hf_config = _from_pretrained(AutoConfig, source, config.trust_remote_code)
+    return resolve_family(config.model_type, config.is_set("model_type"), hf_config.model_type)
+
+
+def adapter_base(source: str) -> str:
+    """For a LoRA adapter folder (adapter_config.json, no config.json) the base model it was trained on."""
+    folder = Path(source)
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file() and not (folder / "config.json").is_file():
+        import json
+
+        return json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    return source
+
+
+def ensure_chat_template(tokenizer, family: ModelFamily) -> None:
+    """Give a tokenizer without a chat template its family's (only used when no custom templates are set)."""
+    if not getattr(tokenizer, "chat_template", None):
+        log.info("tokenizer has no chat template; using the %s family's", family.name)
+        tokenizer.chat_template = family.chat_template
+
+
+def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str = "causal_lm") -> nn.Module:
+    """A float32 model (master weights) on CPU; head='reward' gives a 1-label sequence-classification model."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = path or resolve_model_path(config.model_name)
+    kwargs = dict(dtype=torch.float32, attn_implementation=config.attn_implementation or "sdpa")
+    if head == "reward":
+        kwargs["num_labels"] = 1
+        return _from_pretrained(AutoModelForSequenceClassification, source, config.trust_remote_code, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, source, config.trust_remote_code, **kwargs)
+
+
+def _from_pretrained(factory, source: str, trust_remote_code: bool, **kwargs):
+    if not Path(source).exists():
+        source = _hub_snapshot_or_fail(source)
+    try:
+        return factory.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as error:
+        raise RlhfTimeError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
+
+
+def _hub_snapshot_or_fail(repo_id: str) -> str:
+    """A hub id already in the local cache loads from there; otherwise the hub must be reachable."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id=repo_id, filename="config.json")
+    except ValueError:  # not a valid repo id
+        cached = None
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    if not _hub_reachable():
+        raise RlhfTimeError(
+            f"model_name {repo_id!r} is not a local folder, not in the Hugging Face cache, and the Hub cannot be "
+            f"reached (offline?). Download it first and pass the local path, or use model_name=tiny."
+        )
+    return repo_id
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect instead of the hub client's minute of retries when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,71 @@
+"""Training strategies: full fine-tuning, LoRA (peft) and frozen decoder layers."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from rlhf_time.config import TrainingConfig
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.models.families import ModelFamily, decoder_layers
+
+log = logging.getLogger(__name__)
+
+
+def apply_tuning(model: nn.Module, config: TrainingConfig, family: ModelFamily, task_type: str = "CAUSAL_LM") -> nn.Module:
+    """Return the model ready to train with the configured strategy (LoRA wraps it in a PeftModel)."""
+    if config.use_lora:
+        model = _wrap_lora(model, config, family, task_type)
+    elif config.freeze_layers:
+        _freeze_layers(model, config.freeze_layers)
+    if config.use_gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so it also works when the
+        # embeddings are frozen (LoRA, frozen first layers).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s total (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model
+
+
+def _wrap_lora(model: nn.Module, config: TrainingConfig, family: ModelFamily, task_type: str) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(config.lora_target_modules or family.lora_target_modules)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise RlhfTimeError(
+            f"lora_target_modules: {missing} not found in the model; linear modules here include "
+            f"{sorted(n for n in present if n.endswith('proj'))}"
+        )
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        task_type=task_type,
+    )
+    return get_peft_model(model, lora)
+
+
+def _freeze_layers(model: nn.Module, indices: list[int]) -> None:
+    layers = decoder_layers(model)
+    bad = [i for i in indices if i >= len(layers)]
+    if bad:
+        raise RlhfTimeError(f"freeze_layers: {bad} out of range; the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+    for index in indices:
+        layers[index].requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen, trainable, total = set(), 0, 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel()
+        trainable += parameter.numel() if parameter.requires_grad else 0
+    return trainable, total

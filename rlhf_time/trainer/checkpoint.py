@@ -1,0 +1,154 @@
+"""Checkpoints: written atomically (temp folder, then rename), rotated, and loaded safely (no pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from rlhf_time.errors import RlhfTimeError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    model: nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+) -> Path:
+    """Write everything needed to resume into `folder`, via a temp folder renamed at the end."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), staging / "scaler.pt")
+        torch.save(_torch_rng_state(), staging / "rng_state.pt")
+        state = {**trainer_state, "python_rng": _python_rng_state()}
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        if folder.exists():  # re-saving the same step (e.g. after an eval): replace it whole
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise RlhfTimeError(f"{folder}: not a checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_optimizer_states(folder: Path, optimizer, scheduler, scaler) -> None:
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    if scaler is not None and (folder / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+
+
+def restore_rng(folder: Path, state: dict[str, Any]) -> None:
+    rng = torch.load(folder / "rng_state.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def load_model_weights(model: nn.Module, folder: Path) -> None:
+    """Load a checkpoint's weights (full model or LoRA adapter, safetensors only) into `model` in place."""
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise RlhfTimeError(f"{folder}: adapter does not match the model (unexpected keys {unexpected[:3]}...)")
+        return
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise RlhfTimeError(f"{folder}: no model weights (*.safetensors) found")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    result = model.load_state_dict(state, strict=False)
+    tied = {name for name in result.missing_keys if _is_tied(model, name)}
+    missing = [name for name in result.missing_keys if name not in tied]
+    if missing or result.unexpected_keys:
+        raise RlhfTimeError(
+            f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return bool(tied and output is not None and name.endswith("lm_head.weight"))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first (by step)."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_checkpoint(value: str, run_dir: Path) -> Path:
+    """'latest' -> the newest checkpoint in the run folder; otherwise the given folder, which must exist."""
+    if value == "latest":
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise RlhfTimeError(f"resume_from_checkpoint=latest: no checkpoint-* folder in {run_dir}")
+        return checkpoints[-1]
+    path = Path(value)
+    if not (path / STATE_FILE).is_file():
+        raise RlhfTimeError(f"resume_from_checkpoint: {path} is not a checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def rotate_checkpoints(run_dir: Path, limit: int | None, keep: Path | None) -> None:
+    """Delete the oldest checkpoints beyond `limit`, never the one in `keep` (the best)."""
+    if limit is None:
+        return
+    checkpoints = list_checkpoints(run_dir)
+    removable = [p for p in checkpoints if keep is None or p.resolve() != keep.resolve()]
+    excess = len(checkpoints) - limit
+    for path in removable[: max(0, excess)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _torch_rng_state() -> dict[str, Any]:
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]

@@ -1,0 +1,94 @@
+"""Supervised fine-tuning: how a batch of (input_ids, labels) becomes a loss. Everything else is the shared loop."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf_time.data import PaddingCollator, load_sft_dataset
+from rlhf_time.loss import chunked_sft_loss, create_loss
+from rlhf_time.trainer.loop import Trainer
+
+IGNORE_INDEX = -100
+
+
+class SFTrainer(Trainer):
+    """Next-token cross-entropy on response tokens, normalised by the target tokens of the whole optimiser step."""
+
+    def load_dataset(self, path: str, max_samples: Optional[int]):
+        return load_sft_dataset(path, self.tokenizer, self.config, cache_dir=self._cache_dir(), max_samples=max_samples)
+
+    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
+        dataset = dataset if dataset is not None else self.train_dataset
+        return self.collator([dataset[i] for i in indices])
+
+    @property
+    def collator(self):
+        if not hasattr(self, "_collator"):
+            self._collator = PaddingCollator(pad_token_id=self.tokenizer.pad_token_id)
+        return self._collator
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
+        config = self.config
+        hidden, lm_head = self._final_hidden_states(model, batch)
+        if lm_head is not None:
+            # Memory-lean: logits are formed a chunk of target positions at a time, never (B, T, V) at once.
+            loss = chunked_sft_loss(
+                hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias, label_smoothing=config.label_smoothing,
+                num_items_in_batch=num_items, chunk_size=config.loss_chunk_size,
+            )
+        else:
+            loss = self.sft_loss(hidden, batch["labels"], num_items_in_batch=num_items)
+        return loss, {}
+
+    @property
+    def sft_loss(self):
+        if not hasattr(self, "_sft_loss"):
+            self._sft_loss = create_loss("sft", label_smoothing=self.config.label_smoothing)
+        return self._sft_loss
+
+    def _final_hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """(final hidden states (B, T, H), lm_head) -- or (logits, None) when the head is not a plain Linear."""
+        lm_head = self.model.get_output_embeddings()
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if type(lm_head) is not nn.Linear:  # e.g. LoRA on lm_head: let the model form the logits
+            return model(**inputs, use_cache=False).logits, None
+        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return outputs.hidden_states[-1], lm_head
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Summed cross-entropy (no smoothing), correct argmax predictions and target count over a batch."""
+        hidden, lm_head = self._final_hidden_states(model, batch)
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        targets = labels != IGNORE_INDEX
+        states = hidden[:, :-1][targets]  # (N, H) or (N, V) logits
+        wanted = labels[targets]  # (N,)
+        loss_sum = torch.zeros((), device=hidden.device)
+        correct = torch.zeros((), device=hidden.device)
+        for start in range(0, wanted.numel(), self.config.loss_chunk_size):
+            chunk = states[start : start + self.config.loss_chunk_size]
+            logits = (lm_head(chunk) if lm_head is not None else chunk).float()  # (chunk, V)
+            answer = wanted[start : start + self.config.loss_chunk_size]
+            loss_sum += F.cross_entropy(logits, answer, reduction="sum")
+            correct += (logits.argmax(dim=-1) == answer).sum()
+        return {"loss_sum": loss_sum, "correct": correct, "tokens": targets.sum().float()}
+
+    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        tokens = max(totals.get("tokens", 0.0), 1.0)
+        loss = totals.get("loss_sum", 0.0) / tokens
+        return {
+            "eval_loss": loss,
+            "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_token_accuracy": totals.get("correct", 0.0) / tokens,
+            "eval_tokens": totals.get("tokens", 0.0),
+        }
+
+    def _cache_dir(self) -> str:
+        return self.config.data_cache_dir or str(self.config.run_dir.parent / ".cache")
