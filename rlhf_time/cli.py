@@ -19,7 +19,12 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`predict DIR --input F --output G max_new_tokens=64`).
+    if extra and all("=" in item and not item.startswith("-") for item in extra) and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
         return args.handler(args)
@@ -122,6 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     if not config.eval_file:
         raise RlhfTimeError(f"{args.config}: eval needs eval_file")
     config.train_file = None
+    config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
     print(json.dumps(_trainer_for(config).evaluate(), indent=2))
     return 0
 

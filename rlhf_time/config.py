@@ -249,9 +249,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _typed_value(key: str, raw: str) -> Any:
     annotation = TrainingConfig.model_fields[key].annotation
     wants_str = annotation is str or (typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation))
+    if typing.get_origin(annotation) is Literal:  # e.g. report_to=none stays the string "none"
+        return raw
     if raw.strip().lower() in ("null", "none", "~"):
         return None
-    if wants_str or typing.get_origin(annotation) is Literal:
+    if wants_str:
         return raw
     try:
         return yaml.safe_load(raw)

@@ -1,0 +1,153 @@
+"""Record formats -> conversations (lists of {"role", "content"}) or preference pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from rlhf_time.data.readers import Record
+from rlhf_time.errors import RlhfTimeError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# Keys that identify each format, in detection order.
+FORMAT_KEYS = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_response": ("prompt", "response"),
+}
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt_messages: Messages
+    chosen: str
+    rejected: str
+    margin: float = math.nan
+
+
+def detect_format(record: Record, configured: str = "auto") -> str:
+    """The configured format, or the first whose identifying keys the record has."""
+    if configured != "auto":
+        return configured
+    for name, keys in FORMAT_KEYS.items():
+        if all(key in record.data for key in keys):
+            return name
+    if "prompt" in record.data:  # the most common case: say what is missing
+        return "prompt_response"
+    raise RlhfTimeError(
+        f"{record.location}: cannot tell the record format from its fields ({', '.join(sorted(record.data))}); "
+        f"expected one of: prompt/response, messages, instruction/input/output, conversations, prompt/chosen/rejected"
+    )
+
+
+def to_messages(record: Record, fmt: str) -> Messages:
+    """The conversation a record describes, validated (ends with at least one assistant turn)."""
+    if fmt == "prompt_response":
+        messages = []
+        if record.data.get("system"):
+            messages.append({"role": "system", "content": _text(record, "system")})
+        messages += [{"role": "user", "content": _text(record, "prompt")},
+                     {"role": "assistant", "content": _text(record, "response")}]
+    elif fmt == "alpaca":
+        prompt = _text(record, "instruction")
+        extra = record.data.get("input")
+        if extra:
+            prompt += "\n\n" + _text(record, "input")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, "output")}]
+    elif fmt == "messages":
+        messages = _message_list(record, "messages", "role", "content", {r: r for r in ROLES})
+    elif fmt == "sharegpt":
+        messages = _message_list(record, "conversations", "from", "value", SHAREGPT_ROLES)
+    elif fmt == "preference":
+        raise RlhfTimeError(f"{record.location}: a preference pair (prompt/chosen/rejected) needs stage rm or dpo")
+    else:
+        raise RlhfTimeError(f"unknown data_format {fmt!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RlhfTimeError(f"{record.location}: conversation has no assistant turn to train on")
+    return messages
+
+
+def to_preference(record: Record) -> PreferencePair:
+    """A {"prompt", "chosen", "rejected"[, "margin"]} record; prompt may be a string or a messages list."""
+    data = record.data
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in data:
+            raise RlhfTimeError(f"{record.location}: missing field {key!r} (record has: {', '.join(sorted(data))})")
+    if isinstance(data["prompt"], list):
+        prompt = _message_list(record, "prompt", "role", "content", {r: r for r in ROLES})
+    else:
+        prompt = [{"role": "user", "content": _text(record, "prompt")}]
+    margin = data.get("margin")
+    if margin in (None, ""):
+        margin = math.nan
+    else:
+        try:
+            margin = float(margin)
+        except (TypeError, ValueError):
+            raise RlhfTimeError(f"{record.location}: field 'margin' must be a number, got {margin!r}") from None
+    return PreferencePair(prompt, _reply(record, "chosen"), _reply(record, "rejected"), margin)
+
+
+def _reply(record: Record, key: str) -> str:
+    """chosen/rejected as a string, or a single assistant message (dict or one-element list)."""
+    value = record.data[key]
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant" or not isinstance(value.get("content"), str):
+            raise RlhfTimeError(f"{record.location}: field {key!r} must be a string or one assistant message")
+        value = value["content"]
+    return _text(record, key, value)
+
+
+def _text(record: Record, key: str, value: Any = None) -> str:
+    if value is None:
+        if key not in record.data:
+            raise RlhfTimeError(
+                f"{record.location}: missing field {key!r} (record has: {', '.join(sorted(record.data)) or 'nothing'})")
+        value = record.data[key]
+    if not isinstance(value, str):
+        raise RlhfTimeError(f"{record.location}: field {key!r} must be a string, got {json.dumps(value)[:40]}")
+    if not value.strip():
+        raise RlhfTimeError(f"{record.location}: field {key!r} is empty")
+    return value
+
+
+def _message_list(record: Record, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Messages:
+    turns = record.data.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RlhfTimeError(f"{record.location}: field {key!r} must be a non-empty list of messages")
+    messages = []
+    for index, turn in enumerate(turns):
+        where = f"{key}[{index}]"
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            raise RlhfTimeError(f"{record.location}: {where} needs {role_key!r} and {content_key!r}")
+        role = roles.get(str(turn[role_key]).lower())
+        if role is None:
+            raise RlhfTimeError(f"{record.location}: {where} has unknown {role_key} {turn[role_key]!r}; "
+                                f"allowed: {', '.join(roles)}")
+        if not isinstance(turn[content_key], str):
+            raise RlhfTimeError(f"{record.location}: {where}.{content_key} must be a string")
+        messages.append({"role": role, "content": turn[content_key]})
+    return messages
+
+
+def prompt_of(record: Record) -> str:
+    """The prompt text of a record of any format (for `rlhf-time predict`)."""
+    data = record.data
+    if isinstance(data.get("prompt"), str):
+        return data["prompt"]
+    if "instruction" in data:
+        return data["instruction"] + (f"\n\n{data['input']}" if data.get("input") else "")
+    for key, role_key, content_key in (("messages", "role", "content"), ("conversations", "from", "value")):
+        users = [t[content_key] for t in data.get(key) or [] if str(t.get(role_key)).lower() in ("user", "human")]
+        if users:
+            return users[-1]
+    raise RlhfTimeError(f"{record.location}: no 'prompt' field (record has: {', '.join(sorted(data))})")

@@ -1,0 +1,83 @@
+"""Read JSONL, JSON and CSV files into records that remember where they came from (for error messages)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf_time.errors import RlhfTimeError
+
+SUPPORTED = (".jsonl", ".json", ".csv")
+
+
+@dataclass(frozen=True)
+class Record:
+    location: str  # e.g. "data/train.jsonl line 7"
+    data: dict[str, Any]
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """All records of a .jsonl / .json / .csv file (UTF-8); any problem is one RlhfTimeError naming the place."""
+    path = Path(path)
+    if not path.is_file():
+        raise RlhfTimeError(f"{path}: data file not found")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED:
+        raise RlhfTimeError(f"{path}: unsupported data file type {suffix or '(none)'}; use {', '.join(SUPPORTED)}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise RlhfTimeError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    records = {".jsonl": _jsonl, ".json": _json, ".csv": _csv}[suffix](path, text)
+    if not records:
+        raise RlhfTimeError(f"{path}: empty data set (no records)")
+    return records
+
+
+def _jsonl(path: Path, text: str) -> list[Record]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise RlhfTimeError(f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno})") from None
+        records.append(_as_record(value, f"{path} line {number}"))
+    return records
+
+
+def _json(path: Path, text: str) -> list[Record]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RlhfTimeError(f"{path} line {error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+    if isinstance(value, dict):
+        if not isinstance(value.get("data"), list):
+            raise RlhfTimeError(f'{path}: expected a list of records or {{"data": [...]}}, got keys {sorted(value)}')
+        value = value["data"]
+    if not isinstance(value, list):
+        raise RlhfTimeError(f"{path}: expected a list of records, got {type(value).__name__}")
+    return [_as_record(item, f"{path} record {index}") for index, item in enumerate(value)]
+
+
+def _csv(path: Path, text: str) -> list[Record]:
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames:
+        return []
+    # Row numbers count the header as row 1, as spreadsheets show them.
+    return [Record(f"{path} row {number}", {k: v for k, v in row.items() if k is not None})
+            for number, row in enumerate(reader, start=2)]
+
+
+def _as_record(value: Any, location: str) -> Record:
+    if not isinstance(value, dict):
+        raise RlhfTimeError(f"{location}: expected a JSON object, got {type(value).__name__}")
+    return Record(location, value)
+
+
+def columns_of(records: list[Record]) -> list[str]:
+    return sorted(records[0].data) if records else []

@@ -1,0 +1,133 @@
+"""The losses as pure functions on tensors. Every one computes in float32 whatever the input dtype.
+
+Shapes: B batch, T sequence, V vocabulary. Labels follow the Hugging Face convention: unshifted, the
+function shifts (logits[:, :-1] predict labels[:, 1:]); positions labelled `ignore_index` do not count.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_time.loss.reduction import reduce
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    labels = labels[:, 1:]  # (B, T-1)
+    mask = labels != ignore_index  # (B, T-1)
+    return logits, labels.masked_fill(~mask, 0), mask
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Optional[int] = None, *,
+             label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on the positions whose label is not ignored.
+
+    loss_t = -(1 - eps) * log p(y_t) - eps / V * sum_v log p(v)      (label smoothing as in torch's cross_entropy)
+    mean: sum_t loss_t / #targets, or sum_t loss_t / num_items_in_batch when given (exact accumulation).
+    """
+    logits, targets, mask = _shift(logits, labels, ignore_index)
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
+                                label_smoothing=label_smoothing)  # (B, T-1)
+    return reduce(per_token, mask, reduction, num_items_in_batch)
+
+
+def pairwise_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                  margin: Optional[torch.Tensor | float] = None, *, default_margin: float = 0.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Bradley-Terry reward-model loss (Ouyang et al. 2022, InstructGPT eq. 1; margin as in Llama 2):
+
+    loss = -log sigmoid(r_c - r_r - m)      r_c, r_r: (B,); m per example (NaN -> default margin) or a scalar
+    """
+    chosen, rejected = chosen_rewards.float(), rejected_rewards.float()  # (B,)
+    m = torch.full_like(chosen, default_margin)
+    if margin is not None:
+        given = torch.as_tensor(margin, dtype=torch.float32, device=chosen.device).expand_as(chosen)
+        m = torch.where(torch.isnan(given), m, given)
+    per_pair = -F.logsigmoid(chosen - rejected - m)  # (B,)
+    return reduce(per_pair, None, reduction)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Direct Preference Optimisation (Rafailov et al. 2023, eq. 7) and variants, with
+    z = (pc - rc) - (pr - rr)  (summed completion log-probs, each (B,)):
+
+    sigmoid: -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)   (eps: conservative DPO, Mitchell 2023)
+    hinge:   relu(1 - beta z)                                             (SLiC, Zhao et al. 2023)
+    ipo:     (z - 1 / (2 beta))^2                                         (IPO, Azar et al. 2023, eq. 17)
+    """
+    z = (policy_chosen_logps.float() - ref_chosen_logps.float()) - (
+        policy_rejected_logps.float() - ref_rejected_logps.float())  # (B,)
+    if loss_type == "sigmoid":
+        per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * z) - label_smoothing * F.logsigmoid(-beta * z)
+    elif loss_type == "hinge":
+        per_pair = torch.relu(1 - beta * z)
+    elif loss_type == "ipo":
+        per_pair = (z - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown dpo loss_type {loss_type!r}; allowed: sigmoid, hinge, ipo")
+    return reduce(per_pair, None, reduction)
+
+
+def dpo_implicit_rewards(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                         ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1):
+    """DPO's implicit rewards for logging: beta (pc - rc) and beta (pr - rr), detached, each (B,)."""
+    chosen = beta * (policy_chosen_logps.float() - ref_chosen_logps.float())
+    rejected = beta * (policy_rejected_logps.float() - ref_rejected_logps.float())
+    return chosen.detach(), rejected.detach()
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                clip_eps: float = 0.2, reduction: str = "mean") -> torch.Tensor:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), per token, all (B, T):
+
+    rho = exp(logps - old_logps);  loss_t = max(-A_t rho, -A_t clip(rho, 1 - eps, 1 + eps))
+    """
+    ratio = torch.exp(logps.float() - old_logps.float())  # (B, T)
+    advantages = advantages.float()
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    return reduce(per_token, mask, reduction)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+               clip_eps: float = 0.2, reduction: str = "mean") -> torch.Tensor:
+    """Clipped value loss of PPO implementations (Schulman et al. 2017; Andrychowicz et al. 2021), all (B, T):
+
+    loss_t = 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)
+    """
+    values, old_values, returns = values.float(), old_values.float(), returns.float()
+    clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)  # (B, T)
+    return reduce(per_token, mask, reduction)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+            temperature: float = 1.0, kind: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+            reduction: str = "mean") -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015; reverse KL: Gu et al. 2024, MiniLLM; JSD: Agarwal et al. 2024, GKD).
+
+    p = softmax(logits / tau), per counted position:
+    forward_kl: tau^2 KL(p_T || p_S);  reverse_kl: tau^2 KL(p_S || p_T);
+    jsd: tau^2 [beta KL(p_T || M) + (1 - beta) KL(p_S || M)],  M = beta p_T + (1 - beta) p_S
+    """
+    student, _, mask = _shift(student_logits, labels, ignore_index)  # (B, T-1, V)
+    teacher = teacher_logits[:, :-1].float()
+    log_s = F.log_softmax(student / temperature, dim=-1)
+    log_t = F.log_softmax(teacher / temperature, dim=-1)
+    if kind == "forward_kl":
+        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+    elif kind == "reverse_kl":
+        per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
+    elif kind == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_t + torch.log(torch.tensor(beta)),
+                                             log_s + torch.log(torch.tensor(1 - beta))]), dim=0)
+        kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
+        kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
+        per_token = beta * kl_t + (1 - beta) * kl_s
+    else:
+        raise ValueError(f"unknown kd kind {kind!r}; allowed: forward_kl, reverse_kl, jsd")
+    return reduce(per_token * temperature**2, mask, reduction)  # (B, T-1) before reduction

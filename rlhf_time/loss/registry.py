@@ -1,0 +1,47 @@
+"""create_loss: pick a loss by name and bind its hyperparameters; unknown names or options list the valid ones."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable
+
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.loss.functions import dpo_loss, kd_loss, pairwise_loss, policy_loss, sft_loss, value_loss
+
+
+class LossConfigError(RlhfTimeError, ValueError):
+    """Unknown loss name or hyperparameter."""
+
+
+LOSSES: dict[str, Callable] = {
+    "sft": sft_loss,
+    "pairwise": pairwise_loss,
+    "dpo": dpo_loss,
+    "policy": policy_loss,
+    "value": value_loss,
+    "kd": kd_loss,
+}
+# Hyperparameter names that differ from the function's keyword (the public contract says `margin`).
+_RENAMED = {"pairwise": {"margin": "default_margin"}}
+
+
+def hyperparameters(name: str) -> list[str]:
+    """The keyword options create_loss accepts for a loss."""
+    renamed = {v: k for k, v in _RENAMED.get(name, {}).items()}
+    signature = inspect.signature(LOSSES[name])
+    return [renamed.get(p.name, p.name) for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def create_loss(name: str, **options) -> Callable:
+    """A loss callable with its hyperparameters bound, e.g. create_loss("sft", label_smoothing=0.1)."""
+    if name not in LOSSES:
+        raise LossConfigError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    valid = hyperparameters(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise LossConfigError(f"unknown hyperparameter(s) {unknown} for loss {name!r}; valid: {', '.join(valid)}")
+    if options.get("reduction", "mean") not in ("mean", "sum", "none"):
+        raise LossConfigError(f"reduction={options['reduction']!r}; valid: mean, sum, none")
+    renames = _RENAMED.get(name, {})
+    return functools.partial(LOSSES[name], **{renames.get(k, k): v for k, v in options.items()})
