@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def _json(path: Path, text: str) -> list[Record]:
 
 
 def _csv(path: Path, text: str) -> list[Record]:
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
     if not reader.fieldnames:
         return []
     # Row numbers count the header as row 1, as spreadsheets show them.
