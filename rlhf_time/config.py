@@ -49,7 +49,7 @@ class TrainingConfig(BaseModel):
     attn_implementation: Optional[str] = _f(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = sdpa.")
 
     # --- data ----------------------------------------------------------------------------------------
-    train_file: Optional[str] = _f(None, "Training data: .jsonl, .json or .csv. None with model_name='tiny' uses the bundled quickstart task.")
+    train_file: Optional[str] = _f(None, "Training data: .jsonl, .json or .csv (see Data formats).")
     eval_file: Optional[str] = _f(None, "Evaluation data, same formats as train_file.")
     data_format: Literal["auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference"] = _f(
         "auto", "Record format; auto detects it from the first record's keys.")

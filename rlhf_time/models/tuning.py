@@ -22,7 +22,10 @@ def apply_tuning(model: nn.Module, config: TrainingConfig, family: ModelFamily, 
     if config.use_gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it also works when the
         # embeddings are frozen (LoRA, frozen first layers).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s total (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
