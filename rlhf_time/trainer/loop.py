@@ -184,7 +184,8 @@ class Trainer:
             evaluated = False
             if self.eval_dataset is not None and self._due(config.eval_strategy, config.eval_steps, epoch_ended, is_last):
                 metrics = self.evaluate()
-                reporter.report(self.global_step, {f"eval/{k.removeprefix('eval_')}": v for k, v in metrics.items()})
+                reporter.report(self.global_step, {f"eval/{k.removeprefix('eval_')}": v for k, v in metrics.items()},
+                                console=False)  # evaluate() already logged them
                 stop_early = self._track_best(metrics)
                 evaluated = True
             if self._due(config.save_strategy, config.save_steps, epoch_ended, is_last) or (
