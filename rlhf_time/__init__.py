@@ -4,12 +4,13 @@ from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
 
 __version__ = "0.1.0"
-__all__ = ["TrainingConfig", "RlhfTimeError", "SFTrainer", "TrainerCallback", "__version__"]
+__all__ = ["TrainingConfig", "RlhfTimeError", "SFTrainer", "RewardTrainer", "DPOTrainer", "TrainerCallback",
+           "__version__"]
 
 
 def __getattr__(name: str):
     # Trainers import torch and transformers; keep `import rlhf_time` (and the CLI's --help) fast.
-    if name in ("SFTrainer", "TrainerCallback", "Trainer"):
+    if name in ("SFTrainer", "RewardTrainer", "DPOTrainer", "TrainerCallback", "Trainer"):
         import rlhf_time.trainer as trainer
 
         return getattr(trainer, name)

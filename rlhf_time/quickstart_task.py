@@ -81,3 +81,16 @@ def run_quickstart(overrides: list[str] | None = None) -> dict:
     print(f"sample: {sample['prompt']} -> {answer}   (reference {sample['response']})")
     print(f"model saved to {results['final_model_dir']}")
     return {"exact_match_before": before, "exact_match_after": after, **results}
+
+
+def make_preference_records(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
+    """Pairs for the reward/DPO examples: chosen = the right numerals, rejected = other numerals of the same length."""
+    rng = random.Random(seed)
+    pairs = []
+    for record in make_records(count, seed=seed + 100, exclude=exclude):
+        chosen = record["response"]
+        rejected = chosen
+        while rejected == chosen:
+            rejected = "".join(rng.choice(CHINESE_DIGITS) for _ in chosen)
+        pairs.append({"prompt": record["prompt"], "chosen": chosen, "rejected": rejected})
+    return pairs

@@ -1,0 +1,131 @@
+"""Direct Preference Optimisation: the policy against a frozen reference, on preference pairs.
+
+The reference is the initial policy: with LoRA, the same model with its adapters disabled (no second copy in
+memory); otherwise a frozen copy. Log-probs are summed over completion tokens only, computed from the final
+hidden states chunk by chunk (never the full float32 logits).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rlhf_time.data import PreferenceCollator, load_preference_dataset
+from rlhf_time.loss import chunked_sequence_logps, create_loss, dpo_implicit_rewards, sequence_logps
+from rlhf_time.trainer.sft import SFTrainer
+
+IGNORE_INDEX = -100
+
+
+class DPOTrainer(SFTrainer):
+    """loss = dpo(policy log-probs, reference log-probs) [+ rpo_alpha * NLL of the chosen reply]."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.dpo_loss = create_loss("dpo", beta=config.beta, loss_type=config.dpo_loss_type,
+                                    label_smoothing=config.dpo_label_smoothing, reduction="none")
+        self.reference: Optional[nn.Module] = None
+        if not config.use_lora:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self._precomputed: dict[int, torch.Tensor] = {}  # id(dataset) -> (N, 2) reference log-probs
+        if config.precompute_ref_logps:
+            for dataset in (self.train_dataset, self.eval_dataset):
+                if dataset is not None:
+                    self._precomputed[id(dataset)] = self._reference_logps_of(dataset)
+            self.reference = None  # no longer needed: free its memory
+
+    # -------------------------------------------------------------------------------------------- data
+    def load_dataset(self, path: str, max_samples: Optional[int]):
+        return load_preference_dataset(path, self.tokenizer, self.config, cache_dir=self._cache_dir(),
+                                       max_samples=max_samples)
+
+    @property
+    def collator(self):
+        if not hasattr(self, "_collator"):
+            self._collator = PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
+        return self._collator
+
+    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
+        dataset = dataset if dataset is not None else self.train_dataset
+        batch = self.collator([dataset[i] for i in indices])
+        if id(dataset) in self._precomputed:
+            reference = self._precomputed[id(dataset)][indices]  # (B, 2)
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference[:, 0], reference[:, 1]
+        return batch
+
+    def count_items(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["margin"].numel()  # pairs
+
+    # ----------------------------------------------------------------------------------------- log-probs
+    def sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed log-probs of the completion tokens of every row of the stacked (2B, T) batch, (2B,)."""
+        core = getattr(model, "module", model)  # under DDP the head lives on .module
+        lm_head = core.get_output_embeddings()
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        if type(lm_head) is nn.Linear:
+            hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias,
+                                          chunk_size=self.config.loss_chunk_size)
+        return sequence_logps(model(**inputs).logits, batch["labels"])
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if self.reference is not None:
+            logps = self.sequence_logps(self.reference, batch)
+        else:  # LoRA: the base model is the reference
+            with self.model.disable_adapter():
+                logps = self.sequence_logps(self.model, batch)
+        pairs = batch["margin"].numel()
+        return logps[:pairs], logps[pairs:]
+
+    def _reference_logps_of(self, dataset) -> torch.Tensor:
+        batch_size = self.config.eval_batch_size or self.config.batch_size
+        columns = []
+        for start in range(0, len(dataset), batch_size):
+            indices = list(range(start, min(start + batch_size, len(dataset))))
+            batch = {k: v.to(self.device) for k, v in self.collate(indices, dataset).items()}
+            with self._autocast():
+                columns.append(torch.stack(self.reference_logps(batch), dim=1).float().cpu())
+        return torch.cat(columns)
+
+    # -------------------------------------------------------------------------------------------- loss
+    def _pair_terms(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        logps = self.sequence_logps(model, batch)
+        pairs = batch["margin"].numel()
+        chosen, rejected = logps[:pairs], logps[pairs:]
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        per_pair = self.dpo_loss(chosen, rejected, ref_chosen, ref_rejected)  # (B,)
+        if self.config.rpo_alpha:
+            # NLL of the chosen reply, per token of that reply (RPO, Pang et al. 2024)
+            chosen_tokens = (batch["labels"][:pairs, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+            per_pair = per_pair + self.config.rpo_alpha * (-chosen / chosen_tokens)
+        reward_chosen, reward_rejected = dpo_implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, self.config.beta)
+        metrics = {
+            "rewards/chosen": reward_chosen.sum(),
+            "rewards/rejected": reward_rejected.sum(),
+            "rewards/accuracies": (reward_chosen > reward_rejected).float().sum(),
+            "rewards/margins": (reward_chosen - reward_rejected).sum(),
+            "logps/chosen": chosen.detach().sum(),
+            "logps/rejected": rejected.detach().sum(),
+        }
+        return per_pair, metrics
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
+        per_pair, metrics = self._pair_terms(model, batch)
+        return per_pair.sum() / num_items, metrics
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        per_pair, metrics = self._pair_terms(model, batch)
+        return {"loss_sum": per_pair.sum(), "pairs": torch.tensor(float(per_pair.numel()), device=per_pair.device),
+                **metrics}
+
+    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        pairs = max(totals.pop("pairs", 0.0), 1.0)
+        metrics = {"eval_loss": totals.pop("loss_sum", 0.0) / pairs}
+        metrics.update({f"eval_{name}": value / pairs for name, value in totals.items()})
+        return metrics
