@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rlhf_time.atomic import atomic_directory
 from rlhf_time.errors import RlhfTimeError
 
 
@@ -28,16 +26,8 @@ def merge_adapter(adapter_dir: str, output_dir: str) -> Path:
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     target = Path(output_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else Path(base_path)
         AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

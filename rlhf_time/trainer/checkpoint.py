@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from rlhf_time.atomic import atomic_directory
 from rlhf_time.errors import RlhfTimeError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -33,9 +32,7 @@ def save_checkpoint(
     config_yaml: str,
 ) -> Path:
     """Write everything needed to resume into `folder`, via a temp folder renamed at the end."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
+    with atomic_directory(folder) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
@@ -46,12 +43,6 @@ def save_checkpoint(
         state = {**trainer_state, "python_rng": _python_rng_state()}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        if folder.exists():  # re-saving the same step (e.g. after an eval): replace it whole
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
 
 
