@@ -4,13 +4,15 @@ from rlhf_time.data.collate import PaddingCollator, PreferenceCollator
 from rlhf_time.data.dataset import (DataStats, PreferenceDataset, TokenizedDataset, load_preference_dataset,
                                     load_sft_dataset, read_prompts, validate_data_file)
 from rlhf_time.data.formats import PreferencePair, detect_format, to_messages, to_preference
+from rlhf_time.data.packing import PackingCollator, block_causal_mask, first_fit_decreasing
 from rlhf_time.data.readers import Record, read_records
 from rlhf_time.data.sampler import plan_batches, shard_batches
-from rlhf_time.data.tokenize import ConversationEncoder
+from rlhf_time.data.tokenize import ConversationEncoder, tokenize_preference_pair, tokenize_preference_pairs
 
 __all__ = [
-    "PaddingCollator", "PreferenceCollator", "DataStats", "PreferenceDataset", "TokenizedDataset",
+    "PaddingCollator", "PackingCollator", "block_causal_mask", "first_fit_decreasing", "PreferenceCollator",
+    "DataStats", "PreferenceDataset", "TokenizedDataset",
     "load_preference_dataset", "load_sft_dataset", "read_prompts", "validate_data_file", "PreferencePair",
     "detect_format", "to_messages", "to_preference", "Record", "read_records", "plan_batches", "shard_batches",
-    "ConversationEncoder",
+    "ConversationEncoder", "tokenize_preference_pair", "tokenize_preference_pairs",
 ]

@@ -6,6 +6,8 @@ from typing import Any, Optional
 
 import torch
 
+from rlhf_time.errors import RlhfTimeError
+
 IGNORE_INDEX = -100
 
 
@@ -22,6 +24,8 @@ class PaddingCollator:
     """Right-pads examples to the longest in the batch: input_ids, attention_mask, labels, each (B, T)."""
 
     def __init__(self, pad_token_id: int, label_pad: int = IGNORE_INDEX, pad_to_multiple_of: Optional[int] = None):
+        if pad_token_id is None:
+            raise RlhfTimeError("the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos_token)")
         self.pad_token_id, self.label_pad, self.multiple = pad_token_id, label_pad, pad_to_multiple_of
 
     def pad(self, input_ids: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -37,7 +41,8 @@ class PaddingCollator:
 
 
 class PreferenceCollator(PaddingCollator):
-    """Chosen rows then rejected rows in one (2B, T) batch, so both go through the model in one forward pass."""
+    """Chosen rows then rejected rows in one (2B, T) batch, so both go through the model in one forward pass;
+    "margin" (B,) float32, nan where a pair has none."""
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.pad([e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples],

@@ -4,64 +4,81 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference
-from rlhf_time.data.readers import Record, read_records
-from rlhf_time.data.tokenize import ConversationEncoder, has_target, truncate
+from rlhf_time.data.readers import Record, check_data_path, read_records
+from rlhf_time.data.tokenize import (IGNORE_INDEX, ConversationEncoder, has_target, tokenize_preference_pairs,
+                                     truncate)
 from rlhf_time.errors import RlhfTimeError
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "3"  # bump when the tokenised result of the same inputs changes
 PREFERENCE_STAGES = ("rm", "dpo")
 
 
 @dataclass
 class DataStats:
+    """How a data file became examples. records = examples + dropped."""
+
     records: int = 0
     examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    identical_pairs_dropped: int = 0
-    target_tokens: int = 0
+    truncated: int = 0  # examples cut to max_seq_length (kept or not)
+    dropped: int = 0  # records that gave no example: no target token left, or chosen == rejected
+    identical_pairs_dropped: int = 0  # of those, preference pairs whose chosen equals rejected
+    target_tokens: int = 0  # tokens with a label (the loss is computed on them)
     total_tokens: int = 0
 
     def summary(self) -> str:
         text = (f"{self.examples} examples from {self.records} records, {self.total_tokens} tokens "
-                f"({self.target_tokens} trained), {self.truncated} truncated, {self.dropped} dropped (no target left)")
-        if self.identical_pairs_dropped:
-            text += f", {self.identical_pairs_dropped} pairs dropped (chosen == rejected)"
+                f"({self.target_tokens} trained), {self.truncated} truncated, {self.dropped} dropped")
+        if self.dropped:
+            reasons = []
+            if self.dropped > self.identical_pairs_dropped:
+                reasons.append(f"{self.dropped - self.identical_pairs_dropped} with no target left")
+            if self.identical_pairs_dropped:
+                reasons.append(f"{self.identical_pairs_dropped} with chosen == rejected")
+            text += f" ({', '.join(reasons)})"
         return text
 
 
 class TokenizedDataset:
-    """Examples {"input_ids", "labels"} (lists of ints) with their lengths and the statistics of how they were made."""
+    """SFT examples {"input_ids", "labels"} (lists of ints), their lengths, and the statistics of how they were made."""
 
-    def __init__(self, columns: dict[str, list], stats: DataStats, length_of: tuple[str, ...] = ("input_ids",)) -> None:
+    length_of: tuple[str, ...] = ("input_ids",)
+
+    def __init__(self, columns: dict[str, list], stats: DataStats) -> None:
         self.columns = columns
         self.stats = stats
-        first = next(iter(columns.values()))
-        self.lengths = [max(len(columns[key][i]) for key in length_of) for i in range(len(first))]
+        rows = zip(*(columns[key] for key in self.length_of))
+        self.lengths = [max(map(len, row)) for row in rows]
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
         return {key: values[index] for key, values in self.columns.items()}
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
 
-PreferenceDataset = TokenizedDataset
+class PreferenceDataset(TokenizedDataset):
+    """Pairs {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "margin" (nan: none)};
+    `lengths` holds the longer of the two sequences of each pair."""
+
+    length_of = ("chosen_input_ids", "rejected_input_ids")
 
 
+# ----------------------------------------------------------------------------------------- entry points
 def validate_data_file(path: str | Path, config) -> list[Record]:
     """Read and check every record (no tokenizer needed) so bad data fails before a model is loaded."""
     records = read_records(path)
@@ -77,28 +94,35 @@ def validate_data_file(path: str | Path, config) -> list[Record]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts for `rlhf-time predict`: a .txt file (one per line) or the prompt field of any record format."""
+    """Prompts for `rlhf-time predict`: a .txt file (one per line, blank lines skipped) or, for .jsonl/.json/.csv,
+    each record's `prompt`, `instruction` (+ "\\n\\n" + input), or last user message of `messages`/`conversations`."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise RlhfTimeError(f"{path}: prompt file not found")
-        prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not prompts:
-            raise RlhfTimeError(f"{path}: no prompts")
+            raise RlhfTimeError(f"{path}: no prompts (the file is empty)")
         return prompts
     return [prompt_of(record) for record in read_records(path)]
 
 
 def load_sft_dataset(path, tokenizer, config, *, cache_dir=None, max_samples: Optional[int] = None) -> TokenizedDataset:
-    """Tokenised SFT examples (cached); labels are -100 except on assistant replies and their end-of-turn token."""
-    return _cached(path, tokenizer, config, cache_dir, max_samples, "sft", _build_sft)
+    """Tokenised SFT examples; labels are -100 except on assistant replies and the end-of-turn token closing each.
+
+    Cached under cache_dir, or config.data_cache_dir when cache_dir is None (no cache when both are None).
+    max_samples keeps the first N records.
+    """
+    return _load(path, tokenizer, config, cache_dir, max_samples, TokenizedDataset, _build_sft)
 
 
-def load_preference_dataset(path, tokenizer, config, *, cache_dir=None, max_samples: Optional[int] = None) -> TokenizedDataset:
-    """Tokenised preference pairs (cached): chosen_/rejected_ input_ids and labels, and the optional margin."""
-    return _cached(path, tokenizer, config, cache_dir, max_samples, "preference", _build_preference)
+def load_preference_dataset(path, tokenizer, config, *, cache_dir=None,
+                            max_samples: Optional[int] = None) -> PreferenceDataset:
+    """Tokenised preference pairs (cached as load_sft_dataset is); only the chosen/rejected reply is a target."""
+    return _load(path, tokenizer, config, cache_dir, max_samples, PreferenceDataset, _build_preference)
 
 
+# ------------------------------------------------------------------------------------------ building
 def _encoder(tokenizer, config) -> ConversationEncoder:
     return ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
                                response_template=config.response_template, system_prompt=config.system_prompt,
@@ -127,18 +151,13 @@ def _build_preference(records: list[Record], tokenizer, config) -> tuple[dict[st
     pairs = [to_preference(r) for r in records]
     stats = DataStats(records=len(records))
     kept = [(r, p) for r, p in zip(records, pairs) if p.chosen != p.rejected]
-    stats.identical_pairs_dropped = len(pairs) - len(kept)
-    segments = []
-    for record, pair in kept:
-        for reply in (pair.chosen, pair.rejected):
-            segments.append(encoder.segments([*pair.prompt_messages, {"role": "assistant", "content": reply}],
-                                             record.location))
-    encoded = encoder.encode_many(segments)
+    stats.identical_pairs_dropped = stats.dropped = len(pairs) - len(kept)
+    encoded = tokenize_preference_pairs([p for _, p in kept], encoder, [r.location for r, _ in kept])
     columns: dict[str, list] = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
                                                 "rejected_labels", "margin")}
-    for index, (_, pair) in enumerate(kept):
-        chosen = truncate(*encoded[2 * index], config.max_seq_length)
-        rejected = truncate(*encoded[2 * index + 1], config.max_seq_length)
+    for (_, pair), example in zip(kept, encoded):  # each side is truncated on its own, keeping its reply's start
+        chosen = truncate(example["chosen_input_ids"], example["chosen_labels"], config.max_seq_length)
+        rejected = truncate(example["rejected_input_ids"], example["rejected_labels"], config.max_seq_length)
         stats.truncated += chosen[2] or rejected[2]
         if not (has_target(chosen[1]) and has_target(rejected[1])):
             stats.dropped += 1
@@ -151,67 +170,86 @@ def _build_preference(records: list[Record], tokenizer, config) -> tuple[dict[st
     return columns, stats
 
 
-# ------------------------------------------------------------------------------------------------- cache
-def _cached(path, tokenizer, config, cache_dir, max_samples, kind, build) -> TokenizedDataset:
-    path = Path(path)
-    length_of = ("input_ids",) if kind == "sft" else ("chosen_input_ids", "rejected_input_ids")
-    key = _cache_key(path, tokenizer, config, max_samples, kind)
-    cache_file = Path(cache_dir) / f"{path.stem}-{kind}-{key}.npz" if cache_dir else None
-    if cache_file is not None and cache_file.is_file():
-        columns, stats = _load(cache_file)
-        return TokenizedDataset(columns, stats, length_of)
-    records = read_records(path)[:max_samples] if max_samples else read_records(path)
+def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[TokenizedDataset],
+          build: Callable) -> TokenizedDataset:
+    path = check_data_path(path)
+    kind = dataset_class.__name__
+    cache_dir = cache_dir if cache_dir is not None else config.data_cache_dir
+    cache_file = None
+    if cache_dir is not None:
+        key = _cache_key(path, tokenizer, config, max_samples, kind)
+        cache_file = Path(cache_dir) / f"{path.stem}-{kind}-{key}.npz"
+        cached = _read_cache(cache_file)
+        if cached is not None:
+            return dataset_class(*cached)
+    records = read_records(path)
+    if max_samples:
+        records = records[:max_samples]
     columns, stats = build(records, tokenizer, config)
-    stats.examples = len(columns[length_of[0]])
-    for key_name in length_of:
-        stats.total_tokens += sum(map(len, columns[key_name]))
-        stats.target_tokens += sum(sum(1 for t in labels[1:] if t != -100)
-                                   for labels in columns[key_name.replace("input_ids", "labels")])
+    for ids_key in dataset_class.length_of:
+        labels_key = ids_key.replace("input_ids", "labels")
+        stats.total_tokens += sum(map(len, columns[ids_key]))
+        stats.target_tokens += sum(len(labels) - 1 - labels[1:].count(IGNORE_INDEX) for labels in columns[labels_key])
+    stats.examples = len(columns[dataset_class.length_of[0]])
     if stats.examples == 0:
         raise RlhfTimeError(f"{path}: empty data set after tokenisation ({stats.summary()}); "
                             f"raise max_seq_length or check the data")
     if cache_file is not None:
-        _save(cache_file, columns, stats)
-    return TokenizedDataset(columns, stats, length_of)
+        _write_cache(cache_file, columns, stats)
+    return dataset_class(columns, stats)
 
 
+# ------------------------------------------------------------------------------------------------- cache
 def _cache_key(path: Path, tokenizer, config, max_samples, kind) -> str:
+    """Hash of everything the tokenised result depends on: file bytes, tokenizer, and the data settings."""
     digest = hashlib.sha256()
     digest.update(path.read_bytes())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
-    settings = dict(version=CACHE_VERSION, kind=kind, max_samples=max_samples, chat_template=tokenizer.chat_template,
-                    special=tokenizer.special_tokens_map, data_format=config.data_format,
-                    prompt_template=config.prompt_template, response_template=config.response_template,
-                    system_prompt=config.system_prompt, max_seq_length=config.max_seq_length)
+    digest.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    settings = dict(version=CACHE_VERSION, kind=kind, max_samples=max_samples, tokenizer=type(tokenizer).__name__,
+                    chat_template=tokenizer.chat_template, special=tokenizer.special_tokens_map,
+                    data_format=config.data_format, prompt_template=config.prompt_template,
+                    response_template=config.response_template, system_prompt=config.system_prompt,
+                    max_seq_length=config.max_seq_length)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:20]
 
 
-def _save(cache_file: Path, columns: dict[str, list], stats: DataStats) -> None:
+def _write_cache(cache_file: Path, columns: dict[str, list], stats: DataStats) -> None:
+    """Flat int32 token arrays + int64 offsets per column, in an .npz written to a temp file then renamed."""
     arrays: dict[str, np.ndarray] = {"stats": np.array(json.dumps(asdict(stats)))}
-    for name, values in columns.items():
+    for name, rows in columns.items():
         if name == "margin":
-            arrays[name] = np.asarray(values, dtype=np.float64)
+            arrays[name] = np.asarray(rows, dtype=np.float64)
             continue
-        arrays[f"{name}.flat"] = np.fromiter((t for row in values for t in row), dtype=np.int64)
-        arrays[f"{name}.offsets"] = np.cumsum([0, *map(len, values)], dtype=np.int64)
+        arrays[f"{name}.flat"] = np.fromiter((t for row in rows for t in row), dtype=np.int32)
+        arrays[f"{name}.offsets"] = np.cumsum([0, *map(len, rows)], dtype=np.int64)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=cache_file.parent)
-    os.close(handle)
-    np.savez(temp, **arrays)
-    os.replace(temp, cache_file)
+    handle, temp = tempfile.mkstemp(prefix=f".{cache_file.stem}-", suffix=".tmp", dir=cache_file.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+        os.replace(temp, cache_file)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
-def _load(cache_file: Path) -> tuple[dict[str, list], DataStats]:
-    with np.load(cache_file, allow_pickle=False) as data:
-        stats = DataStats(**json.loads(str(data["stats"])))
-        columns: dict[str, list] = {}
-        for name in data.files:
-            if name.endswith(".flat"):
-                base = name[: -len(".flat")]
-                flat, offsets = data[name].tolist(), data[f"{base}.offsets"].tolist()
-                columns[base] = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-            elif name == "margin":
-                columns[name] = [float(m) if not math.isnan(m) else math.nan for m in data[name].tolist()]
+def _read_cache(cache_file: Path) -> Optional[tuple[dict[str, list], DataStats]]:
+    """The cached columns and stats, or None when absent or unreadable (then it is rebuilt and rewritten)."""
+    if not cache_file.is_file():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as data:
+            stats = DataStats(**json.loads(str(data["stats"])))
+            columns: dict[str, list] = {}
+            for name in data.files:
+                if name.endswith(".flat"):
+                    base = name[: -len(".flat")]
+                    flat, offsets = data[name].tolist(), data[f"{base}.offsets"].tolist()
+                    columns[base] = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+                elif name == "margin":
+                    columns[name] = data[name].tolist()
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+        return None
     return columns, stats

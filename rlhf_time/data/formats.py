@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from rlhf_time.data.readers import Record
 from rlhf_time.errors import RlhfTimeError
@@ -39,7 +39,12 @@ def detect_format(record: Record, configured: str = "auto") -> str:
     for name, keys in FORMAT_KEYS.items():
         if all(key in record.data for key in keys):
             return name
-    if "prompt" in record.data:  # the most common case: say what is missing
+    # Partial matches: pick the likely format so the error names the field that is missing.
+    if "prompt" in record.data and ("chosen" in record.data or "rejected" in record.data):
+        return "preference"
+    if "instruction" in record.data:
+        return "alpaca"
+    if "prompt" in record.data:
         return "prompt_response"
     raise RlhfTimeError(
         f"{record.location}: cannot tell the record format from its fields ({', '.join(sorted(record.data))}); "
@@ -89,6 +94,8 @@ def to_preference(record: Record) -> PreferencePair:
         margin = math.nan
     else:
         try:
+            if isinstance(margin, bool):
+                raise TypeError
             margin = float(margin)
         except (TypeError, ValueError):
             raise RlhfTimeError(f"{record.location}: field 'margin' must be a number, got {margin!r}") from None
@@ -104,6 +111,9 @@ def _reply(record: Record, key: str) -> str:
         if value.get("role", "assistant") != "assistant" or not isinstance(value.get("content"), str):
             raise RlhfTimeError(f"{record.location}: field {key!r} must be a string or one assistant message")
         value = value["content"]
+    elif isinstance(value, list):
+        raise RlhfTimeError(f"{record.location}: field {key!r} must be a string or one assistant message, "
+                            f"got a list of {len(value)} (put earlier turns in 'prompt')")
     return _text(record, key, value)
 
 
@@ -133,9 +143,12 @@ def _message_list(record: Record, key: str, role_key: str, content_key: str, rol
         if role is None:
             raise RlhfTimeError(f"{record.location}: {where} has unknown {role_key} {turn[role_key]!r}; "
                                 f"allowed: {', '.join(roles)}")
-        if not isinstance(turn[content_key], str):
-            raise RlhfTimeError(f"{record.location}: {where}.{content_key} must be a string")
-        messages.append({"role": role, "content": turn[content_key]})
+        content = turn[content_key]
+        if not isinstance(content, str):
+            raise RlhfTimeError(f"{record.location}: {where}.{content_key} must be a string, got {json.dumps(content)[:40]}")
+        if role != "system" and not content.strip():
+            raise RlhfTimeError(f"{record.location}: {where}.{content_key} is empty")
+        messages.append({"role": role, "content": content})
     return messages
 
 
@@ -143,11 +156,17 @@ def prompt_of(record: Record) -> str:
     """The prompt text of a record of any format (for `rlhf-time predict`)."""
     data = record.data
     if isinstance(data.get("prompt"), str):
-        return data["prompt"]
+        return _text(record, "prompt")
     if "instruction" in data:
-        return data["instruction"] + (f"\n\n{data['input']}" if data.get("input") else "")
-    for key, role_key, content_key in (("messages", "role", "content"), ("conversations", "from", "value")):
-        users = [t[content_key] for t in data.get(key) or [] if str(t.get(role_key)).lower() in ("user", "human")]
-        if users:
-            return users[-1]
-    raise RlhfTimeError(f"{record.location}: no 'prompt' field (record has: {', '.join(sorted(data))})")
+        prompt = _text(record, "instruction")
+        return prompt + "\n\n" + _text(record, "input") if data.get("input") else prompt
+    for key, role_key, content_key in (("prompt", "role", "content"), ("messages", "role", "content"),
+                                       ("conversations", "from", "value")):
+        turns = data.get(key)
+        if isinstance(turns, list):
+            users = [t.get(content_key) for t in turns if isinstance(t, dict) and str(t.get(role_key)).lower() in ("user", "human")]
+            if users and isinstance(users[-1], str) and users[-1].strip():
+                return users[-1]
+            raise RlhfTimeError(f"{record.location}: field {key!r} has no user message to use as the prompt")
+    raise RlhfTimeError(f"{record.location}: no prompt in this record: expected 'prompt', 'instruction' or a messages "
+                        f"list (record has: {', '.join(sorted(data)) or 'nothing'})")

@@ -16,18 +16,31 @@ SUPPORTED = (".jsonl", ".json", ".csv")
 
 @dataclass(frozen=True)
 class Record:
+    """One record of a data file and where it came from, for error messages."""
+
     location: str  # e.g. "data/train.jsonl line 7"
     data: dict[str, Any]
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """All records of a .jsonl / .json / .csv file (UTF-8); any problem is one RlhfTimeError naming the place."""
+def check_data_path(path: str | Path) -> Path:
+    """The path, if it names an existing file of a supported type; else a RlhfTimeError saying which is wrong."""
     path = Path(path)
     if not path.is_file():
         raise RlhfTimeError(f"{path}: data file not found")
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED:
         raise RlhfTimeError(f"{path}: unsupported data file type {suffix or '(none)'}; use {', '.join(SUPPORTED)}")
+    return path
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """All records of a .jsonl / .json / .csv file (UTF-8); any problem is one RlhfTimeError naming the place.
+
+    Locations count from 1: `train.jsonl line 7` (blank lines skipped but counted), `train.json record 3`
+    (the third record), `train.csv row 4` (the header is row 1, as spreadsheets number rows).
+    """
+    path = check_data_path(path)
+    suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
@@ -40,7 +53,8 @@ def read_records(path: str | Path) -> list[Record]:
 
 def _jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks on.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -62,13 +76,14 @@ def _json(path: Path, text: str) -> list[Record]:
         value = value["data"]
     if not isinstance(value, list):
         raise RlhfTimeError(f"{path}: expected a list of records, got {type(value).__name__}")
-    return [_as_record(item, f"{path} record {index}") for index, item in enumerate(value)]
+    return [_as_record(item, f"{path} record {number}") for number, item in enumerate(value, start=1)]
 
 
 def _csv(path: Path, text: str) -> list[Record]:
     reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
     if not reader.fieldnames:
         return []
+    reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "prompt, response" is a common header
     # Row numbers count the header as row 1, as spreadsheets show them.
     return [Record(f"{path} row {number}", {k: v for k, v in row.items() if k is not None})
             for number, row in enumerate(reader, start=2)]
@@ -78,7 +93,3 @@ def _as_record(value: Any, location: str) -> Record:
     if not isinstance(value, dict):
         raise RlhfTimeError(f"{location}: expected a JSON object, got {type(value).__name__}")
     return Record(location, value)
-
-
-def columns_of(records: list[Record]) -> list[str]:
-    return sorted(records[0].data) if records else []

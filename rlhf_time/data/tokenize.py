@@ -7,12 +7,16 @@ parallelism is used, as `datasets.map(batched=True)` would).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from rlhf_time.errors import RlhfTimeError
 
+if TYPE_CHECKING:
+    from rlhf_time.data.formats import PreferencePair
+
 IGNORE_INDEX = -100
-END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
+# Tried in this order after tokenizer.eos_token; the first one present in an assistant span closes the target.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
 Segments = list[tuple[str, bool]]  # (text, is_target)
 
 
@@ -30,22 +34,42 @@ class ConversationEncoder:
         if not self.use_templates and not getattr(tokenizer, "chat_template", None):
             raise RlhfTimeError("the tokenizer has no chat template: set prompt_template and response_template "
                                 "(e.g. prompt_template='Question: {prompt}\\n', response_template='Answer: {response}')")
+        if self.use_templates and not tokenizer.eos_token:
+            raise RlhfTimeError("prompt_template/response_template need a tokenizer with an eos_token to end each response")
         markers = [tokenizer.eos_token] if tokenizer.eos_token else []
         self.end_of_turn_markers = markers + [m for m in END_OF_TURN_MARKERS if m not in markers]
         bos = tokenizer.bos_token_id
         self.bos_text = tokenizer.bos_token if bos is not None and tokenizer("a").input_ids[:1] == [bos] else ""
 
     # --------------------------------------------------------------------------------------- segments
-    def segments(self, messages: list[dict[str, str]], location: str = "") -> Segments:
+    def segments(self, messages: list[dict[str, str]], location: str = "", *, last_turn_only: bool = False) -> Segments:
+        """Context/target text segments of a conversation; consecutive segments of one kind are merged, so the
+        context before a reply is tokenised exactly as generation tokenises its prompt.
+
+        last_turn_only: only the final assistant turn is a target (preference pairs: earlier turns are prompt).
+        """
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}, *messages]
         if self.use_templates:
-            return self._template_segments(messages)
-        return self._chat_template_segments(messages, location)
+            segments = self._template_segments(messages)
+        else:
+            segments = self._chat_template_segments(messages, location)
+        if last_turn_only:
+            last = max(i for i, (_, is_target) in enumerate(segments) if is_target)
+            segments = [(text, is_target and i == last) for i, (text, is_target) in enumerate(segments)]
+        merged: Segments = []
+        for text, is_target in segments:
+            if not text:
+                continue
+            if merged and merged[-1][1] == is_target:
+                merged[-1] = (merged[-1][0] + text, is_target)
+            else:
+                merged.append((text, is_target))
+        return merged
 
     def _template_segments(self, messages) -> Segments:
         """Same layout as generation.render_generation_prompt, with each response + EOS as the target."""
-        segments: Segments = [(self.bos_text, False)] if self.bos_text else []
+        segments: Segments = [(self.bos_text, False)]
         before, after = self.response_template.split("{response}", 1)
         for message in messages:
             if message["role"] == "system":
@@ -55,28 +79,47 @@ class ConversationEncoder:
             else:
                 segments.append((before, False))
                 segments.append((message["content"] + after + self.tokenizer.eos_token, True))
-        return [s for s in segments if s[0]]
+        return segments
+
+    def _render(self, messages, location: str, add_generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as error:  # jinja's TemplateError, raise_exception(...) in templates, ...
+            raise RlhfTimeError(f"{location}: the chat template cannot render this conversation "
+                                f"({type(error).__name__}: {error})") from None
 
     def _chat_template_segments(self, messages, location: str) -> Segments:
-        render = self.tokenizer.apply_chat_template
-        full = render(messages, tokenize=False)
-        segments: Segments = []
+        full = self._render(messages, location)
+        # A tokenizer that adds a BOS itself (add_special_tokens=True) expects it; most templates write it.
+        segments: Segments = [(self.bos_text, False)] if self.bos_text and not full.startswith(self.bos_text) else []
         position = 0
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = render(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
-            replied = render(messages[: index + 1], tokenize=False)
+            if index:
+                prompt = self._render(messages[:index], location, add_generation_prompt=True)
+            else:  # a conversation that opens with the assistant: the context is what precedes its header
+                header = self._generation_prompt(location)
+                prompt = full[: full.find(header) + len(header)] if header and header in full else ""
+            replied = full if index == len(messages) - 1 else self._render(messages[: index + 1], location)
             if not (full.startswith(prompt) and full.startswith(replied) and position <= len(prompt) <= len(replied)):
-                raise RlhfTimeError(f"{location}: the chat template rewrites earlier turns, so assistant spans cannot "
-                                    f"be found; set prompt_template/response_template instead")
+                raise RlhfTimeError(f"{location}: the chat template renders a conversation's beginning differently "
+                                    f"from the whole conversation (it rewrites earlier turns), so assistant spans "
+                                    f"cannot be found; set prompt_template/response_template instead")
             segments.append((full[position : len(prompt)], False))
             reply = full[len(prompt) : len(replied)]
             cut = self._end_of_target(reply)
             segments += [(reply[:cut], True), (reply[cut:], False)]
             position = len(replied)
         segments.append((full[position:], False))
-        return [s for s in segments if s[0]]
+        return segments
+
+    def _generation_prompt(self, location: str) -> str:
+        """The text add_generation_prompt appends (e.g. "<|im_start|>assistant\n"), found by rendering a probe."""
+        probe = [{"role": "user", "content": "x"}]
+        without = self._render(probe, location)
+        with_prompt = self._render(probe, location, add_generation_prompt=True)
+        return with_prompt[len(without) :] if with_prompt.startswith(without) else ""
 
     def _end_of_target(self, reply: str) -> int:
         """Index just after the last end-of-turn marker in an assistant span (the rest is template filler)."""
@@ -87,12 +130,12 @@ class ConversationEncoder:
         return len(reply)
 
     # -------------------------------------------------------------------------------------- encoding
-    def encode_many(self, all_segments: list[Segments], batch_size: int = 2048) -> list[tuple[list[int], list[int]]]:
+    def encode_many(self, all_segments: list[Segments], batch_size: int = 4096) -> list[tuple[list[int], list[int]]]:
         """Tokenise every segment (batched) and assemble (input_ids, labels) per conversation, untruncated."""
         texts = [text for segments in all_segments for text, _ in segments]
         token_lists: list[list[int]] = []
         for start in range(0, len(texts), batch_size):
-            token_lists += self.tokenizer(texts[start : start + batch_size], add_special_tokens=False)["input_ids"]
+            token_lists += self._tokenize(texts[start : start + batch_size])
         encoded, cursor = [], 0
         for segments in all_segments:
             input_ids, labels = [], []
@@ -103,6 +146,38 @@ class ConversationEncoder:
                 labels += tokens if is_target else [IGNORE_INDEX] * len(tokens)
             encoded.append((input_ids, labels))
         return encoded
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.tokenizer, "split_special_tokens", False):
+            # The Rust tokenizer directly: the same ids as tokenizer(texts, add_special_tokens=False) without
+            # building Python-side BatchEncodings (offsets, masks) that are thrown away.
+            return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_preference_pairs(pairs: list["PreferencePair"], encoder: ConversationEncoder,
+                              locations: Optional[list[str]] = None) -> list[dict[str, list[int]]]:
+    """(prompt + chosen) and (prompt + rejected) of each pair, tokenised in one batch, untruncated.
+
+    Returns per pair {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}. The masking
+    rules are those of SFT, except that only the final reply is a target: assistant turns inside a multi-turn
+    prompt are context.
+    """
+    locations = locations or [""] * len(pairs)
+    segments = [encoder.segments([*pair.prompt_messages, {"role": "assistant", "content": reply}], location,
+                                 last_turn_only=True)
+                for pair, location in zip(pairs, locations) for reply in (pair.chosen, pair.rejected)]
+    encoded = encoder.encode_many(segments)
+    return [{"chosen_input_ids": encoded[2 * i][0], "chosen_labels": encoded[2 * i][1],
+             "rejected_input_ids": encoded[2 * i + 1][0], "rejected_labels": encoded[2 * i + 1][1]}
+            for i in range(len(pairs))]
+
+
+def tokenize_preference_pair(pair: "PreferencePair", encoder: ConversationEncoder,
+                             location: str = "") -> dict[str, list[int]]:
+    """One pair: {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}, untruncated."""
+    return tokenize_preference_pairs([pair], encoder, [location])[0]
 
 
 def truncate(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], bool]:
