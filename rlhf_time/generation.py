@@ -14,7 +14,9 @@ def render_generation_prompt(tokenizer, messages: list[dict[str, str]], *, promp
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system_prompt}, *messages]
     if not (prompt_template or response_template):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = _bos_if_expected(tokenizer)
+        return text if text.startswith(bos) else bos + text  # as the training data had it
     prompt_template = prompt_template or "{prompt}"
     response_template = response_template or "{response}"
     parts = []
