@@ -1,12 +1,14 @@
 """Direct Preference Optimisation: the policy against a frozen reference, on preference pairs.
 
 The reference is the initial policy: with LoRA, the same model with its adapters disabled (no second copy in
-memory); otherwise a frozen copy. Log-probs are summed over completion tokens only, computed from the final
+memory); otherwise a frozen copy, or no copy at all when `precompute_ref_logps` computes the reference
+log-probs of the train and eval sets up front. Log-probs are summed over completion tokens only, computed from the final
 hidden states chunk by chunk (never the full float32 logits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from rlhf_time.data import PreferenceCollator, load_preference_dataset
+from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import chunked_sequence_logps, create_loss, dpo_implicit_rewards, sequence_logps
 from rlhf_time.trainer.sft import SFTrainer
 
@@ -28,14 +31,14 @@ class DPOTrainer(SFTrainer):
         self.dpo_loss = create_loss("dpo", beta=config.beta, loss_type=config.dpo_loss_type,
                                     label_smoothing=config.dpo_label_smoothing, reduction="none")
         self.reference: Optional[nn.Module] = None
-        if not config.use_lora:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._precomputed: dict[int, torch.Tensor] = {}  # id(dataset) -> (N, 2) reference log-probs
         if config.precompute_ref_logps:
+            # Before any update the policy IS the reference: no copy is made at all.
             for dataset in (self.train_dataset, self.eval_dataset):
                 if dataset is not None:
                     self._precomputed[id(dataset)] = self._reference_logps_of(dataset)
-            self.reference = None  # no longer needed: free its memory
+        elif not config.use_lora:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     # -------------------------------------------------------------------------------------------- data
     def load_dataset(self, path: str, max_samples: Optional[int]):
@@ -73,24 +76,34 @@ class DPOTrainer(SFTrainer):
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) log-probs (B,) under the reference: precomputed, the frozen copy, or LoRA disabled."""
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         if self.reference is not None:
             logps = self.sequence_logps(self.reference, batch)
-        else:  # LoRA: the base model is the reference
+        elif self.config.use_lora:  # the base model is the reference
             with self.model.disable_adapter():
                 logps = self.sequence_logps(self.model, batch)
+        else:
+            raise RlhfTimeError("precompute_ref_logps=true keeps reference log-probs for train_file and eval_file "
+                                "only (no reference model is kept); set it to false to evaluate other data")
         pairs = batch["margin"].numel()
         return logps[:pairs], logps[pairs:]
 
+    @torch.no_grad()
     def _reference_logps_of(self, dataset) -> torch.Tensor:
+        """(N, 2) reference log-probs of a whole data set, from the still-untrained policy (LoRA: adapters off)."""
         batch_size = self.config.eval_batch_size or self.config.batch_size
-        columns = []
+        model, columns = self.model, []
+        was_training = model.training
+        model.eval()
         for start in range(0, len(dataset), batch_size):
             indices = list(range(start, min(start + batch_size, len(dataset))))
             batch = {k: v.to(self.device) for k, v in self.collate(indices, dataset).items()}
-            with self._autocast():
-                columns.append(torch.stack(self.reference_logps(batch), dim=1).float().cpu())
+            with self._autocast(), (model.disable_adapter() if self.config.use_lora else contextlib.nullcontext()):
+                logps = self.sequence_logps(model, batch).float().cpu()  # (2B,)
+            columns.append(torch.stack(logps.chunk(2), dim=1))  # (B, 2): chosen, rejected
+        model.train(was_training)
         return torch.cat(columns)
 
     # -------------------------------------------------------------------------------------------- loss
