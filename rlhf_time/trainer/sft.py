@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_time.data import PaddingCollator, load_sft_dataset
+from rlhf_time.data import PackingCollator, PaddingCollator, load_sft_dataset
 from rlhf_time.loss import chunked_sft_loss, create_loss
 from rlhf_time.trainer.loop import Trainer
 
 IGNORE_INDEX = -100
+# Smallest packed row (sdpa/eager): short examples share a row; the (N x N) mask stays small.
+PACKED_ROW_TOKENS = 256
 
 
 class SFTrainer(Trainer):
@@ -29,7 +31,12 @@ class SFTrainer(Trainer):
     @property
     def collator(self):
         if not hasattr(self, "_collator"):
-            self._collator = PaddingCollator(pad_token_id=self.tokenizer.pad_token_id)
+            pad = self.tokenizer.pad_token_id
+            if self.config.packing:
+                varlen = (self.config.attn_implementation or "").startswith("flash_attention")
+                self._collator = PackingCollator(pad, row_length=PACKED_ROW_TOKENS, varlen=varlen)
+            else:
+                self._collator = PaddingCollator(pad_token_id=pad)
         return self._collator
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
