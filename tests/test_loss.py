@@ -1,76 +1,108 @@
 """Each loss against hand arithmetic, torch.nn.functional, a real model's own loss, and its defining properties."""
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from rlhf_time.loss import (LossConfigError, chunked_sequence_logps, chunked_sft_loss, create_loss, dpo_implicit_rewards,
-                            masked_mean, sequence_logps, token_logps)
+import rlhf_time.loss
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.loss import (LossConfigError, chunked_sequence_logps, chunked_sft_loss, create_loss,
+                            dpo_implicit_rewards, dpo_loss, masked_mean, sequence_logps)
 
 torch.manual_seed(0)
 
 
-def test_sft_equals_model_loss_and_torch_cross_entropy():
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-    ids = torch.randint(0, 128, (3, 9))
+@pytest.fixture(scope="module")
+def qwen3():
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
+
+
+def _masked_labels(ids):
     labels = ids.clone()
-    labels[:, :4] = -100
-    labels[2, 7:] = -100
-    out = model(ids, labels=labels)
+    labels[:, :4] = -100  # the prompt
+    labels[2, 7:] = -100  # right padding
+    return labels
+
+
+def test_sft_equals_model_loss_and_torch_cross_entropy(qwen3):
+    ids = torch.randint(0, 128, (3, 9))
+    labels = _masked_labels(ids)
+    out = qwen3(ids, labels=labels, output_hidden_states=True)
     torch.testing.assert_close(create_loss("sft")(out.logits, labels), out.loss)
     smooth = create_loss("sft", label_smoothing=0.1)(out.logits, labels)
     reference = F.cross_entropy(out.logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1), label_smoothing=0.1)
     torch.testing.assert_close(smooth, reference)
+    # The memory-lean path from the final (normed) hidden states and the LM head gives the model's own loss.
+    chunked = chunked_sft_loss(out.hidden_states[-1], qwen3.lm_head.weight, labels, chunk_size=5)
+    torch.testing.assert_close(chunked, out.loss)
+
+
+def test_sequence_logps_equal_minus_the_models_summed_cross_entropy(qwen3):
+    ids = torch.randint(0, 128, (3, 9))
+    labels = _masked_labels(ids)
+    out = qwen3(ids, output_hidden_states=True)
+    per_token = F.cross_entropy(out.logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")  # (B, T-1)
+    torch.testing.assert_close(sequence_logps(out.logits, labels, chunk_size=3), -per_token.sum(-1))
+    chunked = chunked_sequence_logps(out.hidden_states[-1], qwen3.lm_head.weight, labels, chunk_size=4)
+    torch.testing.assert_close(chunked, -per_token.sum(-1))
 
 
 def test_sft_hand_computed():
-    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])  # p(0)=3/4 at position 1
+    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]])  # p = (3/4, 1/4) at position 1
     labels = torch.tensor([[-100, -100, 0]])
     assert create_loss("sft")(logits, labels).item() == pytest.approx(-math.log(0.75))
     assert create_loss("sft", reduction="sum")(logits, labels).item() == pytest.approx(-math.log(0.75))
     per_token = create_loss("sft", reduction="none")(logits, labels)
     assert per_token.shape == (1, 2) and per_token[0, 0] == 0
+    # smoothing 0.2 over V=2: -(0.8) log(3/4) - 0.2/2 (log(3/4) + log(1/4))
+    smoothed = -0.8 * math.log(0.75) - 0.1 * (math.log(0.75) + math.log(0.25))
+    assert create_loss("sft", label_smoothing=0.2)(logits, labels).item() == pytest.approx(smoothed)
+    assert create_loss("sft")(logits, labels, num_items_in_batch=4).item() == pytest.approx(-math.log(0.75) / 4)
 
 
 def test_sft_with_num_items_summed_over_micro_batches_equals_full_batch():
     logits = torch.randn(6, 7, 11)
     labels = torch.randint(0, 11, (6, 7))
     labels[torch.rand(6, 7) < 0.4] = -100
-    loss_fn = create_loss("sft")
+    loss_fn = create_loss("sft", label_smoothing=0.1)
     items = int((labels[:, 1:] != -100).sum())
     parts = sum(loss_fn(logits[i : i + 2], labels[i : i + 2], num_items_in_batch=items) for i in (0, 2, 4))
     torch.testing.assert_close(parts, loss_fn(logits, labels))
 
 
-def test_bf16_inputs_give_float32_results():
-    logits = torch.randn(2, 5, 13)
-    labels = torch.randint(0, 13, (2, 5))
-    result = create_loss("sft")(logits.bfloat16(), labels)
-    assert result.dtype == torch.float32
-    torch.testing.assert_close(result, create_loss("sft")(logits.bfloat16().float(), labels))
-    chosen, rejected = torch.randn(4).bfloat16(), torch.randn(4).bfloat16()
-    assert create_loss("pairwise")(chosen, rejected).dtype == torch.float32
-
-
 def test_pairwise_hand_computed_and_margins():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
-    expected = (-math.log(1 / (1 + math.exp(-1))) - math.log(0.5)) / 2
+    expected = (math.log(1 + math.exp(-1)) + math.log(2)) / 2
     assert create_loss("pairwise")(chosen, rejected).item() == pytest.approx(expected)
     with_margin = create_loss("pairwise", margin=1.0)(chosen, rejected)
     assert with_margin.item() == pytest.approx((math.log(2) + math.log(1 + math.e)) / 2)
+    # per-example margins override the default; NaN (a pair without one) falls back to it
     per_pair = create_loss("pairwise", reduction="none")(chosen, rejected, margin=torch.tensor([float("nan"), -1.0]))
-    assert per_pair.tolist() == pytest.approx([-math.log(1 / (1 + math.exp(-1))), math.log(1 + math.exp(-1))])
+    assert per_pair.tolist() == pytest.approx([math.log(1 + math.exp(-1)), math.log(1 + math.exp(-1))])
 
 
 def test_dpo_is_log2_when_policy_equals_reference():
     logps = torch.randn(5)
     loss = create_loss("dpo", beta=0.3)(logps, logps - 1, logps, logps - 1)
     assert loss.item() == pytest.approx(math.log(2))
+
+
+def test_dpo_hand_computed():
+    # z = (-1 - -1.5) - (-2 - -1.5) = 1
+    args = torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5])
+    assert create_loss("dpo", beta=1.0)(*args).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    assert create_loss("dpo", beta=0.5, loss_type="hinge")(*args).item() == pytest.approx(0.5)
+    assert create_loss("dpo", beta=0.25, loss_type="ipo")(*args).item() == pytest.approx((1 - 2) ** 2)
+    eps = 0.1
+    conservative = (1 - eps) * math.log(1 + math.exp(-1)) + eps * math.log(1 + math.exp(1))
+    assert create_loss("dpo", beta=1.0, label_smoothing=eps)(*args).item() == pytest.approx(conservative)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
@@ -85,24 +117,40 @@ def test_dpo_variants_against_formula(loss_type):
     }[loss_type]
     options = dict(beta=beta, loss_type=loss_type, label_smoothing=eps if loss_type == "sigmoid" else 0.0)
     torch.testing.assert_close(create_loss("dpo", **options)(pc, pr, rc, rr), expected.mean())
-    torch.testing.assert_close(create_loss("dpo", reduction="none", **options)(pc, pr, rc, rr), expected)
-    chosen_reward, rejected_reward = dpo_implicit_rewards(pc, pr, rc, rr, beta=beta)
-    torch.testing.assert_close(chosen_reward, beta * (pc - rc))
-    torch.testing.assert_close(rejected_reward, beta * (pr - rr))
+    torch.testing.assert_close(dpo_loss(pc, pr, rc, rr, reduction="none", **options), expected)
+
+
+def test_dpo_implicit_rewards_are_detached():
+    pc, pr = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    rc, rr = torch.randn(3), torch.randn(3)
+    chosen, rejected = dpo_implicit_rewards(pc, pr, rc, rr, beta=0.2)
+    torch.testing.assert_close(chosen, 0.2 * (pc.detach() - rc))
+    torch.testing.assert_close(rejected, 0.2 * (pr.detach() - rr))
+    assert not chosen.requires_grad and not rejected.requires_grad
 
 
 def test_policy_loss_formula_and_clipped_gradients():
     logps = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]])).requires_grad_()
     old = torch.zeros(1, 4)
-    advantages = torch.tensor([[1.0, -1.0, 2.0, 1.0]])
+    advantages = torch.tensor([[1.0, -1.0, 2.0, 1.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     loss = create_loss("policy", clip_eps=0.2)(logps, old, advantages, mask)
     # token 0: ratio 1.5 clipped to 1.2 (A>0) -> -1.2; token 1: ratio 0.5 clipped to 0.8 (A<0) -> 0.8; token 2: -2.2
     assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
     loss.backward()
     assert logps.grad[0, 0] == 0 and logps.grad[0, 1] == 0  # clipped in the advantage's direction
-    assert logps.grad[0, 2] == pytest.approx(-2.0 * 1.1 / 3)
+    assert logps.grad[0, 2].item() == pytest.approx(-2.0 * 1.1 / 3)  # d(-A rho)/d logp = -A rho
     assert logps.grad[0, 3] == 0  # masked
+    assert advantages.grad is None  # rollout constants get no gradient
+
+
+def test_policy_loss_is_not_clipped_against_the_advantage():
+    # ratio 1.5 with A < 0: the unclipped term -A * 1.5 is the larger, so the gradient flows (pessimistic bound)
+    logps = torch.log(torch.tensor([[1.5]])).requires_grad_()
+    loss = create_loss("policy", clip_eps=0.2)(logps, torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1))
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    assert logps.grad.item() == pytest.approx(1.5)
 
 
 def test_value_loss_formula_and_unclipped_case():
@@ -110,9 +158,25 @@ def test_value_loss_formula_and_unclipped_case():
     mask = torch.ones(1, 2)
     # token 0: unclipped (1-0)^2=1, clipped V=0.2 -> 0.04 -> max 1; token 1: |V-V_old|<=eps -> (0.5-1)^2
     assert create_loss("value", clip_eps=0.2)(values, old, returns, mask).item() == pytest.approx(0.5 * (1 + 0.25) / 2)
-    near = old + 0.1 * torch.randn(1, 2).clamp(-1, 1)
-    unclipped = 0.5 * ((near - returns) ** 2).mean()
+    old, returns = torch.randn(4, 5), torch.randn(4, 5)
+    near = old + 0.2 * (2 * torch.rand(4, 5) - 1)  # |V - V_old| <= eps everywhere
+    mask = (torch.rand(4, 5) > 0.3).float()
+    unclipped = 0.5 * (((near - returns) ** 2) * mask).sum() / mask.sum()
     torch.testing.assert_close(create_loss("value", clip_eps=0.2)(near, old, returns, mask), unclipped)
+
+
+def test_kd_hand_computed():
+    student = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])  # p_S = (1/2, 1/2)
+    teacher = torch.tensor([[[math.log(3.0), 0.0], [5.0, 5.0]]])  # p_T = (3/4, 1/4)
+    labels = torch.tensor([[-100, 1]])
+    forward = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    reverse = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert create_loss("kd")(student, teacher, labels).item() == pytest.approx(forward)
+    assert create_loss("kd", kind="reverse_kl")(student, teacher, labels).item() == pytest.approx(reverse)
+    # tau = 2: p = softmax(logits / 2) -> p_T = (sqrt3, 1) / (sqrt3 + 1), times tau^2 = 4
+    p = math.sqrt(3) / (math.sqrt(3) + 1)
+    tempered = 4 * (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5))
+    assert create_loss("kd", temperature=2.0)(student, teacher, labels).item() == pytest.approx(tempered)
 
 
 def test_kd_against_kl_div_and_properties():
@@ -129,107 +193,111 @@ def test_kd_against_kl_div_and_properties():
     assert create_loss("kd")(student, student, labels).abs().item() < 1e-6
     jsd = create_loss("kd", kind="jsd", beta=0.5)
     torch.testing.assert_close(jsd(student, teacher, labels), jsd(teacher, student, labels))
-    m = 0.5 * (F.softmax(s * tau, -1) + F.softmax(t * tau, -1))
-    by_hand = 0.5 * F.kl_div(m.log(), F.softmax(t * tau, -1), reduction="batchmean") + 0.5 * F.kl_div(
-        m.log(), F.softmax(s * tau, -1), reduction="batchmean")
-    torch.testing.assert_close(jsd(student, teacher, labels), by_hand)
+    p_s, p_t = F.softmax(s * tau, -1), F.softmax(t * tau, -1)
+    m = 0.3 * p_t + 0.7 * p_s
+    by_hand = 0.3 * F.kl_div(m.log(), p_t, reduction="batchmean") + 0.7 * F.kl_div(m.log(), p_s, reduction="batchmean")
+    torch.testing.assert_close(create_loss("kd", kind="jsd", beta=0.3)(student, teacher, labels), by_hand)
+    for beta in (0.0, 1.0):  # M is one of the two distributions: the weighted KL to it is 0
+        assert create_loss("kd", kind="jsd", beta=beta)(student, teacher, labels).item() == pytest.approx(0, abs=1e-6)
 
 
-def test_masked_mean_and_reductions_agree():
-    values, mask = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1, 0, 1]])
-    assert masked_mean(values, mask).item() == 2.0
-    assert masked_mean(values, mask, dim=1).tolist() == [2.0]
-    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
-    none = create_loss("sft", reduction="none")(logits, labels)
-    assert create_loss("sft", reduction="sum")(logits, labels).item() == pytest.approx(none.sum().item(), rel=1e-6)
-    assert create_loss("sft")(logits, labels).item() == pytest.approx(none.sum().item() / 8, rel=1e-6)
+def test_masked_mean():
+    values, mask = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), 6.0]]), torch.tensor([[1, 0, 1], [1, 0, 0]])
+    # (1 + 3 + 4) / 3: the NaN is masked out, not multiplied by 0
+    assert masked_mean(values, mask).item() == pytest.approx(8 / 3)
+    assert masked_mean(values, mask, dim=1).tolist() == [2.0, 4.0]
+    assert masked_mean(values, torch.zeros(2, 3), dim=1).tolist() == [0.0, 0.0]
 
 
-def test_unknown_names_and_hyperparameters_list_valid_ones():
+def _cases(dtype=torch.float32):
+    """name -> (options, inputs in `dtype`, where items count or None, per-item reference written out here).
+
+    The references are computed in float32 from the same (for bf16: rounded) numbers the loss receives.
+    """
+    g = torch.Generator().manual_seed(3)
+    rounded = lambda *xs: tuple(x.to(dtype).float() for x in xs)  # noqa: E731
+    logits, teacher = rounded(torch.randn(3, 6, 7, generator=g), torch.randn(3, 6, 7, generator=g))
+    labels = torch.randint(0, 7, (3, 6), generator=g)
+    labels[0, :3] = -100
+    counted = labels[:, 1:] != -100
+    chosen, rejected = rounded(*torch.randn(2, 4, generator=g) * 3)  # (B,) each
+    pc, pr, rc, rr = rounded(*torch.randn(4, 4, generator=g))
+    logps, old, advantages = rounded(*torch.randn(3, 3, 5, generator=g) * 0.3)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).float()
+    ratio = (logps - old).exp()
+    z = (pc - rc) - (pr - rr)
+    log_s, log_t = F.log_softmax(logits[:, :-1] / 2, -1), F.log_softmax(teacher[:, :-1] / 2, -1)
+    cast = lambda *xs: tuple(x.to(dtype) if x.is_floating_point() else x for x in xs)  # noqa: E731
+    return {
+        "sft": ({"label_smoothing": 0.1}, cast(logits, labels), counted,
+                F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], label_smoothing=0.1, reduction="none")),
+        "pairwise": ({"margin": 0.5}, cast(chosen, rejected), None, -torch.log(torch.sigmoid(chosen - rejected - 0.5))),
+        "dpo": ({"beta": 0.5}, cast(pc, pr, rc, rr), None, -torch.log(torch.sigmoid(0.5 * z))),
+        "policy": ({"clip_eps": 0.1}, cast(logps, old, advantages, mask), mask,
+                   torch.max(-advantages * ratio, -advantages * ratio.clamp(0.9, 1.1))),
+        "value": ({"clip_eps": 0.1}, cast(logps, old, advantages, mask), mask,
+                  0.5 * torch.max((logps - advantages) ** 2,
+                                  (torch.clamp(logps, old - 0.1, old + 0.1) - advantages) ** 2)),
+        "kd": ({"temperature": 2.0}, cast(logits, teacher, labels), counted,
+               4 * F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)),
+    }
+
+
+LOSS_NAMES = ["sft", "pairwise", "dpo", "policy", "value", "kd"]
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_reductions_none_sum_mean_agree_with_the_reference(name):
+    options, args, counted, per_item = _cases()[name]
+    counted = torch.ones_like(per_item, dtype=torch.bool) if counted is None else counted.bool()
+    none = create_loss(name, reduction="none", **options)(*args)
+    assert none.shape == per_item.shape
+    torch.testing.assert_close(none, torch.where(counted, per_item, 0.0))
+    total = create_loss(name, reduction="sum", **options)(*args)
+    torch.testing.assert_close(total, per_item[counted].sum())
+    torch.testing.assert_close(create_loss(name, **options)(*args), per_item[counted].mean())
+    torch.testing.assert_close(total, none.sum())
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_bf16_inputs_give_float32_results(name):
+    options, args, counted, per_item = _cases(torch.bfloat16)[name]
+    assert any(a.dtype == torch.bfloat16 for a in args)
+    result = create_loss(name, **options)(*args)
+    assert result.dtype == torch.float32
+    counted = torch.ones_like(per_item, dtype=torch.bool) if counted is None else counted.bool()
+    torch.testing.assert_close(result, per_item[counted].mean())
+
+
+def test_unknown_names_hyperparameters_and_choices_list_the_valid_ones():
     with pytest.raises(LossConfigError, match="valid: sft, pairwise, dpo, policy, value, kd"):
         create_loss("ppo")
-    with pytest.raises(LossConfigError, match="label_smoothing"):
+    with pytest.raises(LossConfigError, match="valid: label_smoothing, ignore_index, reduction"):
         create_loss("sft", smoothing=0.1)
-    with pytest.raises(LossConfigError, match="margin"):
+    with pytest.raises(LossConfigError, match="valid: margin, reduction"):
         create_loss("pairwise", margn=1)
-    with pytest.raises(ValueError, match="sigmoid, hinge, ipo"):
-        create_loss("dpo", loss_type="kto")(*torch.zeros(4, 2))
+    with pytest.raises(LossConfigError, match="valid: sigmoid, hinge, ipo"):
+        create_loss("dpo", loss_type="kto")  # at creation, not at the first call
+    with pytest.raises(LossConfigError, match="valid: forward_kl, reverse_kl, jsd"):
+        create_loss("kd", kind="tvd")
+    with pytest.raises(LossConfigError, match="valid: mean, sum, none"):
+        create_loss("value", reduction="avg")
+    with pytest.raises(LossConfigError, match="valid: mean, sum, none"):  # the pure function checks too
+        dpo_loss(*torch.zeros(4, 2), reduction="avg")
+    with pytest.raises(RlhfTimeError):
+        create_loss("ppo")
+    with pytest.raises(ValueError):
+        create_loss("sft", beta=1.0)
 
 
-def test_sequence_and_token_logps_against_log_softmax():
-    logits, labels = torch.randn(3, 6, 10), torch.randint(0, 10, (3, 6))
-    labels[1, :4] = -100
-    gathered = F.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
-    expected = gathered * (labels[:, 1:] != -100)
-    torch.testing.assert_close(token_logps(logits, labels), expected)
-    torch.testing.assert_close(sequence_logps(logits, labels), expected.sum(-1))
+LOSS_DOCS = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 
 
-@pytest.mark.parametrize("smoothing, num_items, chunk", [(0.0, None, 3), (0.1, None, 5), (0.0, 50, 7), (0.2, 13, 1000)])
-def test_chunked_sft_loss_and_gradients_equal_the_plain_loss(smoothing, num_items, chunk):
-    hidden = torch.randn(3, 8, 16, requires_grad=True)
-    weight = torch.randn(21, 16, requires_grad=True)
-    bias = torch.randn(21, requires_grad=True)
-    labels = torch.randint(0, 21, (3, 8))
-    labels[0, :5] = -100
-    got = chunked_sft_loss(hidden, weight, labels, lm_head_bias=bias, label_smoothing=smoothing,
-                           num_items_in_batch=num_items, chunk_size=chunk)
-    logits = hidden @ weight.T + bias
-    per_token = F.cross_entropy(logits[:, :-1].reshape(-1, 21), labels[:, 1:].reshape(-1), label_smoothing=smoothing,
-                                reduction="sum")
-    expected = per_token / (num_items or int((labels[:, 1:] != -100).sum()))
-    torch.testing.assert_close(got, expected)
-    for a, b in zip(torch.autograd.grad(got, (hidden, weight, bias)), torch.autograd.grad(expected, (hidden, weight, bias))):
-        torch.testing.assert_close(a, b)
-
-
-def test_chunked_loss_with_frozen_head_and_bf16_hidden():
-    hidden = torch.randn(2, 6, 8).bfloat16().requires_grad_()
-    weight = torch.randn(11, 8)  # frozen (e.g. LoRA)
-    labels = torch.randint(0, 11, (2, 6))
-    loss = chunked_sft_loss(hidden, weight, labels, chunk_size=4)
-    assert loss.dtype == torch.float32
-    (grad,) = torch.autograd.grad(loss, hidden)
-    assert grad.dtype == torch.bfloat16
-    reference = F.cross_entropy((hidden.float() @ weight.T)[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(loss, reference)
-
-
-def test_chunked_sequence_logps_and_gradients():
-    hidden = torch.randn(2, 7, 8, requires_grad=True)
-    weight = torch.randn(13, 8, requires_grad=True)
-    labels = torch.randint(0, 13, (2, 7))
-    labels[0, :3] = -100
-    got = chunked_sequence_logps(hidden, weight, labels, chunk_size=3)
-    logits = hidden @ weight.T
-    gathered = F.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
-    expected = (gathered * (labels[:, 1:] != -100)).sum(-1)
-    torch.testing.assert_close(got, expected)
-    for a, b in zip(torch.autograd.grad(got.sum(), (hidden, weight)), torch.autograd.grad(expected.sum(), (hidden, weight))):
-        torch.testing.assert_close(a, b)
-
-
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for value in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(value, torch.Tensor):
-                self.largest = max(self.largest, value.numel())
-        return out
-
-
-def test_chunked_loss_memory_grows_with_the_chunk_not_the_vocabulary_times_tokens():
-    vocab, tokens, chunk = 150_000, 1024, 64
-    hidden = torch.randn(1, tokens, 32, requires_grad=True)
-    weight = torch.randn(vocab, 32, requires_grad=True)
-    labels = torch.randint(0, vocab, (1, tokens))
-    with _LargestTensor() as recorder:
-        chunked_sft_loss(hidden, weight, labels, chunk_size=chunk).backward()
-    assert recorder.largest <= chunk * vocab  # never the (tokens x vocab) logits
-    assert recorder.largest < tokens * vocab / 8
+def test_the_loss_reference_examples_run_and_name_every_export():
+    text = LOSS_DOCS.read_text(encoding="utf-8")
+    assert text.startswith("## Loss reference")
+    examples = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(examples) >= 7
+    for code in examples[1:]:  # the first is the signature sketch
+        exec(compile(code, str(LOSS_DOCS), "exec"), {})
+    assert [name for name in rlhf_time.loss.__all__ if f"`{name}" not in text and name != "LOSSES"] == []

@@ -6,12 +6,17 @@ function shifts (logits[:, :-1] predict labels[:, 1:]); positions labelled `igno
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from rlhf_time.loss.errors import check_choice
 from rlhf_time.loss.reduction import reduce
+
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
@@ -23,9 +28,9 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: Optional[int] = None, *,
              label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy on the positions whose label is not ignored.
+    """Next-token cross-entropy (maximum likelihood) on the positions whose label is not ignored.
 
-    loss_t = -(1 - eps) * log p(y_t) - eps / V * sum_v log p(v)      (label smoothing as in torch's cross_entropy)
+    loss_t = -(1 - eps) log p(y_t) - eps / V sum_v log p(v)     (label smoothing: Szegedy et al. 2016, as torch's)
     mean: sum_t loss_t / #targets, or sum_t loss_t / num_items_in_batch when given (exact accumulation).
     """
     logits, targets, mask = _shift(logits, labels, ignore_index)
@@ -60,16 +65,15 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     hinge:   relu(1 - beta z)                                             (SLiC, Zhao et al. 2023)
     ipo:     (z - 1 / (2 beta))^2                                         (IPO, Azar et al. 2023, eq. 17)
     """
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
     z = (policy_chosen_logps.float() - ref_chosen_logps.float()) - (
         policy_rejected_logps.float() - ref_rejected_logps.float())  # (B,)
     if loss_type == "sigmoid":
         per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * z) - label_smoothing * F.logsigmoid(-beta * z)
     elif loss_type == "hinge":
         per_pair = torch.relu(1 - beta * z)
-    elif loss_type == "ipo":
+    else:  # ipo
         per_pair = (z - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown dpo loss_type {loss_type!r}; allowed: sigmoid, hinge, ipo")
     return reduce(per_pair, None, reduction)
 
 
@@ -86,9 +90,12 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), per token, all (B, T):
 
     rho = exp(logps - old_logps);  loss_t = max(-A_t rho, -A_t clip(rho, 1 - eps, 1 + eps))
+
+    old_logps and advantages are rollout constants: they are detached, so no gradient reaches a value head
+    through advantages that were computed without .detach().
     """
-    ratio = torch.exp(logps.float() - old_logps.float())  # (B, T)
-    advantages = advantages.float()
+    ratio = torch.exp(logps.float() - old_logps.detach().float())  # (B, T)
+    advantages = advantages.detach().float()
     per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
     return reduce(per_token, mask, reduction)
 
@@ -97,9 +104,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
                clip_eps: float = 0.2, reduction: str = "mean") -> torch.Tensor:
     """Clipped value loss of PPO implementations (Schulman et al. 2017; Andrychowicz et al. 2021), all (B, T):
 
-    loss_t = 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)
+    loss_t = 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)      (old_values, returns detached)
     """
-    values, old_values, returns = values.float(), old_values.float(), returns.float()
+    values, old_values, returns = values.float(), old_values.detach().float(), returns.detach().float()
     clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)  # (B, T)
     return reduce(per_token, mask, reduction)
@@ -114,20 +121,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     forward_kl: tau^2 KL(p_T || p_S);  reverse_kl: tau^2 KL(p_S || p_T);
     jsd: tau^2 [beta KL(p_T || M) + (1 - beta) KL(p_S || M)],  M = beta p_T + (1 - beta) p_S
     """
+    check_choice("kind", kind, KD_KINDS)
     student, _, mask = _shift(student_logits, labels, ignore_index)  # (B, T-1, V)
-    teacher = teacher_logits[:, :-1].float()
+    teacher = teacher_logits[:, :-1].float()  # (B, T-1, V)
     log_s = F.log_softmax(student / temperature, dim=-1)
     log_t = F.log_softmax(teacher / temperature, dim=-1)
     if kind == "forward_kl":
-        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, T-1)
     elif kind == "reverse_kl":
         per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
-    elif kind == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_t + torch.log(torch.tensor(beta)),
-                                             log_s + torch.log(torch.tensor(1 - beta))]), dim=0)
+    else:  # jsd; log M = logaddexp(log beta + log p_T, log(1 - beta) + log p_S) stays finite where p underflows
+        log_m = torch.logaddexp(log_t + _log_or_minus_inf(beta), log_s + _log_or_minus_inf(1 - beta))
         kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
         kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
         per_token = beta * kl_t + (1 - beta) * kl_s
-    else:
-        raise ValueError(f"unknown kd kind {kind!r}; allowed: forward_kl, reverse_kl, jsd")
     return reduce(per_token * temperature**2, mask, reduction)  # (B, T-1) before reduction
+
+
+def _log_or_minus_inf(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf

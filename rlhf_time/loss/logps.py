@@ -1,7 +1,8 @@
 """Log-probabilities and the memory-lean losses computed from final hidden states in chunks.
 
 The full (tokens x vocabulary) float32 logits are never materialised at once: with a 150k vocabulary and
-8k tokens they alone would be 4.9 GB. Only target positions are projected, `chunk_size` rows at a time.
+8k tokens they alone would be 4.9 GB. Work is done `chunk_size` positions at a time, in forward and backward;
+from hidden states, only target positions are projected to the vocabulary at all.
 """
 
 from __future__ import annotations
@@ -9,120 +10,212 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """log p(label_t | <t) per position, (B, T-1), zeros where ignored; one row of logits in float32 at a time."""
-    rows = []
-    for row_logits, row_labels in zip(logits[:, :-1], labels[:, 1:]):  # (T-1, V), (T-1,)
-        mask = row_labels != ignore_index
-        targets = row_labels.masked_fill(~mask, 0)
-        row = row_logits.float()
-        picked = row.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(row, dim=-1)
-        rows.append(picked * mask)
-    return torch.stack(rows)
+def _float32(device: torch.device):
+    """Under AMP autocast would run the matmuls in bf16; the logits here must be float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Sum over each sequence of the label tokens' log-probs, (B,)."""
-    return token_logps(logits, labels, ignore_index).sum(-1)
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    logits = h.float() @ weight.T  # (C, V); weight is already float32
+    return logits + bias.float() if bias is not None else logits
+
+
+def _softmax_minus_onehot(log_probs: torch.Tensor, targets: torch.Tensor, onehot: float = 1.0) -> torch.Tensor:
+    """softmax - onehot * one_hot(targets), (C, V), written over log_probs' storage: d(-log p(y)) / d logits."""
+    grad = log_probs.exp_()  # (C, V)
+    grad[torch.arange(targets.numel(), device=targets.device), targets] -= onehot
+    return grad
+
+
+def _blocks(shape: torch.Size, chunk_size: int):
+    """(row, start, stop) of the position blocks of a (B, T-1) grid; logits of the last position are never read."""
+    rows, length = shape
+    for row in range(rows):
+        for start in range(0, length, chunk_size):
+            yield row, start, min(start + chunk_size, length)
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(labels[:, t+1] | logits[:, t]) from (B, T, V) logits, one (chunk, V) float32 block at a time.
+
+    Backward recomputes each block's softmax instead of keeping the float32 blocks alive, and writes the
+    gradient straight into a (B, T, V) tensor of the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, chunk_size):
+        targets, mask = labels[:, 1:], labels[:, 1:] != ignore_index  # (B, T-1)
+        targets = targets.masked_fill(~mask, 0)
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)  # (B, T-1)
+        for row, start, stop in _blocks(targets.shape, chunk_size):
+            if not mask[row, start:stop].any():  # e.g. a prompt: nothing to score
+                continue
+            block = logits[row, start:stop].float()  # (C, V)
+            y = targets[row, start:stop]  # (C,)
+            out[row, start:stop] = block.gather(-1, y[:, None]).squeeze(-1) - block.logsumexp(-1)
+        ctx.save_for_backward(logits, targets, mask)
+        ctx.chunk_size = chunk_size
+        return out.masked_fill_(~mask, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # (B, T-1)
+        logits, targets, mask = ctx.saved_tensors
+        grad = torch.zeros_like(logits)  # (B, T, V); the last position predicts nothing
+        scale = grad_out.float() * mask
+        for row, start, stop in _blocks(targets.shape, ctx.chunk_size):
+            if not mask[row, start:stop].any():
+                continue
+            log_probs = logits[row, start:stop].float().log_softmax(-1)  # (C, V)
+            grad_block = _softmax_minus_onehot(log_probs, targets[row, start:stop]).mul_(-scale[row, start:stop, None])
+            grad[row, start:stop] = grad_block  # d log p(y) / d logits = onehot - softmax
+        return grad, None, None, None
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+                chunk_size: int = 1024) -> torch.Tensor:
+    """log p(label_t | <t) per position, (B, T-1) float32, zeros where ignored (the PPO/GRPO log-probs).
+
+    logits (B, T, V), labels (B, T) unshifted: logits[:, t] predicts labels[:, t+1]. At most one (chunk_size, V)
+    float32 block exists at a time, in forward and in backward.
+    """
+    return _TokenLogps.apply(logits, labels, ignore_index, chunk_size)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """Sum over each sequence of the label tokens' log-probs, (B,) float32 (the DPO log-probs)."""
+    return token_logps(logits, labels, ignore_index, chunk_size=chunk_size).sum(-1)
 
 
 def _targets(hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """Hidden states of the positions that predict a label, (N, H), with those labels (N,)."""
+    """Hidden states of the positions that predict a label, (N, H), those labels (N,), and the (B, T-1) mask."""
     shifted = labels[:, 1:]  # (B, T-1)
     mask = shifted != ignore_index
     return hidden_states[:, :-1][mask], shifted[mask], mask
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of h @ W^T (+ b) against targets; gradients computed chunk by chunk in forward."""
+    """Summed cross-entropy of h @ W^T (+ b) against targets, divided by `divisor`.
+
+    The gradient of each chunk is formed in forward, right after its loss, so only grad_hidden (N, H) and
+    grad_weight (V, H) are kept for backward, which merely scales them by grad_output.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, label_smoothing, divisor, chunk_size):
-        with torch.autocast(device_type=hidden.device.type, enabled=False):  # float32 logits, even under AMP
-            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, divisor, chunk_size)
+    def forward(ctx, hidden, weight, bias, targets, label_smoothing, divisor, chunk_size, track_grad):
+        with _float32(hidden.device):
+            return _ChunkedCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, divisor,
+                                                 chunk_size, track_grad)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, label_smoothing, divisor, chunk_size):
-        needs = ctx.needs_input_grad
-        w = weight.float()
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs[0] else None
-        grad_weight = torch.zeros_like(w) if needs[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+    def _forward(ctx, hidden, weight, bias, targets, label_smoothing, divisor, chunk_size, track_grad):
+        needs = [track_grad and need for need in ctx.needs_input_grad[:3]]
+        w = weight.float()  # (V, H)
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs[0] else None  # (N, H)
+        grad_weight = torch.zeros_like(w) if needs[1] else None  # (V, H)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None  # (V,)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         vocab = w.shape[0]
         for start in range(0, targets.numel(), chunk_size):
-            h = hidden[start : start + chunk_size].float()  # (C, H)
+            h = hidden[start : start + chunk_size]  # (C, H)
             y = targets[start : start + chunk_size]  # (C,)
-            logits = h @ w.T  # (C, V)
-            if bias is not None:
-                logits = logits + bias.float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            nll = -log_probs.gather(-1, y[:, None]).squeeze(-1)
-            smooth = -log_probs.mean(-1)
-            total += ((1 - label_smoothing) * nll + label_smoothing * smooth).sum()
-            # d loss / d logits = softmax - (1 - eps) onehot - eps / V
-            grad_logits = log_probs.exp_()
-            grad_logits.sub_(label_smoothing / vocab)
-            grad_logits[torch.arange(y.numel(), device=y.device), y] -= 1 - label_smoothing
-            grad_logits.div_(divisor)
+            log_probs = torch.log_softmax(_chunk_logits(h, w, bias), dim=-1)  # (C, V)
+            nll = -log_probs.gather(-1, y[:, None]).squeeze(-1)  # (C,)
+            total += ((1 - label_smoothing) * nll - label_smoothing * log_probs.mean(-1)).sum()
+            if not any(needs):
+                continue
+            # d loss / d logits = softmax - (1 - eps) onehot - eps / V, all / divisor
+            grad_logits = _softmax_minus_onehot(log_probs, y, 1 - label_smoothing)
+            grad_logits.sub_(label_smoothing / vocab).div_(divisor)
             if grad_hidden is not None:
                 grad_hidden[start : start + chunk_size] = grad_logits @ w
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.T, h)
+                grad_weight.addmm_(grad_logits.T, h.float())
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in (grad_hidden, grad_weight, grad_bias)))
-        ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return total / divisor
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
-        saved = ctx.saved_tensors
-        grads = [(g * grad_output).to(dtype) if has else None for g, has, dtype in zip(saved, ctx.has, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None, None, None
+        grads = [(g * grad_output).to(dtype) if g is not None else None for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        del ctx.grads
+        return (*grads, None, None, None, None, None)
 
 
 def chunked_sft_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                      lm_head_bias: Optional[torch.Tensor] = None, label_smoothing: float = 0.0,
                      ignore_index: int = -100, num_items_in_batch: Optional[int] = None,
                      chunk_size: int = 1024) -> torch.Tensor:
-    """The "sft" loss computed from final hidden states (B, T, H) and the LM head (V, H), chunk by chunk.
+    """The "sft" loss computed from final hidden states (B, T, H) and the LM head weight (V, H), chunk by chunk.
 
-    Equal to sft_loss(hidden @ W^T + b, labels, ...) -- mean over targets, or sum / num_items_in_batch -- while
-    peak extra memory grows with chunk_size x V instead of B x T x V (forward and backward alike).
+    Equal to sft_loss(hidden @ W^T + b, labels, ...) -- mean over targets, or sum / num_items_in_batch -- with
+    float32 logits, while peak extra memory grows with chunk_size x V instead of B x T x V (forward and backward),
+    plus a float32 copy of W when it is bf16. Positions with ignored labels cost no compute and get zero gradient.
     """
     hidden, targets, _ = _targets(hidden_states, labels, ignore_index)  # (N, H), (N,)
-    divisor = float(num_items_in_batch) if num_items_in_batch is not None else float(max(targets.numel(), 1))
+    # A step without any target gives 0 (and zero gradients), not 0 / 0.
+    divisor = max(float(num_items_in_batch if num_items_in_batch is not None else targets.numel()), 1.0)
     return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, lm_head_bias, targets, label_smoothing, divisor,
-                                      chunk_size)
+                                      chunk_size, torch.is_grad_enabled())
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor):
-    with torch.autocast(device_type=hidden.device.type, enabled=False):
-        logits = hidden.float() @ weight.float().T  # (C, V)
-        if bias is not None:
-            logits = logits + bias.float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+class _ChunkedTargetLogps(torch.autograd.Function):
+    """log p(y) of h @ W^T (+ b) per target, (N,); backward recomputes each chunk's logits (the gradient
+    depends on the per-sequence grad_output, unknown in forward)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        out = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)  # (N,)
+        with _float32(hidden.device):
+            w = weight.float()
+            for start in range(0, targets.numel(), chunk_size):
+                logits = _chunk_logits(hidden[start : start + chunk_size], w, bias)  # (C, V)
+                y = targets[start : start + chunk_size]
+                out[start : start + chunk_size] = logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # (N,)
+        hidden, weight, bias, targets = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with _float32(hidden.device):
+            w = weight.float()
+            grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if needs[0] else None  # (N, H)
+            grad_weight = torch.zeros_like(w) if needs[1] else None  # (V, H)
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+            for start in range(0, targets.numel(), ctx.chunk_size):
+                stop = start + ctx.chunk_size
+                h = hidden[start:stop]
+                log_probs = _chunk_logits(h, w, bias).log_softmax(-1)  # (C, V)
+                # d log p(y) / d logits = onehot - softmax
+                grad_logits = _softmax_minus_onehot(log_probs, targets[start:stop]).mul_(-grad_out[start:stop, None])
+                if grad_hidden is not None:
+                    grad_hidden[start:stop] = grad_logits @ w
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.T, h.float())
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0)
+        grads = [g.to(t.dtype) if g is not None else None for g, t in zip((grad_hidden, grad_weight, grad_bias),
+                                                                           (hidden, weight, bias))]
+        return (*grads, None, None)
 
 
 def chunked_sequence_logps(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                            lm_head_bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
                            chunk_size: int = 1024) -> torch.Tensor:
-    """Per-sequence sums of label log-probs (B,) from hidden states; each chunk's logits are recomputed in
-    backward (activation checkpointing), so at most one (chunk_size, V) block is alive at a time."""
-    hidden, targets, mask = _targets(hidden_states, labels, ignore_index)
-    pieces = []
-    for start in range(0, targets.numel(), chunk_size):
-        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):
-            pieces.append(checkpoint(_chunk_logps, h, lm_head_weight, lm_head_bias, y, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logps(h, lm_head_weight, lm_head_bias, y))
-    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    """Per-sequence sums of label log-probs (B,) float32 from final hidden states (B, T, H) and the LM head
+    (V, H): sequence_logps(hidden @ W^T + b, labels) with at most one (chunk_size, V) block alive at a time."""
+    hidden, targets, mask = _targets(hidden_states, labels, ignore_index)  # (N, H), (N,), (B, T-1)
+    per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)  # (N,)
     row_of_target = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
-    return torch.zeros(mask.shape[0], dtype=torch.float32, device=flat.device).index_add(0, row_of_target, flat)
+    return per_target.new_zeros(mask.shape[0]).index_add(0, row_of_target, per_target)

@@ -6,13 +6,10 @@ import functools
 import inspect
 from typing import Callable
 
-from rlhf_time.errors import RlhfTimeError
-from rlhf_time.loss.functions import dpo_loss, kd_loss, pairwise_loss, policy_loss, sft_loss, value_loss
-
-
-class LossConfigError(RlhfTimeError, ValueError):
-    """Unknown loss name or hyperparameter."""
-
+from rlhf_time.loss.errors import LossConfigError, check_choice
+from rlhf_time.loss.functions import (DPO_LOSS_TYPES, KD_KINDS, dpo_loss, kd_loss, pairwise_loss, policy_loss,
+                                      sft_loss, value_loss)
+from rlhf_time.loss.reduction import REDUCTIONS
 
 LOSSES: dict[str, Callable] = {
     "sft": sft_loss,
@@ -24,6 +21,8 @@ LOSSES: dict[str, Callable] = {
 }
 # Hyperparameter names that differ from the function's keyword (the public contract says `margin`).
 _RENAMED = {"pairwise": {"margin": "default_margin"}}
+# Options with a fixed set of values, checked when the loss is created rather than at its first call.
+_CHOICES = {"reduction": REDUCTIONS, "loss_type": DPO_LOSS_TYPES, "kind": KD_KINDS}
 
 
 def hyperparameters(name: str) -> list[str]:
@@ -41,7 +40,8 @@ def create_loss(name: str, **options) -> Callable:
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise LossConfigError(f"unknown hyperparameter(s) {unknown} for loss {name!r}; valid: {', '.join(valid)}")
-    if options.get("reduction", "mean") not in ("mean", "sum", "none"):
-        raise LossConfigError(f"reduction={options['reduction']!r}; valid: mean, sum, none")
+    for option, value in options.items():
+        if option in _CHOICES:
+            check_choice(option, value, _CHOICES[option])
     renames = _RENAMED.get(name, {})
     return functools.partial(LOSSES[name], **{renames.get(k, k): v for k, v in options.items()})
