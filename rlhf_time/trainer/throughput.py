@@ -107,7 +107,9 @@ def device_peak_flops(device: torch.device) -> float:
     return measured_matmul_flops(device)
 
 
-def measured_matmul_flops(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
+def measured_matmul_flops(device: torch.device, size: int = 512, repeats: int = 6) -> float:
+    """Best of a few (size x size) float32 matmuls. Kept small: it runs inside train() (1024 x 8 took ~2 s on a
+    busy 2-core CPU, a visible share of a short run)."""
     generator = torch.Generator(device).manual_seed(0)  # never touch the global RNG (exact resume)
     a = torch.randn(size, size, device=device, generator=generator)
     b = torch.randn(size, size, device=device, generator=generator)
