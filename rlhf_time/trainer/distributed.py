@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,8 @@ def init_distributed(device: str | None) -> DistributedContext:
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+        # A clean exit on every rank; when one rank fails, torchrun ends the others (see docs/distributed.md).
+        atexit.register(_destroy_process_group)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=resolved)
 
 
@@ -48,6 +53,25 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_rank_first() -> Iterator[None]:
+    """Run the block on rank 0 first, then on the others (e.g. rank 0 builds a cache the others then read)."""
+    if not _is_main():
+        barrier()
+    yield
+    if _is_main():
+        barrier()
+
+
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def barrier() -> None:

@@ -25,8 +25,9 @@ from rlhf_time.data import plan_batches, shard_batches, validate_data_file
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
 from rlhf_time.trainer import checkpoint as ckpt
+from rlhf_time.trainer import parallel
 from rlhf_time.trainer.callbacks import fire
-from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed
+from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
 from rlhf_time.trainer.reporting import RunReporter
 from rlhf_time.trainer.throughput import ThroughputMeter
@@ -70,8 +71,9 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         self._log(f"model {config.model_name} ({self.family.name}): {trainable:,} trainable of {total:,} parameters")
 
-        self.train_dataset = self.load_dataset(config.train_file, config.max_train_samples) if config.train_file else None
-        self.eval_dataset = self.load_dataset(config.eval_file, config.max_eval_samples) if config.eval_file else None
+        with main_rank_first():  # rank 0 tokenises and caches; the other ranks then read its cache
+            self.train_dataset = self.load_dataset(config.train_file, config.max_train_samples) if config.train_file else None
+            self.eval_dataset = self.load_dataset(config.eval_file, config.max_eval_samples) if config.eval_file else None
         for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             if dataset is not None:
                 self._log(f"{name} data: {dataset.stats.summary()}")
@@ -88,11 +90,12 @@ class Trainer:
         return "SEQ_CLS" if self.model_head == "reward" else "CAUSAL_LM"
 
     def _wrap_for_data_parallel(self, model: nn.Module) -> nn.Module:
-        if not self.dist.enabled:
-            return model
-        from rlhf_time.trainer.parallel import wrap_model
+        return parallel.wrap_model(model, self.config, self.dist) if self.dist.enabled else model
 
-        return wrap_model(model, self.config, self.dist)
+    @property
+    def lm_head_outside_forward_ok(self) -> bool:
+        """Whether a stage may use lm_head's weight outside the model's forward (FSDP shards it after forward)."""
+        return not parallel.is_fsdp(self.model)
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if not self.config.use_amp:
@@ -144,7 +147,7 @@ class Trainer:
         if config.resume_from_checkpoint and self._resume_from is None:
             self.load_from_checkpoint(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.run_dir))
         if self._resume_from is not None:
-            ckpt.load_optimizer_states(self._resume_from, self.optimizer, self.scheduler, self.scaler)
+            ckpt.load_optimizer_states(self._resume_from, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
             ckpt.restore_rng(self._resume_from, ckpt.load_trainer_state(self._resume_from))
             self._log(f"resumed from {self._resume_from} at step {self.global_step}")
             self._resume_from = None
@@ -195,7 +198,7 @@ class Trainer:
         progress.close()
 
         if config.early_stopping_patience and self.best_checkpoint:
-            ckpt.load_model_weights(self.model, Path(self.best_checkpoint))
+            self._load_model_weights(Path(self.best_checkpoint))
             self._log(f"loaded the best model ({config.metric_for_best_model}={self.best_metric:.4f}) from {self.best_checkpoint}")
         final_dir = self.run_dir / "final"
         self._save_model(final_dir)
@@ -264,9 +267,7 @@ class Trainer:
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     def _no_sync(self, sync: bool):
-        if sync or not hasattr(self.train_model, "no_sync"):
-            return contextlib.nullcontext()
-        return self.train_model.no_sync()
+        return contextlib.nullcontext() if sync else parallel.no_sync(self.train_model)
 
     def _due(self, strategy: str, every: int, epoch_ended: bool, is_last: bool) -> bool:
         if strategy == "steps":
@@ -287,15 +288,19 @@ class Trainer:
         model.eval()
         batch_size = self.config.eval_batch_size or self.config.batch_size
         order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])  # little padding, fixed order
-        shard = order[self.dist.rank :: self.dist.world_size]
+        batches = [order[offset : offset + batch_size] for offset in range(0, len(order), batch_size)]
+        rank, world_size = self.dist.rank, self.dist.world_size
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device, dtype=torch.float64))
         start = time.perf_counter()
-        for offset in range(0, len(shard), batch_size):
-            batch = self.collate(shard[offset : offset + batch_size], dataset)
+        # Every rank runs the same number of forwards (FSDP's all-gathers are collective): a rank past the end
+        # re-runs the first batch and adds nothing.
+        for index in range(rank, math.ceil(len(batches) / world_size) * world_size, world_size):
+            weight = 1.0 if index < len(batches) else 0.0
+            batch = self.collate(batches[index] if weight else batches[0], dataset)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
                 for key, value in self.eval_sums(model, batch).items():
-                    sums[key] += value.double()
+                    sums[key] += weight * value.double()
         totals = {key: float(all_reduce_sum(value)) for key, value in sums.items()}
         metrics = self.eval_metrics(totals)
         metrics["eval_runtime"] = time.perf_counter() - start
@@ -340,10 +345,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step> atomically (main rank) and rotate old ones, keeping the best."""
         folder = self.run_dir / f"checkpoint-{self.global_step}"
-        state_dicts = self._gather_for_save()
+        model, optimizer = self._gather_for_save(), self._optimizer_for_checkpoint().gather()
         if self.dist.is_main:
             ckpt.save_checkpoint(
-                folder, model=state_dicts, tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+                folder, model=model, tokenizer=self.tokenizer, optimizer=optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, trainer_state=self.trainer_state(), config_yaml=_config_yaml(self.config),
             )
             best = Path(self.best_checkpoint) if self.best_checkpoint else None
@@ -353,13 +358,24 @@ class Trainer:
         fire(self.callbacks, "on_save", self, str(folder))
         return folder
 
-    def _gather_for_save(self) -> nn.Module:
-        """The model object whose save_pretrained writes the checkpoint (FSDP gathers full weights here)."""
-        return self.model
+    def _gather_for_save(self):
+        """The object whose save_pretrained writes the model; under FSDP the full weights are gathered (all ranks)."""
+        return parallel.GatheredModel(self.model) if parallel.is_fsdp(self.model) else self.model
+
+    def _optimizer_for_checkpoint(self) -> parallel.FullStateOptimizer:
+        """The optimizer as checkpoints see it: full state keyed by parameter name, so N ranks resume on M."""
+        return parallel.FullStateOptimizer(self.model, self.optimizer)
+
+    def _load_model_weights(self, folder: Path) -> None:
+        if parallel.is_fsdp(self.model):
+            parallel.load_full_weights(self.model, folder)
+        else:
+            ckpt.load_model_weights(self.model, folder)
 
     def _save_model(self, folder: Path) -> None:
+        model = self._gather_for_save()
         if self.dist.is_main:
-            self.model.save_pretrained(folder, safe_serialization=True)
+            model.save_pretrained(folder, safe_serialization=True)
             self.tokenizer.save_pretrained(folder)
             _config_path = folder / "rlhf_time_config.yaml"
             _config_path.write_text(_config_yaml(self.config), encoding="utf-8")
@@ -369,7 +385,7 @@ class Trainer:
         """Load weights and training position from a checkpoint; the next train() continues exactly from there."""
         folder = Path(path)
         state = ckpt.load_trainer_state(folder)
-        ckpt.load_model_weights(self.model, folder)
+        self._load_model_weights(folder)
         self.global_step = state["global_step"]
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
         self.best_metric, self.best_checkpoint = state["best_metric"], state["best_checkpoint"]
@@ -379,7 +395,7 @@ class Trainer:
             self.batch_index = state["batch_index"] * state["world_size"] // self.dist.world_size
         self._resume_from = folder
         if self.optimizer is not None:
-            ckpt.load_optimizer_states(folder, self.optimizer, self.scheduler, self.scaler)
+            ckpt.load_optimizer_states(folder, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
             ckpt.restore_rng(folder, state)
             self._resume_from = None
 

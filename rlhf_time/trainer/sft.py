@@ -65,7 +65,8 @@ class SFTrainer(Trainer):
         """(final hidden states (B, T, H), lm_head) -- or (logits, None) when the head is not a plain Linear."""
         lm_head = self.model.get_output_embeddings()
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        if type(lm_head) is not nn.Linear:  # e.g. LoRA on lm_head: let the model form the logits
+        # LoRA on lm_head, or FSDP (lm_head's weight is a shard outside forward): let the model form the logits.
+        if type(lm_head) is not nn.Linear or not self.lm_head_outside_forward_ok:
             return model(**inputs, use_cache=False).logits, None
         outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         return outputs.hidden_states[-1], lm_head

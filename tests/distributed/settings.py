@@ -1,0 +1,36 @@
+"""The configs shared by the torchrun worker and the single-process references of the distributed tests.
+
+The FSDP and LoRA scenarios also use gradient checkpointing, which must not change the result.
+"""
+
+from pathlib import Path
+
+from rlhf_time import TrainingConfig
+from tests.trainer.helpers import tiny_config
+
+WORLD_SIZE = 2
+STEPS = 4
+# adam_epsilon=1 makes AdamW's update nearly linear in the gradient, so a wrongly weighted micro-batch or rank
+# shows up as a weight difference far above float noise (as in tests/trainer/test_loop_exactness.py). No
+# dropout: each rank draws its own masks, so with dropout N ranks match one process only in distribution.
+EXACT = dict(group_by_length=False, learning_rate=1.0, adam_epsilon=1.0, weight_decay=0.0, max_grad_norm=None,
+             lora_dropout=0.0, logging_steps=1, eval_batch_size=6)
+
+
+def distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides) -> TrainingConfig:
+    """One rank's config: batch 4, no accumulation; on 2 ranks a step is global micro-batches {2k, 2k+1}."""
+    values = dict(batch_size=4, gradient_accumulation_steps=1, max_steps=STEPS, save_strategy="steps", save_steps=2,
+                  **EXACT)
+    if scenario == "fsdp":
+        values.update(distributed="fsdp", use_gradient_checkpointing=True)
+    if scenario == "lora":
+        values.update(use_lora=True, use_gradient_checkpointing=True, max_steps=2)
+    if scenario == "fail":
+        values.update(save_strategy="no")
+    values.update(overrides)
+    return tiny_config(folder, model_dir, **values)
+
+
+def single_process_config(folder: Path, model_dir: Path, **overrides) -> TrainingConfig:
+    """The same global batch and data order in one process: batch 4 x accumulation 2."""
+    return distributed_config(folder, model_dir, "single", gradient_accumulation_steps=WORLD_SIZE, **overrides)
