@@ -18,6 +18,7 @@ from torch import nn
 from rlhf_time.data import PreferenceCollator, load_preference_dataset
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import chunked_sequence_logps, create_loss, dpo_implicit_rewards, sequence_logps
+from rlhf_time.trainer import parallel
 from rlhf_time.trainer.sft import SFTrainer
 
 IGNORE_INDEX = -100
@@ -27,18 +28,25 @@ class DPOTrainer(SFTrainer):
     """loss = dpo(policy log-probs, reference log-probs) [+ rpo_alpha * NLL of the chosen reply]."""
 
     def __init__(self, config) -> None:
+        self.reference: Optional[nn.Module] = None  # set by _wrap_for_data_parallel, inside super().__init__
         super().__init__(config)
         self.dpo_loss = create_loss("dpo", beta=config.beta, loss_type=config.dpo_loss_type,
                                     label_smoothing=config.dpo_label_smoothing, reduction="none")
-        self.reference: Optional[nn.Module] = None
         self._precomputed: dict[int, torch.Tensor] = {}  # id(dataset) -> (N, 2) reference log-probs
         if config.precompute_ref_logps:
             # Before any update the policy IS the reference: no copy is made at all.
             for dataset in (self.train_dataset, self.eval_dataset):
                 if dataset is not None:
                     self._precomputed[id(dataset)] = self._reference_logps_of(dataset)
-        elif not config.use_lora:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def _wrap_for_data_parallel(self, model: nn.Module) -> nn.Module:
+        """Copy the reference from the untrained policy before FSDP shards the policy in place; under FSDP the
+        frozen copy is sharded too (each rank holds 1/N of it), under DDP it needs no wrapper (no gradients)."""
+        if not self.config.precompute_ref_logps and not self.config.use_lora:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            if self.dist.enabled and self.config.distributed == "fsdp":
+                parallel.shard_model(self.reference, self.config)
+        return super()._wrap_for_data_parallel(model)
 
     # -------------------------------------------------------------------------------------------- data
     def load_dataset(self, path: str, max_samples: Optional[int]):
@@ -68,7 +76,8 @@ class DPOTrainer(SFTrainer):
         core = getattr(model, "module", model)  # under DDP the head lives on .module
         lm_head = core.get_output_embeddings()
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        if type(lm_head) is nn.Linear:
+        # Under FSDP lm_head's weight is only a shard outside forward: let the model form the logits then.
+        if type(lm_head) is nn.Linear and not parallel.is_fsdp(core):
             hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
             return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias,
                                           chunk_size=self.config.loss_chunk_size)

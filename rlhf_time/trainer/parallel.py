@@ -37,14 +37,15 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def wrap_model(model: nn.Module, config: TrainingConfig, dist: DistributedContext) -> nn.Module:
     """The module the loop trains: DDP around `model` (distributed=auto|ddp) or `model` itself sharded in place (fsdp)."""
     if config.distributed == "fsdp":
-        return _fully_shard(model, config)
+        return shard_model(model, config)
     # Frozen parameters (LoRA, freeze_layers) are skipped by DDP; every trainable one gets a gradient each
     # step, so find_unused_parameters (an extra graph traversal per step) is not needed.
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def _fully_shard(model: nn.Module, config: TrainingConfig) -> nn.Module:
+def shard_model(model: nn.Module, config: TrainingConfig) -> nn.Module:
+    """FSDP2 in place: every decoder layer, then the root."""
     options: dict[str, Any] = {}
     if config.use_amp:  # bf16 compute and all-gathers, fp32 gradient reduction and master weights
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

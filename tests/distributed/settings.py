@@ -5,11 +5,15 @@ The FSDP and LoRA scenarios also use gradient checkpointing, which must not chan
 
 from pathlib import Path
 
+import json
+
 from rlhf_time import TrainingConfig
+from rlhf_time.quickstart_task import make_preference_records
 from tests.trainer.helpers import tiny_config
 
 WORLD_SIZE = 2
 STEPS = 4
+FROZEN_LAYERS = [0, 2]
 # adam_epsilon=1 makes AdamW's update nearly linear in the gradient, so a wrongly weighted micro-batch or rank
 # shows up as a weight difference far above float noise (as in tests/trainer/test_loop_exactness.py). No
 # dropout: each rank draws its own masks, so with dropout N ranks match one process only in distribution.
@@ -25,12 +29,33 @@ def distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides
         values.update(distributed="fsdp", use_gradient_checkpointing=True)
     if scenario == "lora":
         values.update(use_lora=True, use_gradient_checkpointing=True, max_steps=2)
+    if scenario == "fsdp_lora":
+        values.update(distributed="fsdp", use_lora=True, use_gradient_checkpointing=True, max_steps=2)
+    if scenario in ("ddp_freeze", "fsdp_freeze"):
+        values.update(distributed=scenario.split("_")[0], freeze_layers=FROZEN_LAYERS, max_steps=2)
+    if scenario in ("dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp"):
+        stage, strategy = scenario.split("_")
+        values.update(stage=stage, distributed=strategy, max_steps=2, batch_size=2, eval_batch_size=3,
+                      **preference_files(folder))
     if scenario == "fail":
         values.update(save_strategy="no")
     values.update(overrides)
     return tiny_config(folder, model_dir, **values)
 
 
-def single_process_config(folder: Path, model_dir: Path, **overrides) -> TrainingConfig:
-    """The same global batch and data order in one process: batch 4 x accumulation 2."""
-    return distributed_config(folder, model_dir, "single", gradient_accumulation_steps=WORLD_SIZE, **overrides)
+def single_process_config(folder: Path, model_dir: Path, scenario: str = "single", **overrides) -> TrainingConfig:
+    """The same global batch and data order in one process: batch b x accumulation 2 (`scenario`'s settings)."""
+    config = distributed_config(folder, model_dir, scenario, gradient_accumulation_steps=WORLD_SIZE, **overrides)
+    return config.model_copy(update={"distributed": "auto"})
+
+
+def preference_files(folder: Path) -> dict[str, str]:
+    """16 training and 8 eval pairs of the synthetic preference task, written under `folder`."""
+    files = {}
+    for key, count, seed in (("train_file", 16, 10), ("eval_file", 8, 11)):
+        path = folder / "data" / f"{key}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_records(count, seed=seed)),
+                        encoding="utf-8")
+        files[key] = str(path)
+    return files

@@ -17,13 +17,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rlhf_time import SFTrainer, TrainerCallback
+from rlhf_time import DPOTrainer, RewardTrainer, SFTrainer, TrainerCallback
 
-from .settings import STEPS, WORLD_SIZE, single_process_config
+from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, single_process_config
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
-SCENARIOS = ("ddp", "fsdp", "lora", "fsdp_resume")
+SCENARIOS = ("ddp", "fsdp", "lora", "fsdp_resume", "fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp")
 
 
 def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -36,7 +36,7 @@ def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
 def launched(tmp_path_factory, tiny_model_dir) -> Path:
     """One torchrun launch training every scenario in turn (each in OUT/<scenario>/)."""
     out = tmp_path_factory.mktemp("torchrun")
-    result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=240)
+    result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=480)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
@@ -56,8 +56,9 @@ def reference(tmp_path_factory, tiny_model_dir):
     return trainer, spy.losses, trainer.evaluate()
 
 
-def _train_one_process(folder: Path, model_dir: Path, **overrides):
-    trainer = SFTrainer(single_process_config(folder, model_dir, save_strategy="no", **overrides))
+def _train_one_process(folder: Path, model_dir: Path, scenario: str = "single", **overrides):
+    config = single_process_config(folder, model_dir, scenario, save_strategy="no", **overrides)
+    trainer = {"sft": SFTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}[config.stage](config)
     spy = LossSpy()
     trainer.callbacks.append(spy)
     trainer.train()
@@ -142,6 +143,41 @@ def test_lora_under_ddp_matches_one_process(launched, tiny_model_dir, tmp_path):
     lora = {name: p for name, p in loaded.named_parameters() if "lora_" in name}
     assert lora and all(p.abs().sum() > 0 for name, p in lora.items() if "lora_B" in name)  # B starts at zero
     _assert_same_weights(lora, trainer.model)
+
+
+@pytest.mark.parametrize("scenario", ["fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp"])
+def test_lora_frozen_layers_and_preference_stages_match_one_process(launched, tiny_model_dir, tmp_path, scenario):
+    """FSDP with LoRA, DDP/FSDP with frozen layers (gradient checkpointing where set), DPO under FSDP (sharded
+    frozen reference) and the reward model under DDP: the same losses and weights as one process."""
+    trainer, spy = _train_one_process(tmp_path, tiny_model_dir, scenario)
+    run_dir = _run_dir(launched, scenario)
+    assert _train_losses(run_dir) == pytest.approx(spy.losses, rel=1e-5)
+    assert list(spy.losses) == [1, 2]
+    final = run_dir / "final"
+    if scenario == "fsdp_lora":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        loaded = PeftModel.from_pretrained(base, final)
+        _assert_same_weights({n: p for n, p in loaded.named_parameters() if "lora_" in n}, trainer.model)
+        return
+    saved = load_file(final / "model.safetensors")
+    _assert_same_weights(saved, trainer.model)
+    if scenario.endswith("freeze"):
+        initial = load_file(tiny_model_dir / "model.safetensors")
+        frozen = [n for n in saved if any(f".layers.{i}." in n for i in FROZEN_LAYERS)]
+        assert frozen and all(torch.equal(saved[n], initial[n]) for n in frozen)
+        assert not torch.equal(saved["model.layers.1.mlp.down_proj.weight"], initial["model.layers.1.mlp.down_proj.weight"])
+    else:  # evaluation: identical on every rank, equal to one process
+        single = trainer.evaluate()
+        timing = ("runtime", "per_second")  # wall-clock, not a metric
+        per_rank = [{k: v for k, v in json.loads((launched / scenario / f"eval-rank{r}.json").read_text()).items()
+                     if not any(t in k for t in timing)} for r in range(WORLD_SIZE)]
+        assert per_rank[0] == per_rank[1]
+        assert per_rank[0] == pytest.approx({k: v for k, v in single.items() if k in per_rank[0]}, rel=1e-5)
+        assert len(per_rank[0]) >= 5
+        assert "eval_accuracy" in single if scenario.startswith("rm") else "eval_rewards/accuracies" in single
 
 
 def test_cli_nproc_launches_torchrun_with_tensorboard_on_rank_zero(tmp_path, tiny_model_dir):

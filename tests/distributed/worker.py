@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_time import SFTrainer, TrainerCallback
+from rlhf_time import DPOTrainer, RewardTrainer, SFTrainer, TrainerCallback
 from rlhf_time.errors import RlhfTimeError
 from tests.distributed.settings import distributed_config
 
@@ -31,11 +31,11 @@ def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
                                         resume_from_checkpoint=str(checkpoint))
         else:
             config = distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario)
-        trainer = SFTrainer(config)
+        trainer = {"sft": SFTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}[config.stage](config)
         if scenario == "fail":
             trainer.callbacks.append(FailOnRankOne())
         trainer.train()
-        if scenario == "fsdp":  # every rank reports what it computed: early stopping needs them equal
+        if scenario == "fsdp" or scenario.startswith(("dpo", "rm")):  # every rank reports what it computed: early stopping needs them equal
             metrics = trainer.evaluate()
             path = Path(out_dir) / scenario / f"eval-rank{trainer.dist.rank}.json"
             path.write_text(json.dumps(metrics), encoding="utf-8")
