@@ -42,7 +42,7 @@ def init_distributed(device: str | None) -> DistributedContext:
         torch.cuda.set_device(resolved)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
-        # A clean exit on every rank; when one rank fails, torchrun ends the others (see docs/distributed.md).
+        # A clean exit on every rank; when one rank fails, torchrun ends the others (see README, "Multi-GPU and multi-node").
         atexit.register(_destroy_process_group)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=resolved)
 

@@ -1,0 +1,82 @@
+"""Where SFTrainer.train() spends its time: torch.profiler over a short run, grouped by kind of work.
+
+    python bench/profile_loop.py [--model tiny|small] [--steps 8] [--batch-size 8]
+
+Same synthetic data and model builder as bench/run.py (rlhf_time defaults: length-grouped batches, chunked loss).
+Every aten operator's self time is put in one group (matmuls, attention, elementwise/normalisation, optimizer,
+loss, other); "outside torch operators" is the wall time of train() minus all operator time: Python, the data
+pipeline, logging. Prints a markdown table and the 15 most expensive operators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import build_model, make_records, rlhf_time_config  # noqa: E402  (bench/run.py)
+
+GROUPS = {  # first match wins
+    "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
+    "attention kernel": ("scaled_dot_product", "flash_attention"),
+    "optimizer (AdamW, clipping)": ("_foreach", "adam", "Optimizer", "clip_grad", "aten::_fused"),
+    "loss (log-softmax, gather)": ("log_softmax", "logsumexp", "gather", "exp_", "nll"),
+}
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS.items():
+        if any(key in name for key in keys):
+            return group
+    return "elementwise, norms, copies, other"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["tiny", "small"], default="small")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from rlhf_time.trainer.sft import SFTrainer
+
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        records = make_records(args.steps * args.batch_size, seed=0)
+        (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        build_model(args.model, work / "model")
+        trainer = SFTrainer(rlhf_time_config(work, args, name="profile"))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            start = time.perf_counter()
+            trainer.train()
+            wall_us = (time.perf_counter() - start) * 1e6
+
+    events = [e for e in profiler.key_averages() if e.key.startswith("aten::") or "Optimizer" in e.key]
+    by_group: dict[str, float] = defaultdict(float)
+    for event in events:
+        if event.key.startswith("aten::"):
+            by_group[group_of(event.key)] += event.self_cpu_time_total
+    operator_us = sum(by_group.values())
+    by_group["outside torch operators (Python, data, logging)"] = max(wall_us - operator_us, 0.0)
+    print(f"model {args.model}, {args.steps} steps x batch {args.batch_size}, {args.threads} threads, "
+          f"train() wall time {wall_us / 1e6:.1f} s\n")
+    print("| where | seconds | share |\n|---|---:|---:|")
+    for group, us in sorted(by_group.items(), key=lambda kv: -kv[1]):
+        print(f"| {group} | {us / 1e6:.2f} | {us / wall_us * 100:.1f}% |")
+    print("\ntop operators by self time:")
+    top = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:15]
+    for event in top:
+        print(f"  {event.key:55s} {event.self_cpu_time_total / 1e6:7.2f} s  x{event.count}")
+
+
+if __name__ == "__main__":
+    main()
