@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -11,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf_time.data import PackingCollator, PaddingCollator, first_fit_decreasing
 from rlhf_time.trainer.sft import SFTrainer
-from tests.trainer.helpers import tiny_config, weights
+from tests.trainer.helpers import assert_resume_is_exact, tiny_config, weights
 
 
 def _examples(lengths, vocab=200, seed=0):
@@ -101,15 +100,6 @@ def test_one_packed_step_gives_the_same_weights_as_a_padded_step(tmp_path, tiny_
         torch.testing.assert_close(runs[True][name], value, atol=1e-5, rtol=1e-5)
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def _losses(path):
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
-
-
 def test_token_budget_batches_visit_every_example_once_and_resume_exactly(tmp_path, tiny_model_dir):
     """group_by_length + max_tokens_per_batch (+ packing) end to end: budgets hold, an epoch covers every example
     once, and an interrupted run resumed from its checkpoint is bit-identical to an uninterrupted one."""
@@ -124,18 +114,4 @@ def test_token_budget_batches_visit_every_example_once_and_resume_exactly(tmp_pa
     assert len(plan) < 8  # so the run below crosses an epoch boundary
     full.train()
 
-    interrupted = SFTrainer(tiny_config(tmp_path / "resumed", tiny_model_dir, **common))
-
-    def stop_after_four(trainer):
-        if trainer.global_step == 5:
-            raise _Interrupt
-
-    interrupted.callbacks.append(stop_after_four)
-    with pytest.raises(_Interrupt):
-        interrupted.train()
-    resumed = SFTrainer(tiny_config(tmp_path / "resumed", tiny_model_dir, resume_from_checkpoint="latest", **common))
-    resumed.train()
-    for name, value in weights(full.model).items():
-        assert torch.equal(value, weights(resumed.model)[name]), name
-    full_losses, resumed_losses = _losses(full.run_dir / "metrics.jsonl"), _losses(resumed.run_dir / "metrics.jsonl")
-    assert all(resumed_losses[step] == full_losses[step] for step in range(5, 9))
+    assert_resume_is_exact(full, tmp_path, tiny_model_dir, **common)

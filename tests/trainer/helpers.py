@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from rlhf_time import TrainingConfig
+from rlhf_time import SFTrainer, TrainingConfig
 from rlhf_time.quickstart_task import EVAL_FILE, TRAIN_FILE
 
 
@@ -24,3 +26,33 @@ def tiny_config(tmp_path: Path, model_dir: Path, **overrides) -> TrainingConfig:
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def train_losses(metrics_path: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def assert_resume_is_exact(full: SFTrainer, tmp_path: Path, model_dir: Path, **settings) -> None:
+    """`full` has trained `settings` (max_steps=8, checkpoint at 4) uninterrupted; the same run stopped after step 4
+    and resumed from its latest checkpoint must reach bit-identical weights and the same losses for steps 5-8."""
+    interrupted = SFTrainer(tiny_config(tmp_path / "resumed", model_dir, **settings))
+
+    def stop_after_four(trainer):
+        if trainer.global_step == 5:  # step 5 is never checkpointed: the resume starts from step 4
+            raise _Interrupt
+
+    interrupted.callbacks.append(stop_after_four)
+    with pytest.raises(_Interrupt):
+        interrupted.train()
+    resumed = SFTrainer(tiny_config(tmp_path / "resumed", model_dir, resume_from_checkpoint="latest", **settings))
+    resumed.train()
+    expected, got = weights(full.model), weights(resumed.model)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    full_losses, resumed_losses = train_losses(full.run_dir / "metrics.jsonl"), train_losses(resumed.run_dir / "metrics.jsonl")
+    assert all(resumed_losses[step] == full_losses[step] for step in range(5, 9))

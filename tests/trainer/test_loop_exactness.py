@@ -1,6 +1,5 @@
 """The loop's exactness: accumulation invariance, schedules, eval loss, resume, early stopping."""
 
-import json
 import math
 
 import pytest
@@ -10,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_time import SFTrainer, TrainingConfig
 from rlhf_time.data import PaddingCollator
 
-from .helpers import tiny_config, weights
+from .helpers import assert_resume_is_exact, tiny_config, weights
 
 
 def test_gradient_accumulation_is_exact(tmp_path, tiny_model_dir):
@@ -78,15 +77,6 @@ def test_eval_loss_equals_token_weighted_model_loss(tmp_path, tiny_model_dir):
     assert metrics["eval_token_accuracy"] == pytest.approx(correct / total_tokens)
 
 
-def _losses(metrics_path):
-    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    return {row["step"]: row["train/loss"] for row in lines if "train/loss" in row}
-
-
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_model_dir, use_lora):
     """Stop after step 4 (checkpoint at 4), resume: same losses and bit-identical weights as never stopping.
@@ -98,26 +88,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, tiny_model_di
                   logging_steps=1, use_lora=use_lora, lora_dropout=0.1, num_train_epochs=3)
     full = SFTrainer(tiny_config(tmp_path / "full", tiny_model_dir, **common))
     full.train()
-
-    interrupted = SFTrainer(tiny_config(tmp_path / "resumed", tiny_model_dir, **common))
-
-    def stop_after_four(trainer):
-        if trainer.global_step == 5:
-            raise _Interrupt
-
-    interrupted.callbacks.append(stop_after_four)
-    with pytest.raises(_Interrupt):
-        interrupted.train()
-    resumed = SFTrainer(tiny_config(tmp_path / "resumed", tiny_model_dir, resume_from_checkpoint="latest", **common))
-    resumed.train()
-
-    expected, got = weights(full.model), weights(resumed.model)
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
-    full_losses = _losses(full.run_dir / "metrics.jsonl")
-    resumed_losses = _losses(resumed.run_dir / "metrics.jsonl")
-    for step in range(5, 9):
-        assert resumed_losses[step] == full_losses[step]
+    assert_resume_is_exact(full, tmp_path, tiny_model_dir, **common)
 
 
 def test_load_from_checkpoint_continues_from_the_saved_step(tmp_path, tiny_model_dir):
