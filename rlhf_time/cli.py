@@ -95,22 +95,14 @@ def _train(args: argparse.Namespace) -> int:
 
         run_quickstart(args.overrides)
         return 0
-    config = TrainingConfig.from_yaml(args.config, args.overrides)
-    trainer = _trainer_for(config)
+    config = TrainingConfig.from_yaml(args.config, args.overrides)  # bad configs fail before torch is imported
+    from rlhf_time.trainer import trainer_for
+
+    trainer = trainer_for(config)
     results = trainer.train()
     if trainer.dist.is_main:
         print(json.dumps(results, indent=2, ensure_ascii=False, default=str))
     return 0
-
-
-def _trainer_for(config):
-    from rlhf_time import trainer as stages
-
-    by_stage = {"sft": "SFTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer"}
-    if config.stage not in by_stage or not hasattr(stages, by_stage[config.stage]):
-        raise RlhfTimeError(f"stage {config.stage!r} has no trainer yet; available: "
-                            f"{', '.join(s for s, n in by_stage.items() if hasattr(stages, n))}")
-    return getattr(stages, by_stage[config.stage])(config)
 
 
 def _exec_torchrun(args: argparse.Namespace) -> int:
@@ -122,13 +114,14 @@ def _exec_torchrun(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from rlhf_time.config import TrainingConfig
+    from rlhf_time.trainer import trainer_for
 
     config = TrainingConfig.from_yaml(args.config, args.overrides)
     if not config.eval_file:
         raise RlhfTimeError(f"{args.config}: eval needs eval_file")
     config.train_file = None
     config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
-    print(json.dumps(_trainer_for(config).evaluate(), indent=2))
+    print(json.dumps(trainer_for(config).evaluate(), indent=2))
     return 0
 
 

@@ -44,9 +44,10 @@ class DPOTrainer(SFTrainer):
         frozen copy is sharded too (each rank holds 1/N of it), under DDP it needs no wrapper (no gradients)."""
         if not self.config.precompute_ref_logps and not self.config.use_lora:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-            if self.dist.enabled and self.config.distributed == "fsdp":
-                parallel.shard_model(self.reference, self.config)
-        return super()._wrap_for_data_parallel(model)
+        wrapped = super()._wrap_for_data_parallel(model)
+        if self.reference is not None and parallel.is_fsdp(wrapped):
+            parallel.shard_model(self.reference, self.config)
+        return wrapped
 
     # -------------------------------------------------------------------------------------------- data
     def load_dataset(self, path: str, max_samples: Optional[int]):
@@ -76,8 +77,8 @@ class DPOTrainer(SFTrainer):
         core = getattr(model, "module", model)  # under DDP the head lives on .module
         lm_head = core.get_output_embeddings()
         inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        # Under FSDP lm_head's weight is only a shard outside forward: let the model form the logits then.
-        if type(lm_head) is nn.Linear and not parallel.is_fsdp(core):
+        # The reference is sharded exactly when the policy is, so the policy's answer holds for both.
+        if type(lm_head) is nn.Linear and self.lm_head_outside_forward_ok:
             hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
             return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias,
                                           chunk_size=self.config.loss_chunk_size)

@@ -24,7 +24,7 @@ def build_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.Ada
     groups = [g for g in groups if g["params"]]
     # The fused kernel does the whole update in one pass per tensor; on CPU the default is otherwise the
     # per-parameter loop of ~10 small ops each (about 5% of a step on a 25M model, bench/profile_loop.py).
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.AdamW(
         groups,
         lr=config.learning_rate,

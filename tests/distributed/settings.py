@@ -3,9 +3,8 @@
 The FSDP and LoRA scenarios also use gradient checkpointing, which must not change the result.
 """
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 from rlhf_time import TrainingConfig
 from rlhf_time.quickstart_task import make_preference_records

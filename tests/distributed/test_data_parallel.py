@@ -17,7 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rlhf_time import DPOTrainer, RewardTrainer, SFTrainer, TrainerCallback
+from rlhf_time import TrainerCallback
+from rlhf_time.trainer import trainer_for
+from tests.trainer.helpers import train_losses
 
 from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, single_process_config
 
@@ -58,7 +60,7 @@ def reference(tmp_path_factory, tiny_model_dir):
 
 def _train_one_process(folder: Path, model_dir: Path, scenario: str = "single", **overrides):
     config = single_process_config(folder, model_dir, scenario, save_strategy="no", **overrides)
-    trainer = {"sft": SFTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}[config.stage](config)
+    trainer = trainer_for(config)
     spy = LossSpy()
     trainer.callbacks.append(spy)
     trainer.train()
@@ -67,11 +69,6 @@ def _train_one_process(folder: Path, model_dir: Path, scenario: str = "single", 
 
 def _run_dir(out: Path, scenario: str) -> Path:
     return out / scenario / "outputs" / "run"
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {line["step"]: line["train/loss"] for line in lines if "train/loss" in line}
 
 
 def _assert_same_weights(saved: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
@@ -85,7 +82,7 @@ def _assert_same_weights(saved: dict[str, torch.Tensor], model: torch.nn.Module)
 def test_two_ranks_reach_the_one_process_weights(launched, reference, scenario):
     trainer, losses, _ = reference
     run_dir = _run_dir(launched, scenario)
-    assert _train_losses(run_dir) == pytest.approx(losses, rel=1e-5)
+    assert train_losses(run_dir / "metrics.jsonl") == pytest.approx(losses, rel=1e-5)
     # final/ is one standard HF folder with the full (for FSDP: gathered) weights.
     _assert_same_weights(load_file(run_dir / "final" / "model.safetensors"), trainer.model)
 
@@ -114,7 +111,7 @@ def test_fsdp_checkpoint_resumes_under_fsdp(launched, reference):
     """Full weights and optimizer state scattered back into the shards: steps 3-4 as in the uninterrupted run."""
     trainer, losses, _ = reference
     run_dir = _run_dir(launched, "fsdp_resume")
-    assert _train_losses(run_dir) == pytest.approx({step: losses[step] for step in (3, 4)}, rel=1e-5)
+    assert train_losses(run_dir / "metrics.jsonl") == pytest.approx({step: losses[step] for step in (3, 4)}, rel=1e-5)
     _assert_same_weights(load_file(run_dir / "final" / "model.safetensors"), trainer.model)
 
 
@@ -147,11 +144,11 @@ def test_lora_under_ddp_matches_one_process(launched, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("scenario", ["fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp"])
 def test_lora_frozen_layers_and_preference_stages_match_one_process(launched, tiny_model_dir, tmp_path, scenario):
-    """FSDP with LoRA, DDP/FSDP with frozen layers (gradient checkpointing where set), DPO under FSDP (sharded
-    frozen reference) and the reward model under DDP: the same losses and weights as one process."""
+    """FSDP with LoRA, DDP/FSDP with frozen layers (gradient checkpointing where set), DPO (under FSDP with a
+    sharded frozen reference) and the reward model under DDP and FSDP: the same losses and weights as one process."""
     trainer, spy = _train_one_process(tmp_path, tiny_model_dir, scenario)
     run_dir = _run_dir(launched, scenario)
-    assert _train_losses(run_dir) == pytest.approx(spy.losses, rel=1e-5)
+    assert train_losses(run_dir / "metrics.jsonl") == pytest.approx(spy.losses, rel=1e-5)
     assert list(spy.losses) == [1, 2]
     final = run_dir / "final"
     if scenario == "fsdp_lora":

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_time import DPOTrainer, RewardTrainer, SFTrainer, TrainerCallback
+from rlhf_time import TrainerCallback
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.trainer import trainer_for
 from tests.distributed.settings import distributed_config
 
 torch.set_num_threads(1)
@@ -31,11 +32,12 @@ def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
                                         resume_from_checkpoint=str(checkpoint))
         else:
             config = distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario)
-        trainer = {"sft": SFTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}[config.stage](config)
+        trainer = trainer_for(config)
         if scenario == "fail":
             trainer.callbacks.append(FailOnRankOne())
         trainer.train()
-        if scenario == "fsdp" or scenario.startswith(("dpo", "rm")):  # every rank reports what it computed: early stopping needs them equal
+        # every rank reports what it computed: early stopping needs the metrics equal on all ranks
+        if scenario == "fsdp" or scenario.startswith(("dpo", "rm")):
             metrics = trainer.evaluate()
             path = Path(out_dir) / scenario / f"eval-rank{trainer.dist.rank}.json"
             path.write_text(json.dumps(metrics), encoding="utf-8")
