@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _exec_torchrun(args)
     if args.config is None:
-        from rlhf_time.quickstart_task import run_quickstart
+        from rlhf_time.quickstart import run_quickstart
 
         run_quickstart(args.overrides)
         return 0
@@ -121,35 +121,25 @@ def _eval(args: argparse.Namespace) -> int:
         raise RlhfTimeError(f"{args.config}: eval needs eval_file")
     config.train_file = None
     config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
+    if config.stage == "dpo" and not config.ref_model:
+        # A trained DPO model is not its own reference: use the model its training started from.
+        from rlhf_time.inference import saved_config
+
+        started_from = saved_config(config.model_name).get("model_name")
+        if started_from and started_from != config.model_name:
+            config.ref_model = started_from
+            print(f"reference model: {started_from} (the model {config.model_name} was trained from)", file=sys.stderr)
     print(json.dumps(trainer_for(config).evaluate(), indent=2))
     return 0
-
-
-def _inference_trainer(model: str, overrides: list[str]):
-    from rlhf_time.config import TrainingConfig, parse_overrides
-    from rlhf_time.trainer import SFTrainer
-
-    values = {}
-    saved = Path(model) / "rlhf_time_config.yaml"
-    if saved.is_file():  # keep the templates and generation settings the model was trained with
-        import yaml
-
-        stored = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        keep = ("prompt_template", "response_template", "system_prompt", "model_type", "max_seq_length",
-                "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "trust_remote_code")
-        values = {k: stored[k] for k in keep if k in stored}
-    values.update(parse_overrides(overrides))
-    values.update(model_name=model, train_file=None, eval_file=None, use_lora=False, freeze_layers=None,
-                  report_to="none")
-    return SFTrainer(TrainingConfig(**values))
 
 
 def _predict(args: argparse.Namespace) -> int:
     from rlhf_time.data import read_prompts
 
+    from rlhf_time.inference import InferenceModel
+
     prompts = read_prompts(args.input)
-    trainer = _inference_trainer(args.model, args.overrides)
-    answers = trainer.predict(prompts)
+    answers = InferenceModel.load(args.model, args.overrides).predict(prompts)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
         for prompt, answer in zip(prompts, answers):
@@ -159,7 +149,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    trainer = _inference_trainer(args.model, args.overrides)
+    from rlhf_time.inference import InferenceModel
+
+    model = InferenceModel.load(args.model, args.overrides)
     history: list[dict[str, str]] = []
     print("rlhf-time chat: empty line or /exit quits, /reset clears the conversation", file=sys.stderr)
     while True:
@@ -173,7 +165,7 @@ def _chat(args: argparse.Namespace) -> int:
             history = []
             continue
         history.append({"role": "user", "content": line})
-        reply = trainer.chat(history)
+        reply = model.chat(history)
         history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", flush=True)
     return 0
@@ -188,7 +180,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from rlhf_time.trainer.reward import score_file
+    from rlhf_time.inference import score_file
 
     score_file(args.model, args.input, args.output)
     return 0

@@ -15,9 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.stages import STAGE_TRAINERS
 
 MODEL_TYPES = ("Qwen", "Llama")
-STAGES = ("sft", "rm", "dpo", "ppo", "kd")
 DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference")
 TINY_MODEL_NAME = "tiny"
 
@@ -38,7 +38,7 @@ class TrainingConfig(BaseModel):
     # --- run -----------------------------------------------------------------------------------------
     experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name.")
     output_dir: str = _f("outputs", "Folder that holds one sub-folder per experiment.")
-    stage: Literal["sft", "rm", "dpo", "ppo", "kd"] = _f("sft", "Training stage: sft, rm (reward model), dpo, ppo, kd.")
+    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo, kd (distillation); see rlhf_time.stages.")
     seed: int = _f(42, "Seed for weights init of new heads, data order and dropout.")
     device: Optional[str] = _f(None, "cuda, cuda:N or cpu; None picks cuda when available, else cpu.")
 
@@ -121,8 +121,22 @@ class TrainingConfig(BaseModel):
     dpo_label_smoothing: float = _f(0.0, "Conservative-DPO label smoothing epsilon.", ge=0, lt=0.5)
     rpo_alpha: Optional[float] = _f(None, "Weight of an SFT (NLL) term on the chosen response; None disables.", ge=0)
     precompute_ref_logps: bool = _f(False, "DPO: compute reference log-probs once before training.")
+    ref_model: Optional[str] = _f(None, "DPO: folder or hub id of the reference policy; None = the initial policy (a frozen "
+                                        "copy, or the model with its LoRA adapters disabled).")
     reward_margin: float = _f(0.0, "RM: margin m in -log sigmoid(r_c - r_r - m) (per-pair 'margin' overrides).")
     reward_centering: Optional[float] = _f(None, "RM: weight of the centering term mean((r_c + r_r)^2); None disables.", ge=0)
+
+    # --- knowledge distillation (kd) ------------------------------------------------------------------
+    teacher_model: Optional[str] = _f(None, "KD: the teacher (local folder or hub id); it must share the student's vocabulary.")
+    teacher_adapter: Optional[str] = _f(None, "KD: a LoRA adapter folder applied to the teacher (merged at load).")
+    kd_alpha: float = _f(0.5, "KD: loss = kd_alpha * CE(data) + (1 - kd_alpha) * KD(teacher, student).", ge=0, le=1)
+    kd_temperature: float = _f(1.0, "KD: softmax temperature tau of both models (the KD term is scaled by tau^2).", gt=0)
+    kd_loss_type: Literal["forward", "reverse", "jsd"] = _f(
+        "forward", "KD: forward KL(teacher||student), reverse KL(student||teacher) or jsd (generalised JSD, kd_beta).")
+    kd_beta: float = _f(0.5, "KD: JSD mixture weight beta in (0, 1); M = beta p_teacher + (1 - beta) p_student.", gt=0, lt=1)
+    kd_on_policy_ratio: float = _f(
+        0.0, "KD: share of steps trained on the student's own sampled replies, scored by the teacher (GKD lambda).",
+        ge=0, le=1)
 
     # --- generation ----------------------------------------------------------------------------------
     max_new_tokens: int = _f(512, "Default number of new tokens for predict/chat.", gt=0)
@@ -141,6 +155,13 @@ class TrainingConfig(BaseModel):
             if value.lower() == name.lower():
                 return name
         raise ValueError(f"unknown model_type {value!r}; allowed: {', '.join(MODEL_TYPES)} (case-insensitive)")
+
+    @field_validator("stage")
+    @classmethod
+    def _known_stage(cls, value: str) -> str:
+        if value not in STAGE_TRAINERS:
+            raise ValueError(f"unknown stage {value!r}; available: {', '.join(STAGE_TRAINERS)}")
+        return value
 
     @field_validator("prompt_template")
     @classmethod
@@ -169,6 +190,10 @@ class TrainingConfig(BaseModel):
             raise ValueError("use_lora and freeze_layers cannot be combined: LoRA already freezes the base model")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("lora_target_modules: give at least one module name, or null for the family default")
+        if self.stage == "kd" and not self.teacher_model:
+            raise ValueError("stage kd needs teacher_model (a folder or hub id of the teacher)")
+        if self.kd_on_policy_ratio and self.packing:
+            raise ValueError("kd_on_policy_ratio > 0 samples replies into padded batches: set packing=false")
         return self
 
     # --- construction with clear errors --------------------------------------------------------------

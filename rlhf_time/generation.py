@@ -7,36 +7,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from rlhf_time.data.tokenize import ConversationEncoder
+
 
 def render_generation_prompt(tokenizer, messages: list[dict[str, str]], *, prompt_template: Optional[str] = None,
                              response_template: Optional[str] = None, system_prompt: Optional[str] = None) -> str:
-    """The text the model continues: the same layout as training, ending where the assistant's answer starts."""
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    if not (prompt_template or response_template):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        bos = _bos_if_expected(tokenizer)
-        return text if text.startswith(bos) else bos + text  # as the training data had it
-    prompt_template = prompt_template or "{prompt}"
-    response_template = response_template or "{response}"
-    parts = []
-    for message in messages:
-        if message["role"] == "system":
-            parts.append(message["content"] + "\n")
-        elif message["role"] == "user":
-            parts.append(prompt_template.replace("{prompt}", message["content"]))
-        else:
-            parts.append(response_template.replace("{response}", message["content"]) + tokenizer.eos_token)
-    parts.append(response_template.split("{response}")[0])
-    return _bos_if_expected(tokenizer) + "".join(parts)
-
-
-def _bos_if_expected(tokenizer) -> str:
-    """Tokenizers that add a BOS themselves (Llama) get it once here, as the training data had it."""
-    bos_id = tokenizer.bos_token_id
-    if bos_id is None:
-        return ""
-    return tokenizer.bos_token if tokenizer("a").input_ids[:1] == [bos_id] else ""
+    """The text the model continues: the training layout, ending where the assistant's answer starts."""
+    encoder = ConversationEncoder(tokenizer, prompt_template=prompt_template, response_template=response_template,
+                                  system_prompt=system_prompt)
+    return encoder.generation_prompt(messages)
 
 
 @torch.no_grad()
@@ -65,3 +44,31 @@ def generate(model: nn.Module, tokenizer, texts: list[str], *, max_new_tokens: i
         tokenizer.padding_side = side
         model.train(was_training)
     return [text.strip() for text in outputs]
+
+
+@torch.no_grad()
+def sample_completions(model: nn.Module, prompts: list[list[int]], *, pad_token_id: int, stop_token_ids: list[int],
+                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                       synced_gpus: bool = False) -> list[list[int]]:
+    """Sampled continuations of tokenised prompts (one batch, left-padded, KV cache), each cut just after its first
+    stop token (kept: it is trained as the end of the turn) or at max_new_tokens.
+
+    synced_gpus: keep every rank stepping until all are done (FSDP ranks must run the same forwards).
+    """
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   eos_token_id=stop_token_ids, pad_token_id=pad_token_id, synced_gpus=synced_gpus)
+    finally:
+        model.train(was_training)
+    completions = []
+    for row in generated[:, width:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in stop_token_ids), len(row))
+        completions.append(row[:end])
+    return completions

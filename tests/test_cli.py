@@ -73,7 +73,7 @@ def test_help_for_each_command():
 
 
 def test_train_predict_eval_export_end_to_end(tmp_path, tiny_model_dir, capsys):
-    from rlhf_time.quickstart_task import EVAL_FILE, TRAIN_FILE
+    from rlhf_time.data.quickstart import EVAL_FILE, TRAIN_FILE
 
     config = _config(tmp_path, tiny_model_dir, train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE),
                      max_train_samples=16, max_eval_samples=8, use_lora=True, lora_target_modules=None,

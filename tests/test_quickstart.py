@@ -1,6 +1,6 @@
 """The README's first command: the embedded default visibly learns the bundled task."""
 
-from rlhf_time.quickstart_task import run_quickstart
+from rlhf_time.quickstart import run_quickstart
 
 
 def test_quickstart_learns(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Data: readers (jsonl/json/csv), record formats, tokenisation with loss masks, caching, collators, batching."""
 
 from rlhf_time.data.collate import PaddingCollator, PreferenceCollator
-from rlhf_time.data.dataset import (DataStats, PreferenceDataset, TokenizedDataset, load_preference_dataset,
-                                    load_sft_dataset, read_prompts, validate_data_file)
+from rlhf_time.data.dataset import (DATA_KINDS, DataStats, PreferenceDataset, TokenizedDataset, load_dataset_of_kind,
+                                    load_preference_dataset, load_sft_dataset, read_prompts, validate_data_file)
 from rlhf_time.data.formats import PreferencePair, detect_format, to_messages, to_preference
 from rlhf_time.data.packing import PackingCollator, block_causal_mask, first_fit_decreasing
 from rlhf_time.data.readers import Record, read_records
@@ -11,7 +11,7 @@ from rlhf_time.data.tokenize import ConversationEncoder, tokenize_preference_pai
 
 __all__ = [
     "PaddingCollator", "PackingCollator", "block_causal_mask", "first_fit_decreasing", "PreferenceCollator",
-    "DataStats", "PreferenceDataset", "TokenizedDataset",
+    "DATA_KINDS", "DataStats", "PreferenceDataset", "TokenizedDataset", "load_dataset_of_kind",
     "load_preference_dataset", "load_sft_dataset", "read_prompts", "validate_data_file", "PreferencePair",
     "detect_format", "to_messages", "to_preference", "Record", "read_records", "plan_batches", "shard_batches",
     "ConversationEncoder", "tokenize_preference_pair", "tokenize_preference_pairs",

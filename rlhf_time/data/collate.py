@@ -6,9 +6,8 @@ from typing import Any, Optional
 
 import torch
 
+from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.errors import RlhfTimeError
-
-IGNORE_INDEX = -100
 
 
 def _pad(rows: list[list[int]], value: int, length: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ from rlhf_time.data.tokenize import (IGNORE_INDEX, ConversationEncoder, has_targ
 from rlhf_time.errors import RlhfTimeError
 
 CACHE_VERSION = "3"  # bump when the tokenised result of the same inputs changes
-PREFERENCE_STAGES = ("rm", "dpo")
 
 
 @dataclass
@@ -79,11 +78,15 @@ class PreferenceDataset(TokenizedDataset):
 
 
 # ----------------------------------------------------------------------------------------- entry points
-def validate_data_file(path: str | Path, config) -> list[Record]:
-    """Read and check every record (no tokenizer needed) so bad data fails before a model is loaded."""
+def validate_data_file(path: str | Path, config, kind: str = "conversation") -> list[Record]:
+    """Read and check every record (no tokenizer needed) so bad data fails before a model is loaded.
+
+    kind: the data kind the stage trains on (its trainer's `data_kind`): "conversation" or "preference".
+    """
+    _check_kind(kind)
     records = read_records(path)
     fmt = detect_format(records[0], config.data_format)
-    wants_pairs = config.stage in PREFERENCE_STAGES
+    wants_pairs = kind == "preference"
     if wants_pairs != (fmt == "preference"):
         need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
         raise RlhfTimeError(f"{records[0].location}: stage {config.stage!r} needs {need}; this file has "
@@ -120,6 +123,18 @@ def load_preference_dataset(path, tokenizer, config, *, cache_dir=None,
                             max_samples: Optional[int] = None) -> PreferenceDataset:
     """Tokenised preference pairs (cached as load_sft_dataset is); only the chosen/rejected reply is a target."""
     return _load(path, tokenizer, config, cache_dir, max_samples, PreferenceDataset, _build_preference)
+
+
+def load_dataset_of_kind(kind: str, path, tokenizer, config, *, cache_dir=None,
+                         max_samples: Optional[int] = None) -> TokenizedDataset:
+    """The tokenised data set of a stage's data kind ("conversation" or "preference")."""
+    _check_kind(kind)
+    return DATA_KINDS[kind](path, tokenizer, config, cache_dir=cache_dir, max_samples=max_samples)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in DATA_KINDS:
+        raise RlhfTimeError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -197,6 +212,13 @@ def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[T
     if cache_file is not None:
         _write_cache(cache_file, columns, stats)
     return dataset_class(columns, stats)
+
+
+# The loader of each data kind a stage can declare.
+DATA_KINDS: dict[str, Callable[..., TokenizedDataset]] = {
+    "conversation": load_sft_dataset,
+    "preference": load_preference_dataset,
+}
 
 
 # ------------------------------------------------------------------------------------------------- cache

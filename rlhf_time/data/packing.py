@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-IGNORE_INDEX = -100
+from rlhf_time.constants import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

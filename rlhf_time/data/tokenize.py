@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.errors import RlhfTimeError
 
 if TYPE_CHECKING:
     from rlhf_time.data.formats import PreferencePair
 
-IGNORE_INDEX = -100
 # Tried in this order after tokenizer.eos_token; the first one present in an assistant span closes the target.
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>")
 Segments = list[tuple[str, bool]]  # (text, is_target)
@@ -48,8 +48,7 @@ class ConversationEncoder:
 
         last_turn_only: only the final assistant turn is a target (preference pairs: earlier turns are prompt).
         """
-        if self.system_prompt and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        messages = self._with_system_prompt(messages)
         if self.use_templates:
             segments = self._template_segments(messages)
         else:
@@ -67,8 +66,22 @@ class ConversationEncoder:
                 merged.append((text, is_target))
         return merged
 
+    def generation_prompt(self, messages: list[dict[str, str]], location: str = "") -> str:
+        """The text a model continues to answer `messages`: the training layout up to where the reply starts."""
+        messages = self._with_system_prompt(messages)
+        if self.use_templates:
+            before_response = self.response_template.split("{response}", 1)[0]
+            return "".join(text for text, _ in self._template_segments(messages)) + before_response
+        text = self._render(messages, location, add_generation_prompt=True)
+        return text if text.startswith(self.bos_text) else self.bos_text + text  # as the training rows have it
+
+    def _with_system_prompt(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
+
     def _template_segments(self, messages) -> Segments:
-        """Same layout as generation.render_generation_prompt, with each response + EOS as the target."""
+        """The template layout: each response + EOS is the target (generation_prompt ends before a response)."""
         segments: Segments = [(self.bos_text, False)]
         before, after = self.response_template.split("{response}", 1)
         for message in messages:

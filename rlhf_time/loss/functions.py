@@ -6,7 +6,6 @@ function shifts (logits[:, :-1] predict labels[:, 1:]); positions labelled `igno
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -115,28 +114,37 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
             temperature: float = 1.0, kind: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
             reduction: str = "mean") -> torch.Tensor:
-    """Knowledge distillation (Hinton et al. 2015; reverse KL: Gu et al. 2024, MiniLLM; JSD: Agarwal et al. 2024, GKD).
+    """Knowledge distillation (Hinton et al. 2015) over the positions whose label is not ignored: the divergence
+    of kd_divergence (below) between the models' next-token distributions, (B, T, V) logits each."""
+    student, _, mask = _shift(student_logits, labels, ignore_index)  # (B, T-1, V)
+    teacher = teacher_logits[:, :-1]  # (B, T-1, V)
+    per_token = kd_divergence(student, teacher, temperature=temperature, kind=kind, beta=beta)  # (B, T-1)
+    return reduce(per_token, mask, reduction)
 
-    p = softmax(logits / tau), per counted position:
-    forward_kl: tau^2 KL(p_T || p_S);  reverse_kl: tau^2 KL(p_S || p_T);
-    jsd: tau^2 [beta KL(p_T || M) + (1 - beta) KL(p_S || M)],  M = beta p_T + (1 - beta) p_S
+
+def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 1.0,
+                  kind: str = "forward_kl", beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence of two next-token distributions, (..., V) logits -> (...), in float32.
+
+    p = softmax(logits / tau):
+    forward_kl: tau^2 KL(p_T || p_S)   (Hinton et al. 2015)
+    reverse_kl: tau^2 KL(p_S || p_T)   (Gu et al. 2024, MiniLLM)
+    jsd:        tau^2 [beta KL(p_T || M) + (1 - beta) KL(p_S || M)],  M = beta p_T + (1 - beta) p_S
+                (generalised JSD, Agarwal et al. 2024, GKD)
+    The tau^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
     """
     check_choice("kind", kind, KD_KINDS)
-    student, _, mask = _shift(student_logits, labels, ignore_index)  # (B, T-1, V)
-    teacher = teacher_logits[:, :-1].float()  # (B, T-1, V)
-    log_s = F.log_softmax(student / temperature, dim=-1)
-    log_t = F.log_softmax(teacher / temperature, dim=-1)
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "forward_kl":
-        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, T-1)
+        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
     elif kind == "reverse_kl":
         per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
-    else:  # jsd; log M = logaddexp(log beta + log p_T, log(1 - beta) + log p_S) stays finite where p underflows
-        log_m = torch.logaddexp(log_t + _log_or_minus_inf(beta), log_s + _log_or_minus_inf(1 - beta))
-        kl_t = (log_t.exp() * (log_t - log_m)).sum(-1)
-        kl_s = (log_s.exp() * (log_s - log_m)).sum(-1)
+    else:  # jsd
+        # log p_T - log M = -log1p((1 - beta) expm1(log p_S - log p_T)), and symmetrically for the student: exact
+        # where the two distributions are close, where log p - log M would cancel to rounding noise. Ratios are
+        # capped at e^80: beyond it the weighting probability is below e^-80 of the other's.
+        kl_t = -(log_t.exp() * torch.log1p((1 - beta) * torch.expm1((log_s - log_t).clamp(max=80)))).sum(-1)
+        kl_s = -(log_s.exp() * torch.log1p(beta * torch.expm1((log_t - log_s).clamp(max=80)))).sum(-1)
         per_token = beta * kl_t + (1 - beta) * kl_s
-    return reduce(per_token * temperature**2, mask, reduction)  # (B, T-1) before reduction
-
-
-def _log_or_minus_inf(x: float) -> float:
-    return math.log(x) if x > 0 else -math.inf
+    return per_token * temperature**2

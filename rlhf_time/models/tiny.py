@@ -16,17 +16,10 @@ from pathlib import Path
 
 import torch
 
+from rlhf_time.models.families import QWEN_CHAT_TEMPLATE
+
 TOKENIZER_DIR = Path(__file__).parent / "tiny_tokenizer"
 PAD_TOKEN, BOS_TOKEN, END_OF_TURN_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-
-# ChatML, as Qwen uses it, without the reasoning blocks. `{% generation %}` marks are not used: rlhf_time
-# finds assistant spans itself (see rlhf_time.data.tokenize).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 TINY_MODEL_CONFIG = dict(
     hidden_size=192,
@@ -46,7 +39,7 @@ def train_tiny_tokenizer(vocab_size: int = 2048) -> None:
     """Retrain the shipped tokenizer (deterministic) from the quickstart task and a small bilingual corpus."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from rlhf_time.quickstart_task import make_records
+    from rlhf_time.data.quickstart import make_records
 
     corpus = [r["prompt"] + r["response"] for r in make_records(3000, seed=7)]
     corpus += _BILINGUAL_CORPUS.split("\n") * 4
@@ -84,7 +77,7 @@ def load_tiny_tokenizer():
         additional_special_tokens=[BOS_TOKEN],
         model_max_length=TINY_MODEL_CONFIG["max_position_embeddings"],
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE  # ChatML, without Qwen3's reasoning blocks
     return tokenizer
 
 

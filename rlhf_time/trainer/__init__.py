@@ -1,20 +1,29 @@
-"""The shared training loop and one small module per stage."""
+"""The shared training loop and one small module per stage (rlhf_time.stages lists them)."""
+
+import importlib
 
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.stages import STAGE_TRAINERS
+from rlhf_time.trainer.auxiliary import AuxiliaryModel
 from rlhf_time.trainer.callbacks import TrainerCallback
 from rlhf_time.trainer.loop import Trainer
-from rlhf_time.trainer.dpo import DPOTrainer
-from rlhf_time.trainer.reward import RewardTrainer
-from rlhf_time.trainer.sft import SFTrainer
 
-TRAINERS = {"sft": SFTrainer, "rm": RewardTrainer, "dpo": DPOTrainer}
+
+def _import(target: str) -> type[Trainer]:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+TRAINERS: dict[str, type[Trainer]] = {stage: _import(target) for stage, target in STAGE_TRAINERS.items()}
+SFTrainer, RewardTrainer, DPOTrainer, KDTrainer = (TRAINERS[s] for s in ("sft", "rm", "dpo", "kd"))
 
 
 def trainer_for(config) -> Trainer:
     """The trainer of `config.stage`, built from `config`."""
     if config.stage not in TRAINERS:
-        raise RlhfTimeError(f"stage {config.stage!r} has no trainer yet; available: {', '.join(TRAINERS)}")
+        raise RlhfTimeError(f"stage {config.stage!r} has no trainer; available: {', '.join(TRAINERS)}")
     return TRAINERS[config.stage](config)
 
 
-__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "TrainerCallback", "TRAINERS", "trainer_for"]
+__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "TrainerCallback", "AuxiliaryModel",
+           "TRAINERS", "trainer_for"]

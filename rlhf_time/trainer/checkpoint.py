@@ -18,6 +18,7 @@ from rlhf_time.errors import RlhfTimeError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+STAGE_STATE_FILE = "stage_state.pt"
 
 
 def save_checkpoint(
@@ -30,6 +31,7 @@ def save_checkpoint(
     scaler: Any,
     trainer_state: dict[str, Any],
     config_yaml: str,
+    stage_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write everything needed to resume into `folder`, via a temp folder renamed at the end."""
     with atomic_directory(folder) as staging:
@@ -43,6 +45,8 @@ def save_checkpoint(
         state = {**trainer_state, "python_rng": _python_rng_state()}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        if stage_state is not None:  # a stage's own trained state (e.g. a critic and its optimizer)
+            torch.save(stage_state, staging / STAGE_STATE_FILE)
     return folder
 
 
@@ -58,6 +62,12 @@ def load_optimizer_states(folder: Path, optimizer, scheduler, scaler) -> None:
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     if scaler is not None and (folder / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+
+
+def load_stage_state(folder: Path) -> dict[str, Any] | None:
+    """What the stage saved with the checkpoint (tensors and plain values, no pickle), or None."""
+    path = folder / STAGE_STATE_FILE
+    return torch.load(path, weights_only=True) if path.is_file() else None
 
 
 def restore_rng(folder: Path, state: dict[str, Any]) -> None:

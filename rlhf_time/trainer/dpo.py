@@ -9,26 +9,24 @@ hidden states chunk by chunk (never the full float32 logits).
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Optional
 
 import torch
 from torch import nn
 
-from rlhf_time.data import PreferenceCollator, load_preference_dataset
+from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import chunked_sequence_logps, create_loss, dpo_implicit_rewards, sequence_logps
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.sft import SFTrainer
-
-IGNORE_INDEX = -100
+from rlhf_time.trainer.auxiliary import AuxiliaryModel
+from rlhf_time.trainer.preference import PreferenceTrainer
 
 
-class DPOTrainer(SFTrainer):
+class DPOTrainer(PreferenceTrainer):
     """loss = dpo(policy log-probs, reference log-probs) [+ rpo_alpha * NLL of the chosen reply]."""
 
+    model_head = "causal_lm"
+
     def __init__(self, config) -> None:
-        self.reference: Optional[nn.Module] = None  # set by _wrap_for_data_parallel, inside super().__init__
         super().__init__(config)
         self.dpo_loss = create_loss("dpo", beta=config.beta, loss_type=config.dpo_loss_type,
                                     label_smoothing=config.dpo_label_smoothing, reduction="none")
@@ -39,50 +37,37 @@ class DPOTrainer(SFTrainer):
                 if dataset is not None:
                     self._precomputed[id(dataset)] = self._reference_logps_of(dataset)
 
-    def _wrap_for_data_parallel(self, model: nn.Module) -> nn.Module:
-        """Copy the reference from the untrained policy before FSDP shards the policy in place; under FSDP the
-        frozen copy is sharded too (each rank holds 1/N of it), under DDP it needs no wrapper (no gradients)."""
-        if not self.config.precompute_ref_logps and not self.config.use_lora:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        wrapped = super()._wrap_for_data_parallel(model)
-        if self.reference is not None and parallel.is_fsdp(wrapped):
-            parallel.shard_model(self.reference, self.config)
-        return wrapped
-
-    # -------------------------------------------------------------------------------------------- data
-    def load_dataset(self, path: str, max_samples: Optional[int]):
-        return load_preference_dataset(path, self.tokenizer, self.config, cache_dir=self._cache_dir(),
-                                       max_samples=max_samples)
+    def auxiliary_models(self) -> list[AuxiliaryModel]:
+        """The reference is `ref_model` when given, else the initial policy: a frozen copy, unless LoRA (the policy
+        with adapters disabled is the reference) or precomputed log-probs make a copy unnecessary."""
+        if self.config.ref_model:
+            return [AuxiliaryModel("reference", source=self.config.ref_model, same_vocabulary=True)]
+        if self.config.precompute_ref_logps or self.config.use_lora:
+            return []
+        return [AuxiliaryModel("reference")]
 
     @property
-    def collator(self):
-        if not hasattr(self, "_collator"):
-            self._collator = PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
-        return self._collator
+    def reference(self) -> Optional[nn.Module]:
+        """The frozen copy of the initial policy, or None when no copy is kept."""
+        return self.aux.get("reference")
 
+    # -------------------------------------------------------------------------------------------- data
     def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
         dataset = dataset if dataset is not None else self.train_dataset
-        batch = self.collator([dataset[i] for i in indices])
-        if id(dataset) in self._precomputed:
+        batch = super().collate(indices, dataset)
+        if id(dataset) in getattr(self, "_precomputed", {}):
             reference = self._precomputed[id(dataset)][indices]  # (B, 2)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference[:, 0], reference[:, 1]
         return batch
 
-    def count_items(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["margin"].numel()  # pairs
-
     # ----------------------------------------------------------------------------------------- log-probs
     def sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed log-probs of the completion tokens of every row of the stacked (2B, T) batch, (2B,)."""
-        core = getattr(model, "module", model)  # under DDP the head lives on .module
-        lm_head = core.get_output_embeddings()
-        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        # The reference is sharded exactly when the policy is, so the policy's answer holds for both.
-        if type(lm_head) is nn.Linear and self.lm_head_outside_forward_ok:
-            hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-            return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias,
-                                          chunk_size=self.config.loss_chunk_size)
-        return sequence_logps(model(**inputs).logits, batch["labels"])
+        hidden, lm_head = self.final_hidden_states(model, batch)
+        if lm_head is None:  # `hidden` holds the logits
+            return sequence_logps(hidden, batch["labels"])
+        return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias,
+                                      chunk_size=self.config.loss_chunk_size)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

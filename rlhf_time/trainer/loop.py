@@ -1,8 +1,9 @@
 """The training loop shared by every stage, readable top to bottom.
 
-A stage (sft.py, reward.py, dpo.py) only says how a batch becomes a loss; everything else lives here once:
-set-up, exact gradient accumulation, mixed precision, clipping, schedules, evaluation, early stopping,
-checkpoints and exact resume, logging and callbacks, and data parallelism under torchrun.
+A stage (sft.py, reward.py, dpo.py, kd.py) only says what it needs and how a batch becomes a loss; everything else
+lives here once: set-up, auxiliary models, exact gradient accumulation, mixed precision, clipping, schedules,
+evaluation, early stopping, checkpoints and exact resume, logging and callbacks, and data parallelism under torchrun.
+The stage hooks are at the bottom of `Trainer`; docs/stages.md ("Writing a stage") describes the contract.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_time.config import TrainingConfig
-from rlhf_time.data import plan_batches, shard_batches, validate_data_file
+from rlhf_time.data import load_dataset_of_kind, plan_batches, shard_batches, validate_data_file
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
+from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
 from rlhf_time.trainer.callbacks import fire
 from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
@@ -36,9 +38,10 @@ log = logging.getLogger("rlhf_time")
 
 
 class Trainer:
-    """Base trainer. Subclasses set `model_head` and implement the stage hooks at the bottom of this class."""
+    """Base trainer. A stage sets the class attributes below and fills the stage hooks at the bottom of this class."""
 
-    model_head = "causal_lm"
+    data_kind = "conversation"  # what its data files hold: "conversation" (SFT records) or "preference" (pairs)
+    model_head = "causal_lm"  # the policy's head: "causal_lm" or "reward" (1-label sequence classification)
 
     # ------------------------------------------------------------------------------------------ set-up
     def __init__(self, config: TrainingConfig) -> None:
@@ -60,7 +63,7 @@ class Trainer:
         # Bad data fails before any model is loaded.
         for path in (config.train_file, config.eval_file):
             if path:
-                validate_data_file(path, config)
+                validate_data_file(path, config, kind=self.data_kind)
 
         self.family = model_family(config)
         self.tokenizer = load_tokenizer(config)
@@ -70,6 +73,12 @@ class Trainer:
         self.model = apply_tuning(model, config, self.family, task_type=self.peft_task_type).to(self.device)
         trainable, total = count_parameters(self.model)
         self._log(f"model {config.model_name} ({self.family.name}): {trainable:,} trainable of {total:,} parameters")
+        self.amp_dtype = self._amp_dtype()
+        # Before any update and before sharding, so a copy of the policy is the initial policy, whole.
+        self.aux: dict[str, nn.Module] = {
+            spec.name: build_auxiliary_model(spec, self.model, self.tokenizer, config, self.device, self.amp_dtype)
+            for spec in self.auxiliary_models()
+        }
 
         with main_rank_first():  # rank 0 tokenises and caches; the other ranks then read its cache
             self.train_dataset = self.load_dataset(config.train_file, config.max_train_samples) if config.train_file else None
@@ -78,24 +87,19 @@ class Trainer:
             if dataset is not None:
                 self._log(f"{name} data: {dataset.stats.summary()}")
 
-        self.train_model = self._wrap_for_data_parallel(self.model)
+        self.train_model = parallel.wrap_model(self.model, config, self.dist) if self.dist.enabled else self.model
+        if parallel.is_fsdp(self.model):  # frozen models are sharded as the policy is: each rank holds 1/N
+            for model in self.aux.values():
+                parallel.shard_model(model, config)
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
-        self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self._resume_from: Optional[Path] = None
+        self._stage_metrics: dict[str, float] = {}
 
     @property
     def peft_task_type(self) -> str:
         return "SEQ_CLS" if self.model_head == "reward" else "CAUSAL_LM"
-
-    def _wrap_for_data_parallel(self, model: nn.Module) -> nn.Module:
-        return parallel.wrap_model(model, self.config, self.dist) if self.dist.enabled else model
-
-    @property
-    def lm_head_outside_forward_ok(self) -> bool:
-        """Whether a stage may use lm_head's weight outside the model's forward (FSDP shards it after forward)."""
-        return not parallel.is_fsdp(self.model)
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if not self.config.use_amp:
@@ -129,6 +133,7 @@ class Trainer:
         return shard_batches(batches, self.dist.rank, self.dist.world_size)
 
     def total_steps(self) -> int:
+        """Loop steps of the run (each takes one planned group of micro-batches and calls `update` once)."""
         if self.config.max_steps:
             return self.config.max_steps
         steps_per_epoch = math.ceil(len(self.epoch_plan(0)) / self.config.gradient_accumulation_steps)
@@ -143,7 +148,7 @@ class Trainer:
         total_steps = self.total_steps()
         if self.optimizer is None:
             self.optimizer = build_optimizer(self.model, config)
-            self.scheduler = build_scheduler(self.optimizer, config, total_steps)
+            self.scheduler = build_scheduler(self.optimizer, config, total_steps * self.optimizer_steps_per_update())
         if config.resume_from_checkpoint and self._resume_from is None:
             self.load_from_checkpoint(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.run_dir))
         if self._resume_from is not None:
@@ -155,7 +160,7 @@ class Trainer:
         reporter = RunReporter(self.run_dir, config.report_to, enabled=self.dist.is_main)
         if self.dist.is_main:
             config.to_yaml(self.run_dir / "config.yaml")
-        meter = ThroughputMeter(self.model, self.device)
+        self._meter = ThroughputMeter(self.model, self.device)
         progress = tqdm(total=total_steps, initial=self.global_step, desc="train", dynamic_ncols=True,
                         disable=config.disable_progress_bar or not self.dist.is_main)
         fire(self.callbacks, "on_train_begin", self)
@@ -169,7 +174,9 @@ class Trainer:
                 self.epoch, self.batch_index = self.epoch + 1, 0
                 continue
             group = plan[self.batch_index : self.batch_index + config.gradient_accumulation_steps]
-            step_metrics = self._optimizer_step([self.collate(indices) for indices in group], meter)
+            self._stage_metrics = {}
+            micro_batches = self.prepare_step([self.collate(indices) for indices in group])
+            step_metrics = {**self.update(micro_batches), **self._stage_metrics}
             self.batch_index += len(group)
             self.global_step += 1
             epoch_ended = self.batch_index >= len(plan)
@@ -210,16 +217,22 @@ class Trainer:
             "stopped_early": stop_early,
             "final_model_dir": str(final_dir),
             "train_runtime": time.perf_counter() - start,
-            **meter.summary(),
+            **self._meter.summary(),
         }
         reporter.report(self.global_step, {f"summary/{k}": v for k, v in results.items()}, console=False)
         reporter.close()
         fire(self.callbacks, "on_train_end", self, results)
         return results
 
-    def _optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]], meter: ThroughputMeter) -> dict[str, float]:
-        """One optimiser step over its micro-batches, normalised by the step's global number of loss items."""
-        model, step_start = self.train_model, time.perf_counter()
+    def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimiser step over `micro_batches`, normalised by their global number of loss items.
+
+        Forward/backward of each micro-batch (gradients synchronised on the last only), AMP, the non-finite check,
+        clipping, the optimiser and scheduler step. Returns the step's metrics (train/loss, lr, grad_norm, the
+        stage's summed metrics per item, throughput). Stages that run several passes over one prepared batch call it
+        several times from `update`.
+        """
+        model, meter, step_start = self.train_model, self._meter, time.perf_counter()
         model.train()
         # The loss of the step is sum(per-item losses) / items in the WHOLE step (all micro-batches, all
         # ranks), so accumulation and data parallelism do not change the update.
@@ -346,10 +359,12 @@ class Trainer:
         """Write checkpoint-<step> atomically (main rank) and rotate old ones, keeping the best."""
         folder = self.run_dir / f"checkpoint-{self.global_step}"
         model, optimizer = self._gather_for_save(), self._optimizer_for_checkpoint().gather()
+        stage_state = self.stage_state()  # on every rank: a stage may gather shards
         if self.dist.is_main:
             ckpt.save_checkpoint(
                 folder, model=model, tokenizer=self.tokenizer, optimizer=optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, trainer_state=self.trainer_state(), config_yaml=_config_yaml(self.config),
+                stage_state=stage_state,
             )
             best = Path(self.best_checkpoint) if self.best_checkpoint else None
             ckpt.rotate_checkpoints(self.run_dir, self.config.save_total_limit, keep=best)
@@ -393,6 +408,9 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             # The data plan is sharded per rank; re-map the position to the same point in the global plan.
             self.batch_index = state["batch_index"] * state["world_size"] // self.dist.world_size
+        stage_state = ckpt.load_stage_state(folder)
+        if stage_state is not None:
+            self.load_stage_state(stage_state)
         self._resume_from = folder
         if self.optimizer is not None:
             ckpt.load_optimizer_states(folder, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
@@ -400,43 +418,83 @@ class Trainer:
             self._resume_from = None
 
     # -------------------------------------------------------------------------------------- inference
+    @property
+    def inference(self):
+        """predict / chat / score on the model being trained, laid out as in training (rlhf_time.inference)."""
+        from rlhf_time.inference import InferenceModel
+
+        return InferenceModel(self.model, self.tokenizer, self.config, self.family, head=self.model_head)
+
     def predict(self, prompts: list[str], **generation: Any) -> list[str]:
         """Answer each prompt (single-turn); keyword overrides: max_new_tokens, do_sample, temperature, top_p, top_k."""
-        return self._generate([[{"role": "user", "content": prompt}] for prompt in prompts], **generation)
+        return self.inference.predict(prompts, **generation)
 
     def chat(self, messages: list[dict[str, str]], **generation: Any) -> str:
         """The assistant's reply to a conversation of {"role", "content"} messages."""
-        return self._generate([messages], **generation)[0]
+        return self.inference.chat(messages, **generation)
 
-    def _generate(self, conversations: list[list[dict[str, str]]], **overrides: Any) -> list[str]:
-        from rlhf_time.generation import generate, render_generation_prompt
+    # ---------------------------------------------------------------------------- helpers for stages
+    def final_hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """(final hidden states (B, T, H), lm_head) of `model` -- or (logits (B, T, V), None) when its head cannot be
+        applied outside forward: LoRA on lm_head, or FSDP (lm_head's weight is only a shard outside forward).
 
-        if self.model_head != "causal_lm":
-            raise RlhfTimeError(f"predict/chat need a causal LM; this is a {self.model_head} model")
-        config = self.config
-        texts = [
-            render_generation_prompt(self.tokenizer, messages, prompt_template=config.prompt_template,
-                                     response_template=config.response_template, system_prompt=config.system_prompt)
-            for messages in conversations
-        ]
-        settings = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, temperature=config.temperature,
-                        top_p=config.top_p, top_k=config.top_k, batch_size=config.eval_batch_size or config.batch_size)
-        unknown = set(overrides) - set(settings)
-        if unknown:
-            raise RlhfTimeError(f"unknown generation options {sorted(unknown)}; allowed: {sorted(settings)}")
-        settings.update(overrides)
-        stop = [self.tokenizer.eos_token_id]
-        end_of_turn = self.tokenizer.convert_tokens_to_ids(self.family.end_of_turn_token)
-        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id and end_of_turn not in stop:
-            stop.append(end_of_turn)
-        return generate(self.model, self.tokenizer, texts, stop_token_ids=stop, **settings)
+        Losses formed from hidden states project only target positions, a chunk at a time: never (B, T, V) in fp32.
+        """
+        core = getattr(model, "module", model)  # DDP keeps the model in .module
+        lm_head = core.get_output_embeddings()
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if type(lm_head) is not nn.Linear or parallel.is_fsdp(core):
+            return model(**inputs, use_cache=False).logits, None
+        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return outputs.hidden_states[-1], lm_head
+
+    def record_metrics(self, metrics: dict[str, float]) -> None:
+        """Add stage metrics (already reduced over ranks) to this step's logged metrics, e.g. from prepare_step."""
+        self._stage_metrics.update(metrics)
+
+    def data_cache_dir(self) -> str:
+        return self.config.data_cache_dir or str(self.config.run_dir.parent / ".cache")
 
     # -------------------------------------------------------------------------------------- stage hooks
+    def auxiliary_models(self) -> list[AuxiliaryModel]:
+        """The frozen models this stage needs besides the policy (built once into `self.aux[name]`)."""
+        return []
+
     def load_dataset(self, path: str, max_samples: Optional[int]):
-        raise NotImplementedError
+        """The tokenised data set of `path`, of this stage's data_kind (cached under data_cache_dir)."""
+        return load_dataset_of_kind(self.data_kind, path, self.tokenizer, self.config, cache_dir=self.data_cache_dir(),
+                                    max_samples=max_samples)
 
     def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
+        """The micro-batch (tensors) of these example indices of `dataset` (default: the train set)."""
         raise NotImplementedError
+
+    def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Turn a step's collated micro-batches into what the loss trains on, before their items are counted.
+
+        Runs once per loop step on this rank's micro-batches: on-policy stages generate, score and compute
+        advantages or reference log-probs here, so the step's loss is still divided by the items of the whole step
+        (all micro-batches, all ranks). Default: the batches as collated.
+        """
+        return micro_batches
+
+    def update(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """How one loop step updates the model. Default: one optimiser step; stages that reuse one prepared batch
+        (several epochs or mini-batches over a rollout) call self.optimizer_step several times and return the
+        metrics to log (and set optimizer_steps_per_update to match)."""
+        return self.optimizer_step(micro_batches)
+
+    def optimizer_steps_per_update(self) -> int:
+        """Optimiser (and scheduler) steps each `update` takes; the schedule spans total_steps x this."""
+        return 1
+
+    def stage_state(self) -> Optional[dict[str, Any]]:
+        """The stage's own trained state to checkpoint besides the policy (e.g. a critic and its optimizer):
+        tensors and plain values, saved as stage_state.pt. Called on every rank. Default: none."""
+        return None
+
+    def load_stage_state(self, state: dict[str, Any]) -> None:
+        """Restore what stage_state() returned, when resuming from a checkpoint."""
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         """How many loss items (target tokens, pairs) a batch holds; the step loss is divided by their sum."""

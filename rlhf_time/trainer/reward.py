@@ -7,22 +7,16 @@ folder scores identically when reloaded with AutoModelForSequenceClassification.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
-from rlhf_time.data import PaddingCollator, PreferenceCollator, load_preference_dataset
-from rlhf_time.data.formats import Messages
-from rlhf_time.data.tokenize import ConversationEncoder, truncate
 from rlhf_time.loss import create_loss
-from rlhf_time.trainer.loop import Trainer
+from rlhf_time.trainer.preference import PreferenceTrainer
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(PreferenceTrainer):
     """Bradley-Terry reward model: loss = -log sigmoid(r_chosen - r_rejected - margin) [+ centering]."""
 
     model_head = "reward"
@@ -32,18 +26,6 @@ class RewardTrainer(Trainer):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         base.config.pad_token_id = self.tokenizer.pad_token_id  # where the reward is read depends on it
         self.pairwise_loss = create_loss("pairwise", margin=config.reward_margin, reduction="none")
-        self.collator = PreferenceCollator(pad_token_id=self.tokenizer.pad_token_id)
-
-    def load_dataset(self, path: str, max_samples: Optional[int]):
-        return load_preference_dataset(path, self.tokenizer, self.config, cache_dir=self._cache_dir(),
-                                       max_samples=max_samples)
-
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
-        dataset = dataset if dataset is not None else self.train_dataset
-        return self.collator([dataset[i] for i in indices])
-
-    def count_items(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["margin"].numel()  # pairs
 
     def rewards(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen rewards (B,), rejected rewards (B,)) from one forward pass over the stacked (2B, T) batch."""
@@ -84,75 +66,6 @@ class RewardTrainer(Trainer):
             "eval_reward_std": math.sqrt(variance),
         }
 
-    @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
         """The reward of each (prompt, response), laid out exactly as in training."""
-        return score_conversations(self.model, self.tokenizer, self.config,
-                                   [[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                                    for p, r in zip(prompts, responses)], batch_size)
-
-    def _cache_dir(self) -> str:
-        return self.config.data_cache_dir or str(self.config.run_dir.parent / ".cache")
-
-
-@torch.no_grad()
-def score_conversations(model: nn.Module, tokenizer, config, conversations: list[Messages], batch_size: int = 16) -> list[float]:
-    encoder = ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
-                                  response_template=config.response_template, system_prompt=config.system_prompt,
-                                  max_seq_length=config.max_seq_length)
-    encoded = encoder.encode_many([encoder.segments(c) for c in conversations])
-    collator = PaddingCollator(pad_token_id=tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    rewards: list[float] = []
-    for start in range(0, len(encoded), batch_size):
-        rows = [truncate(ids, labels, config.max_seq_length)[:2] for ids, labels in encoded[start : start + batch_size]]
-        batch = collator([{"input_ids": ids, "labels": labels} for ids, labels in rows])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        rewards += logits.squeeze(-1).float().tolist()
-    model.train(was_training)
-    return rewards
-
-
-def load_reward_model(model_dir: str):
-    """A trained reward model folder (full, or a LoRA adapter with its score head) and its tokenizer."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = Path(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    adapter = folder / "adapter_config.json"
-    if adapter.is_file():
-        from peft import PeftModel
-
-        base_path = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, folder)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.eval(), tokenizer
-
-
-def score_file(model_dir: str, input_path: str, output_path: str) -> None:
-    """`rlhf-time score`: rewards of the prompt/response records of a file, written as JSONL."""
-    import yaml
-
-    from rlhf_time.config import TrainingConfig
-    from rlhf_time.data import read_records
-    from rlhf_time.data.formats import detect_format, to_messages
-
-    model, tokenizer = load_reward_model(model_dir)
-    saved = Path(model_dir) / "rlhf_time_config.yaml"
-    stored = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
-    keep = ("prompt_template", "response_template", "system_prompt", "max_seq_length")
-    config = TrainingConfig(**{k: stored[k] for k in keep if k in stored})
-    records = read_records(input_path)
-    fmt = detect_format(records[0], "auto")
-    conversations = [to_messages(r, fmt) for r in records]
-    rewards = score_conversations(model, tokenizer, config, conversations)
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "w", encoding="utf-8") as handle:
-        for record, reward in zip(records, rewards):
-            handle.write(json.dumps({**record.data, "reward": reward}, ensure_ascii=False) + "\n")
+        return self.inference.score(prompts, responses, batch_size=batch_size)

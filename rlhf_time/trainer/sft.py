@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_time.data import PackingCollator, PaddingCollator, load_sft_dataset
+from rlhf_time.constants import IGNORE_INDEX
+from rlhf_time.data import PackingCollator, PaddingCollator
 from rlhf_time.loss import chunked_sft_loss, create_loss
 from rlhf_time.trainer.loop import Trainer
-
-IGNORE_INDEX = -100
 # Smallest packed row (sdpa/eager): short examples share a row; the (N x N) mask stays small.
 PACKED_ROW_TOKENS = 256
 
@@ -21,8 +19,8 @@ PACKED_ROW_TOKENS = 256
 class SFTrainer(Trainer):
     """Next-token cross-entropy on response tokens, normalised by the target tokens of the whole optimiser step."""
 
-    def load_dataset(self, path: str, max_samples: Optional[int]):
-        return load_sft_dataset(path, self.tokenizer, self.config, cache_dir=self._cache_dir(), max_samples=max_samples)
+    data_kind = "conversation"
+    model_head = "causal_lm"
 
     def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
         dataset = dataset if dataset is not None else self.train_dataset
@@ -44,7 +42,7 @@ class SFTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
         config = self.config
-        hidden, lm_head = self._final_hidden_states(model, batch)
+        hidden, lm_head = self.final_hidden_states(model, batch)
         if lm_head is not None:
             # Memory-lean: logits are formed a chunk of target positions at a time, never (B, T, V) at once.
             loss = chunked_sft_loss(
@@ -61,19 +59,9 @@ class SFTrainer(Trainer):
             self._sft_loss = create_loss("sft", label_smoothing=self.config.label_smoothing)
         return self._sft_loss
 
-    def _final_hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        """(final hidden states (B, T, H), lm_head) -- or (logits, None) when the head is not a plain Linear."""
-        lm_head = self.model.get_output_embeddings()
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        # LoRA on lm_head, or FSDP (lm_head's weight is a shard outside forward): let the model form the logits.
-        if type(lm_head) is not nn.Linear or not self.lm_head_outside_forward_ok:
-            return model(**inputs, use_cache=False).logits, None
-        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        return outputs.hidden_states[-1], lm_head
-
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Summed cross-entropy (no smoothing), correct argmax predictions and target count over a batch."""
-        hidden, lm_head = self._final_hidden_states(model, batch)
+        hidden, lm_head = self.final_hidden_states(model, batch)
         labels = batch["labels"][:, 1:]  # (B, T-1)
         targets = labels != IGNORE_INDEX
         states = hidden[:, :-1][targets]  # (N, H) or (N, V) logits
@@ -97,6 +85,3 @@ class SFTrainer(Trainer):
             "eval_token_accuracy": totals.get("correct", 0.0) / tokens,
             "eval_tokens": totals.get("tokens", 0.0),
         }
-
-    def _cache_dir(self) -> str:
-        return self.config.data_cache_dir or str(self.config.run_dir.parent / ".cache")

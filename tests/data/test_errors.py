@@ -6,6 +6,7 @@ import pytest
 
 from rlhf_time import TrainingConfig
 from rlhf_time.data import load_sft_dataset, read_prompts, validate_data_file
+from rlhf_time.trainer import TRAINERS
 from rlhf_time.errors import RlhfTimeError
 from tests.conftest import write_jsonl
 
@@ -54,7 +55,8 @@ def test_bad_input_messages(tmp_path, name, content, config, words):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     with pytest.raises(RlhfTimeError) as error:
-        validate_data_file(path, TrainingConfig(**config))
+        config = TrainingConfig(**config)
+        validate_data_file(path, config, kind=TRAINERS[config.stage].data_kind)
     message = str(error.value)
     assert "\n" not in message
     for word in words:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from rlhf_time import TrainingConfig
-from rlhf_time.quickstart_task import make_preference_records
+from rlhf_time.data.quickstart import make_preference_records
 from tests.trainer.helpers import tiny_config
 
 WORLD_SIZE = 2
@@ -36,6 +36,9 @@ def distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides
         stage, strategy = scenario.split("_")
         values.update(stage=stage, distributed=strategy, max_steps=2, batch_size=2, eval_batch_size=3,
                       **preference_files(folder))
+    if scenario in ("kd_ddp", "kd_fsdp"):  # distillation from a smaller teacher, both sharded under FSDP
+        values.update(stage="kd", distributed=scenario.split("_")[1], max_steps=2, teacher_model=str(teacher_dir(model_dir)),
+                      kd_alpha=0.3, kd_loss_type="jsd", kd_temperature=2.0)
     if scenario == "fail":
         values.update(save_strategy="no")
     values.update(overrides)
@@ -58,3 +61,8 @@ def preference_files(folder: Path) -> dict[str, str]:
                         encoding="utf-8")
         files[key] = str(path)
     return files
+
+
+def teacher_dir(model_dir: Path) -> Path:
+    """Where the distillation scenarios' teacher lives (built by the test before torchrun starts)."""
+    return Path(model_dir).parent / "kd-teacher"

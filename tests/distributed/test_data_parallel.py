@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 
 from rlhf_time import TrainerCallback
 from rlhf_time.trainer import trainer_for
-from tests.trainer.helpers import train_losses
+from tests.trainer.helpers import build_teacher, train_losses
 
-from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, single_process_config
+from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, single_process_config, teacher_dir
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
-SCENARIOS = ("ddp", "fsdp", "lora", "fsdp_resume", "fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp")
+SCENARIOS = ("ddp", "fsdp", "lora", "fsdp_resume", "fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp",
+             "rm_fsdp", "kd_ddp", "kd_fsdp")
 
 
 def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -38,6 +39,7 @@ def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
 def launched(tmp_path_factory, tiny_model_dir) -> Path:
     """One torchrun launch training every scenario in turn (each in OUT/<scenario>/)."""
     out = tmp_path_factory.mktemp("torchrun")
+    build_teacher(teacher_dir(tiny_model_dir), tiny_model_dir)
     result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=480)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
@@ -142,10 +144,12 @@ def test_lora_under_ddp_matches_one_process(launched, tiny_model_dir, tmp_path):
     _assert_same_weights(lora, trainer.model)
 
 
-@pytest.mark.parametrize("scenario", ["fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp"])
+@pytest.mark.parametrize("scenario", ["fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp",
+                                      "kd_ddp", "kd_fsdp"])
 def test_lora_frozen_layers_and_preference_stages_match_one_process(launched, tiny_model_dir, tmp_path, scenario):
     """FSDP with LoRA, DDP/FSDP with frozen layers (gradient checkpointing where set), DPO (under FSDP with a
-    sharded frozen reference) and the reward model under DDP and FSDP: the same losses and weights as one process."""
+    sharded frozen reference), the reward model, and distillation (under FSDP with a sharded teacher) under DDP and
+    FSDP: the same losses and weights as one process."""
     trainer, spy = _train_one_process(tmp_path, tiny_model_dir, scenario)
     run_dir = _run_dir(launched, scenario)
     assert train_losses(run_dir / "metrics.jsonl") == pytest.approx(spy.losses, rel=1e-5)
@@ -174,7 +178,8 @@ def test_lora_frozen_layers_and_preference_stages_match_one_process(launched, ti
         assert per_rank[0] == per_rank[1]
         assert per_rank[0] == pytest.approx({k: v for k, v in single.items() if k in per_rank[0]}, rel=1e-5)
         assert len(per_rank[0]) >= 5
-        assert "eval_accuracy" in single if scenario.startswith("rm") else "eval_rewards/accuracies" in single
+        expected = {"rm": "eval_accuracy", "dpo": "eval_rewards/accuracies", "kd": "eval_kd_loss"}[scenario.split("_")[0]]
+        assert expected in single
 
 
 def test_cli_nproc_launches_torchrun_with_tensorboard_on_rank_zero(tmp_path, tiny_model_dir):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf_time import SFTrainer, TrainingConfig
-from rlhf_time.quickstart_task import EVAL_FILE, TRAIN_FILE
+from rlhf_time.data.quickstart import EVAL_FILE, TRAIN_FILE
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, **overrides) -> TrainingConfig:
@@ -56,3 +56,22 @@ def assert_resume_is_exact(full: SFTrainer, tmp_path: Path, model_dir: Path, **s
         assert torch.equal(expected[name], got[name]), name
     full_losses, resumed_losses = train_losses(full.run_dir / "metrics.jsonl"), train_losses(resumed.run_dir / "metrics.jsonl")
     assert all(resumed_losses[step] == full_losses[step] for step in range(5, 9))
+
+
+def build_teacher(folder: Path, model_dir: Path, seed: int = 7) -> Path:
+    """A teacher for distillation tests: a smaller Qwen3 (hidden 128, 2 layers, untied head) with the tiny model's
+    tokenizer and its own random weights, saved as a local folder (once)."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    if (folder / "model.safetensors").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -109,3 +109,25 @@ def test_precomputed_reference_logps_give_the_same_losses(tmp_path, tiny_model_d
         other = trainer.load_dataset(files["eval_file"], 2)
         with pytest.raises(RlhfTimeError, match="precompute_ref_logps"):
             trainer.evaluate(other)
+
+
+def test_cli_eval_of_a_trained_dpo_model_uses_the_model_it_started_from(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from rlhf_time.cli import main
+
+    config = tiny_config(tmp_path, tiny_model_dir, stage="dpo", max_steps=6, learning_rate=5e-3, batch_size=4,
+                         **preference_files(tmp_path, 16, 8))
+    trainer = DPOTrainer(config)
+    trainer.train()
+    expected = trainer.evaluate()
+    path = tmp_path / "dpo.yaml"
+    config.to_yaml(path)
+    capsys.readouterr()
+    assert main(["eval", str(path), f"model_name={trainer.run_dir / 'final'}"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)
+    assert f"reference model: {tiny_model_dir}" in captured.err
+    assert metrics["eval_loss"] != pytest.approx(math.log(2), abs=1e-3)
+    for key in ("eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6)

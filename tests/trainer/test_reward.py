@@ -12,8 +12,8 @@ from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_time import RewardTrainer
-from rlhf_time.quickstart_task import make_preference_records
-from rlhf_time.trainer.reward import load_reward_model, score_file
+from rlhf_time.data.quickstart import make_preference_records
+from rlhf_time.inference import load_reward_model, score_file
 
 from ..conftest import write_jsonl
 from .helpers import tiny_config, weights

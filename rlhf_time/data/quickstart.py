@@ -12,7 +12,7 @@ from pathlib import Path
 
 CHINESE_DIGITS = "零一二三四五六七八九"
 PROMPT = "把数字写成中文：{number}"
-BUNDLED_DIR = Path(__file__).parent / "data" / "bundled"
+BUNDLED_DIR = Path(__file__).parent / "bundled"
 TRAIN_FILE = BUNDLED_DIR / "quickstart_train.jsonl"
 EVAL_FILE = BUNDLED_DIR / "quickstart_eval.jsonl"
 
@@ -41,48 +41,6 @@ def write_bundled_files(train_count: int = 2000, eval_count: int = 64) -> None:
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-if __name__ == "__main__":
-    write_bundled_files()
-
-
-def quickstart_config(overrides: list[str] | None = None):
-    """The quickstart run: the embedded tiny model learns the task on a laptop CPU in about a minute."""
-    from rlhf_time.config import TrainingConfig, parse_overrides
-
-    values = dict(
-        experiment_name="quickstart", model_name="tiny", train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE),
-        batch_size=16, learning_rate=2e-3, num_train_epochs=4, lr_scheduler_type="cosine", warmup_steps_ratio=0.05,
-        weight_decay=0.0, max_seq_length=64, eval_strategy="epoch", save_strategy="no", logging_steps=20,
-        max_new_tokens=16,
-    )
-    values.update(parse_overrides(overrides or []))
-    return TrainingConfig(**values)
-
-
-def exact_match(trainer, records: list[dict[str, str]]) -> float:
-    """Share of eval prompts whose greedy answer equals the reference exactly."""
-    answers = trainer.predict([r["prompt"] for r in records])
-    return sum(a == r["response"] for a, r in zip(answers, records)) / len(records)
-
-
-def run_quickstart(overrides: list[str] | None = None) -> dict:
-    """Exact match before training, train, exact match after, and one sample answer (printed and returned)."""
-    from rlhf_time.trainer import SFTrainer
-
-    trainer = SFTrainer(quickstart_config(overrides))
-    records = [json.loads(line) for line in EVAL_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-    before = exact_match(trainer, records)
-    print(f"exact match before training: {before:.1%}", flush=True)
-    results = trainer.train()
-    after = exact_match(trainer, records)
-    sample = records[0]
-    answer = trainer.predict([sample["prompt"]])[0]
-    print(f"exact match after training:  {after:.1%}  (eval loss {trainer.best_metric or float('nan'):.4f})")
-    print(f"sample: {sample['prompt']} -> {answer}   (reference {sample['response']})")
-    print(f"model saved to {results['final_model_dir']}")
-    return {"exact_match_before": before, "exact_match_after": after, **results}
-
-
 def make_preference_records(count: int, seed: int, exclude: set[str] = frozenset()) -> list[dict[str, str]]:
     """Pairs for the reward/DPO examples: chosen = the right numerals, rejected = other numerals of the same length."""
     rng = random.Random(seed)
@@ -94,3 +52,7 @@ def make_preference_records(count: int, seed: int, exclude: set[str] = frozenset
             rejected = "".join(rng.choice(CHINESE_DIGITS) for _ in chosen)
         pairs.append({"prompt": record["prompt"], "chosen": chosen, "rejected": rejected})
     return pairs
+
+
+if __name__ == "__main__":
+    write_bundled_files()

@@ -1,0 +1,191 @@
+"""Inference without a trainer: load a trained folder once, then predict / chat (causal LMs) or score (reward models).
+
+The prompt layout is the one training used (the same ConversationEncoder renders both); a folder written by
+rlhf_time carries its templates and generation settings in rlhf_time_config.yaml, which are read back from there.
+Nothing in a model folder can switch on `trust_remote_code`: only the caller can.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from rlhf_time.config import TrainingConfig, parse_overrides
+from rlhf_time.data.formats import Messages
+from rlhf_time.data.tokenize import ConversationEncoder, truncate
+from rlhf_time.errors import RlhfTimeError
+
+SAVED_CONFIG = "rlhf_time_config.yaml"
+# What a trained folder's saved config may set for inference: layout and generation settings, nothing else
+# (never trust_remote_code: a downloaded folder must not be able to grant itself code execution).
+INFERENCE_KEYS = ("prompt_template", "response_template", "system_prompt", "model_type", "max_seq_length",
+                  "max_new_tokens", "do_sample", "temperature", "top_p", "top_k")
+
+
+def saved_config(folder: str | Path) -> dict[str, Any]:
+    """The rlhf_time config a trained folder was saved with ({} when there is none)."""
+    import yaml
+
+    path = Path(folder) / SAVED_CONFIG
+    if not path.is_file():
+        return {}
+    stored = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return stored if isinstance(stored, dict) else {}
+
+
+class InferenceModel:
+    """A causal LM (predict, chat) or a reward model (score) with its tokenizer and the training layout."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: TrainingConfig, family=None, head: str = "causal_lm"):
+        self.model, self.tokenizer, self.config, self.family, self.head = model, tokenizer, config, family, head
+
+    # ---------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, folder: str, overrides: Optional[list[str] | dict[str, Any]] = None) -> "InferenceModel":
+        """A trained run folder (.../final, checkpoint-N), a model or adapter folder, a hub id, or 'tiny'.
+
+        overrides: key=value strings or a dict of TrainingConfig fields (templates, generation settings, device,
+        trust_remote_code, ...), applied over what the folder was trained with.
+        """
+        from rlhf_time.models import ensure_chat_template, load_causal_lm, load_tokenizer, model_family
+
+        stored = saved_config(folder)
+        values = {key: stored[key] for key in INFERENCE_KEYS if key in stored}
+        values.update(overrides if isinstance(overrides, dict) else parse_overrides(overrides or []))
+        values.update(model_name=folder, train_file=None, eval_file=None, use_lora=False, freeze_layers=None,
+                      report_to="none")
+        config = TrainingConfig(**values)
+        head = "reward" if is_reward_model(folder, stored) else "causal_lm"
+        tokenizer = load_tokenizer(config)
+        family = model_family(config)
+        if not (config.prompt_template or config.response_template):
+            ensure_chat_template(tokenizer, family)
+        model = load_reward_model(folder)[0] if head == "reward" else load_causal_lm(config)
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model.to(device).eval(), tokenizer, config, family, head)
+
+    # ------------------------------------------------------------------------------------- generation
+    def predict(self, prompts: list[str], **generation: Any) -> list[str]:
+        """Answer each prompt (single-turn); keyword overrides: max_new_tokens, do_sample, temperature, top_p, top_k,
+        batch_size."""
+        return self.generate([[{"role": "user", "content": prompt}] for prompt in prompts], **generation)
+
+    def chat(self, messages: list[dict[str, str]], **generation: Any) -> str:
+        """The assistant's reply to a conversation of {"role", "content"} messages."""
+        return self.generate([messages], **generation)[0]
+
+    def generate(self, conversations: list[Messages], **overrides: Any) -> list[str]:
+        from rlhf_time.generation import generate
+
+        if self.head != "causal_lm":
+            raise RlhfTimeError(f"predict/chat need a causal LM; this is a {self.head} model (use score)")
+        config = self.config
+        texts = [self.encoder.generation_prompt(messages) for messages in conversations]
+        settings = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, temperature=config.temperature,
+                        top_p=config.top_p, top_k=config.top_k, batch_size=config.eval_batch_size or config.batch_size)
+        unknown = set(overrides) - set(settings)
+        if unknown:
+            raise RlhfTimeError(f"unknown generation options {sorted(unknown)}; allowed: {sorted(settings)}")
+        settings.update(overrides)
+        return generate(self.model, self.tokenizer, texts, stop_token_ids=self.stop_token_ids(), **settings)
+
+    def stop_token_ids(self) -> list[int]:
+        """EOS and the family's end-of-turn token: generation ends at either."""
+        stop = [self.tokenizer.eos_token_id]
+        if self.family is not None:
+            end_of_turn = self.tokenizer.convert_tokens_to_ids(self.family.end_of_turn_token)
+            if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id and end_of_turn not in stop:
+                stop.append(end_of_turn)
+        return stop
+
+    @property
+    def encoder(self) -> ConversationEncoder:
+        config = self.config
+        return ConversationEncoder(self.tokenizer, prompt_template=config.prompt_template,
+                                   response_template=config.response_template, system_prompt=config.system_prompt,
+                                   max_seq_length=config.max_seq_length)
+
+    # ---------------------------------------------------------------------------------------- scoring
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+        """The reward of each (prompt, response), laid out exactly as in training."""
+        return self.score_conversations([[{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+                                         for p, r in zip(prompts, responses)], batch_size)
+
+    @torch.no_grad()
+    def score_conversations(self, conversations: list[Messages], batch_size: int = 16) -> list[float]:
+        """The reward of each conversation (read at its last real token)."""
+        from rlhf_time.data import PaddingCollator
+
+        if self.head != "reward":
+            raise RlhfTimeError(f"score needs a reward model (trained with stage: rm); this is a {self.head} model")
+        encoder = self.encoder
+        encoded = encoder.encode_many([encoder.segments(c) for c in conversations])
+        collator = PaddingCollator(pad_token_id=self.tokenizer.pad_token_id)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        rewards: list[float] = []
+        for start in range(0, len(encoded), batch_size):
+            rows = [truncate(ids, labels, self.config.max_seq_length)[:2] for ids, labels in encoded[start : start + batch_size]]
+            batch = collator([{"input_ids": ids, "labels": labels} for ids, labels in rows])
+            logits = self.model(input_ids=batch["input_ids"].to(device),
+                                attention_mask=batch["attention_mask"].to(device)).logits
+            rewards += logits.squeeze(-1).float().tolist()
+        self.model.train(was_training)
+        return rewards
+
+
+def is_reward_model(folder: str, stored: Optional[dict[str, Any]] = None) -> bool:
+    """Whether a folder holds a reward model: trained with stage rm, a sequence-classification architecture, or a
+    SEQ_CLS LoRA adapter."""
+    stored = saved_config(folder) if stored is None else stored
+    if stored.get("stage") == "rm":
+        return True
+    path = Path(folder)
+    for name, key in (("config.json", "architectures"), ("adapter_config.json", "task_type")):
+        file = path / name
+        if file.is_file():
+            value = json.loads(file.read_text(encoding="utf-8")).get(key) or []
+            values = [value] if isinstance(value, str) else value
+            return any(v.endswith("ForSequenceClassification") or v == "SEQ_CLS" for v in values)
+    return False
+
+
+def load_reward_model(model_dir: str):
+    """A trained reward model folder (full, or a LoRA adapter with its score head) and its tokenizer, on CPU."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def score_file(model_dir: str, input_path: str, output_path: str) -> None:
+    """`rlhf-time score`: rewards of the prompt/response records of a file, written as JSONL."""
+    from rlhf_time.data import read_records
+    from rlhf_time.data.formats import detect_format, to_messages
+
+    records = read_records(input_path)  # bad input fails before the model is loaded
+    fmt = detect_format(records[0], "auto")
+    conversations = [to_messages(r, fmt) for r in records]
+    scorer = InferenceModel.load(model_dir)
+    rewards = scorer.score_conversations(conversations)
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(output_path, "w", encoding="utf-8") as handle:
+        for record, reward in zip(records, rewards):
+            handle.write(json.dumps({**record.data, "reward": reward}, ensure_ascii=False) + "\n")

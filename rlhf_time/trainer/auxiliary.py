@@ -1,0 +1,92 @@
+"""Auxiliary models of a stage (DPO's reference, a KD teacher, a reward model): declared by the stage, built here.
+
+A stage declares what it needs with `AuxiliaryModel`s; the loop builds them once, in one place and one way:
+loaded (or copied from the still-untrained policy), checked against the policy's vocabulary when asked, moved to
+the device, cast to the AMP dtype when asked, frozen (eval mode, no gradients, never in the optimizer), and sharded
+under FSDP exactly as the policy is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from rlhf_time.config import TrainingConfig
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+log = logging.getLogger("rlhf_time")
+
+
+@dataclass(frozen=True)
+class AuxiliaryModel:
+    """One frozen model a stage needs besides the policy.
+
+    name:       key in `trainer.aux` ("reference", "teacher", "reward", ...).
+    source:     folder or hub id to load; None = a frozen copy of the initial policy (taken before any update and
+                before the policy is sharded).
+    adapter:    a LoRA adapter folder applied to `source` and merged (frozen models need no separate adapter).
+    head:       "causal_lm" or "reward" (1-label sequence classification).
+    same_vocabulary: check the model's tokenizer has the policy's token-to-id map before loading its weights.
+    cast_to_amp_dtype: keep the weights in the AMP dtype (bf16) when use_amp is on: half the memory, and a frozen
+                model has no master weights to keep in float32.
+    """
+
+    name: str
+    source: Optional[str] = None
+    adapter: Optional[str] = None
+    head: str = "causal_lm"
+    same_vocabulary: bool = False
+    cast_to_amp_dtype: bool = False
+
+
+def build_auxiliary_model(spec: AuxiliaryModel, policy: nn.Module, tokenizer, config: TrainingConfig,
+                          device: torch.device, amp_dtype: Optional[torch.dtype]) -> nn.Module:
+    """The frozen model `spec` declares, on `device` (the loop shards it under FSDP when it shards the policy)."""
+    if spec.source is None:
+        model = copy.deepcopy(policy)
+    else:
+        if spec.same_vocabulary:
+            check_same_vocabulary(tokenizer, load_tokenizer(config, path=resolve_model_path(spec.source)),
+                                  config.model_name, spec.source)
+        model = load_causal_lm(config, path=resolve_model_path(spec.source), head=spec.head)
+        if spec.adapter:
+            model = _merge_adapter(model, spec.adapter)
+        log.info("%s model: %s%s", spec.name, spec.source, f" + adapter {spec.adapter}" if spec.adapter else "")
+    model = model.to(device)
+    if spec.cast_to_amp_dtype and amp_dtype is not None:
+        model = model.to(amp_dtype)
+    return model.eval().requires_grad_(False)
+
+
+def check_same_vocabulary(policy_tokenizer, other_tokenizer, policy_name: str, other_name: str) -> None:
+    """Distillation and references compare logits token by token: both sides must map the same text to the same ids.
+
+    A model whose embedding matrix is padded beyond its tokenizer is fine; only the tokenizers are compared.
+    """
+    mine, theirs = policy_tokenizer.get_vocab(), other_tokenizer.get_vocab()
+    if mine == theirs:
+        return
+    differing = sorted(set(mine.items()) ^ set(theirs.items()), key=lambda item: item[1])[:3]
+    raise RlhfTimeError(
+        f"{other_name} and {policy_name} do not share a vocabulary ({len(theirs)} vs {len(mine)} tokens; e.g. "
+        f"{', '.join(f'{token!r}={index}' for token, index in differing)} differ): use a teacher/reference of the "
+        f"same tokenizer family"
+    )
+
+
+def _merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise RlhfTimeError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    base = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    log.info("merging adapter %s (trained on %s)", adapter, base)
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
