@@ -72,10 +72,12 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("adapter", help="folder with adapter_config.json (e.g. outputs/<run>/final)")
     export.add_argument("output", help="folder to write the merged model to")
 
-    score = command("score", _score, "Score prompt/response pairs with a trained reward model; writes JSONL.")
+    score = command("score", _score, "Score prompt/response records or preference pairs with a trained reward model.")
     score.add_argument("model", help="reward model folder")
-    score.add_argument("--input", required=True, help=".jsonl/.json/.csv with prompt and response fields")
-    score.add_argument("--output", required=True, help="JSONL file to write {prompt, response, reward} lines to")
+    score.add_argument("--input", required=True, help=".jsonl/.json/.csv: prompt/response (or messages) records, "
+                                                      "or prompt/chosen/rejected pairs")
+    score.add_argument("--output", required=True, help="JSONL: each record plus its reward (pairs: chosen_reward, "
+                                                       "rejected_reward; the accuracy is printed)")
     return parser
 
 
@@ -182,7 +184,8 @@ def _export(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from rlhf_time.inference import score_file
 
-    score_file(args.model, args.input, args.output)
+    summary = score_file(args.model, args.input, args.output)
+    print(json.dumps(summary), file=sys.stderr)
     return 0
 
 

@@ -175,17 +175,34 @@ def load_reward_model(model_dir: str):
     return model.eval(), tokenizer
 
 
-def score_file(model_dir: str, input_path: str, output_path: str) -> None:
-    """`rlhf-time score`: rewards of the prompt/response records of a file, written as JSONL."""
-    from rlhf_time.data import read_records
-    from rlhf_time.data.formats import detect_format, to_messages
+def score_file(model_dir: str, input_path: str, output_path: str) -> dict[str, float]:
+    """`rlhf-time score`: rewards of a file's records, written as JSONL (each record plus its reward).
 
-    records = read_records(input_path)  # bad input fails before the model is loaded
+    prompt/response (or messages) records get "reward"; preference pairs get "chosen_reward" and "rejected_reward",
+    and the returned summary holds the share of pairs ranked right ("accuracy"). The file is read and checked
+    before the model is loaded.
+    """
+    from rlhf_time.data import read_records
+    from rlhf_time.data.formats import detect_format, to_messages, to_preference
+
+    records = read_records(input_path)
     fmt = detect_format(records[0], "auto")
-    conversations = [to_messages(r, fmt) for r in records]
-    scorer = InferenceModel.load(model_dir)
-    rewards = scorer.score_conversations(conversations)
+    if fmt == "preference":
+        pairs = [to_preference(r) for r in records]
+        conversations = [[*pair.prompt_messages, {"role": "assistant", "content": reply}]
+                         for pair in pairs for reply in (pair.chosen, pair.rejected)]
+    else:
+        conversations = [to_messages(r, fmt) for r in records]
+    rewards = InferenceModel.load(model_dir).score_conversations(conversations)
+    if fmt == "preference":
+        rows = [{**r.data, "chosen_reward": rewards[2 * i], "rejected_reward": rewards[2 * i + 1]}
+                for i, r in enumerate(records)]
+        summary = {"pairs": len(rows), "accuracy": sum(r["chosen_reward"] > r["rejected_reward"] for r in rows) / len(rows)}
+    else:
+        rows = [{**r.data, "reward": reward} for r, reward in zip(records, rewards)]
+        summary = {"records": len(rows), "reward_mean": sum(rewards) / len(rewards)}
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
     with open(output_path, "w", encoding="utf-8") as handle:
-        for record, reward in zip(records, rewards):
-            handle.write(json.dumps({**record.data, "reward": reward}, ensure_ascii=False) + "\n")
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return summary

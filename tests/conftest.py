@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,21 @@ def llama_model_dir(tmp_path_factory) -> Path:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> dict:
+    """The README's quickstart, run once per session (its own tiny-model cache, as on a fresh machine); later tests
+    use its trained model (`final_model_dir`), e.g. as a distillation teacher."""
+    from rlhf_time.quickstart import run_quickstart
+
+    folder = tmp_path_factory.mktemp("quickstart")
+    previous = os.environ.get("RLHF_TIME_CACHE")
+    os.environ["RLHF_TIME_CACHE"] = str(folder / "cache")
+    try:
+        return run_quickstart([f"output_dir={folder / 'out'}", "disable_progress_bar=true", "report_to=none"])
+    finally:
+        if previous is None:
+            os.environ.pop("RLHF_TIME_CACHE")
+        else:
+            os.environ["RLHF_TIME_CACHE"] = previous

@@ -76,3 +76,21 @@ def test_score_uses_a_reward_model_and_refuses_a_causal_lm(tmp_path, tiny_model_
     source = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "把数字写成中文：12", "response": "一二"}])
     assert main(["score", str(trainer.run_dir / "final"), "--input", str(source), "--output", str(tmp_path / "s.jsonl")]) == 0
     assert json.loads((tmp_path / "s.jsonl").read_text())["reward"] == pytest.approx(expected[0], rel=1e-5)
+
+
+def test_score_ranks_preference_pairs_and_reads_the_file_before_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    trainer = RewardTrainer(tiny_config(tmp_path, tiny_model_dir, stage="rm", max_steps=2, **preference_files(tmp_path, 8, 4)))
+    trainer.train()
+    final = str(trainer.run_dir / "final")
+    pairs = [{"prompt": "把数字写成中文：12", "chosen": "一二", "rejected": "三四"},
+             {"prompt": "把数字写成中文：5", "chosen": "五", "rejected": "六"}]
+    source = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    expected = trainer.score([p["prompt"] for p in pairs for _ in (0, 1)], [p[k] for p in pairs for k in ("chosen", "rejected")])
+    output = tmp_path / "scored.jsonl"
+    assert main(["score", final, "--input", str(source), "--output", str(output)]) == 0
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+    got = [value for row in rows for value in (row["chosen_reward"], row["rejected_reward"])]
+    assert got == pytest.approx(expected, rel=1e-5) and rows[0]["chosen"] == "一二"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [pairs[0], {"prompt": "p", "chosen": "c"}])
+    monkeypatch.setattr(InferenceModel, "load", classmethod(lambda cls, *a, **k: pytest.fail("model loaded first")))
+    assert main(["score", final, "--input", str(bad), "--output", str(output)]) == 2  # line 2: missing 'rejected'
