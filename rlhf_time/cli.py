@@ -119,9 +119,9 @@ def _eval(args: argparse.Namespace) -> int:
     from rlhf_time.trainer import trainer_for
 
     config = TrainingConfig.from_yaml(args.config, args.overrides)
-    if not config.eval_file:
-        raise RlhfTimeError(f"{args.config}: eval needs eval_file")
-    config.train_file = None
+    if not config.eval_file and not (config.eval_split and config.train_file):
+        raise RlhfTimeError(f"{args.config}: eval needs eval_file (or eval_split of the train_file data set)")
+    config.eval_file, config.train_file = config.eval_file or config.train_file, None  # eval_split picks the split
     config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
     if config.stage == "dpo" and not config.ref_model:
         # A trained DPO model is not its own reference: use the model its training started from.

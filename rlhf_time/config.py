@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,8 +18,11 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.stages import STAGE_TRAINERS
 
 MODEL_TYPES = ("Qwen", "Llama")
-DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference")
+DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "text")
 TINY_MODEL_NAME = "tiny"
+# This tool's record field names, which `columns` may map to the data's own column names.
+DATA_FIELDS = ("prompt", "response", "system", "messages", "conversations", "instruction", "input", "output",
+               "chosen", "rejected", "margin", "text")
 
 
 class ConfigError(RlhfTimeError, ValueError):
@@ -49,10 +52,10 @@ class TrainingConfig(BaseModel):
     attn_implementation: Optional[str] = _f(None, "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); None = sdpa.")
 
     # --- data ----------------------------------------------------------------------------------------
-    train_file: Optional[str] = _f(None, "Training data: .jsonl, .json or .csv (see Data formats).")
-    eval_file: Optional[str] = _f(None, "Evaluation data, same formats as train_file.")
-    data_format: Literal["auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference"] = _f(
-        "auto", "Record format; auto detects it from the first record's keys.")
+    train_file: Optional[Union[str, list[str]]] = _f(None, "Training data: .jsonl/.json/.csv/.parquet, a datasets folder or hf://datasets/ORG/NAME; a list mixes several (see Data sources).")
+    eval_file: Optional[Union[str, list[str]]] = _f(None, "Evaluation data, same kinds as train_file (a list is concatenated).")
+    data_format: Literal["auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "text"] = _f(
+        "auto", "Record format; auto detects it from the first record's keys; text = continued pre-training.")
     prompt_template: Optional[str] = _f(None, "Template for user turns, must contain {prompt}; None uses the tokenizer's chat template.")
     response_template: Optional[str] = _f(None, "Template for assistant turns, must contain {response}.")
     system_prompt: Optional[str] = _f(None, "System message added to conversations that have none (chat-template mode).")
@@ -145,6 +148,19 @@ class TrainingConfig(BaseModel):
     top_p: float = _f(1.0, "Nucleus sampling threshold.", gt=0, le=1)
     top_k: int = _f(50, "Top-k sampling.", ge=0)
 
+    # --- data sources ------------------------------------------------------------------------------
+    columns: Optional[dict[str, str]] = _f(None, "Map this tool's field names to the data's columns, e.g. {prompt: question, response: answer}.")
+    mix_weights: Optional[list[float]] = _f(None, "With several train_file sources: the share of training examples drawn from each.")
+    train_split: Optional[str] = _f(None, "Split of a datasets folder / Hub dataset to train on; None = 'train' (or the only split).")
+    eval_split: Optional[str] = _f(None, "Split to evaluate on; without eval_file it is taken from the train_file data set.")
+    dataset_subset: Optional[str] = _f(None, "Subset (configuration name) of a Hub / datasets-folder data set.")
+    num_proc: Optional[int] = _f(None, "Processes that tokenise the data; None = 1 below 20,000 records, else up to 8.", gt=0)
+
+    # --- model precision, quantisation and source -----------------------------------------------------
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Dtype the model is loaded in; auto = bfloat16 for a frozen base (LoRA, freeze_layers, quantization) on a GPU with bf16, else float32. Trainable LoRA/unfrozen weights stay float32.")
+    quantization: Literal["none", "4bit", "8bit"] = _f("none", "Load the frozen base quantised with bitsandbytes (4bit = QLoRA: NF4, double quantisation, bf16 compute); LoRA only.")
+    model_source: Literal["huggingface", "modelscope"] = _f("huggingface", "Where a model id (not a local folder) is downloaded from: huggingface (HF_ENDPOINT for a mirror) or modelscope.")
+
     # --- validators ----------------------------------------------------------------------------------
     @field_validator("model_type")
     @classmethod
@@ -194,6 +210,45 @@ class TrainingConfig(BaseModel):
             raise ValueError("stage kd needs teacher_model (a folder or hub id of the teacher)")
         if self.kd_on_policy_ratio and self.packing:
             raise ValueError("kd_on_policy_ratio > 0 samples replies into padded batches: set packing=false")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_packs_by_default(cls, data: Any) -> Any:
+        # Continued pre-training trains on every token of many short and long documents: packing wastes nothing.
+        if isinstance(data, dict) and data.get("data_format") == "text" and "packing" not in data:
+            data = {**data, "packing": True}
+        return data
+
+    @field_validator("columns")
+    @classmethod
+    def _known_column_fields(cls, value: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        unknown = sorted(set(value or {}) - set(DATA_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; map this tool's fields ({', '.join(DATA_FIELDS)}) to "
+                             f"your column names, e.g. {{prompt: question, response: answer}}")
+        return value
+
+    @model_validator(mode="after")
+    def _data_sources_consistent(self) -> "TrainingConfig":
+        if self.mix_weights is not None and self.train_file:  # (eval/predict clear train_file)
+            sources = self.train_file if isinstance(self.train_file, list) else [self.train_file]
+            if len(self.mix_weights) != len(sources):
+                raise ValueError(f"mix_weights has {len(self.mix_weights)} weights for {len(sources)} train_file "
+                                 f"source(s); give one weight per source")
+            if any(weight < 0 for weight in self.mix_weights) or sum(self.mix_weights) <= 0:
+                raise ValueError("mix_weights must be >= 0 with a positive sum")
+        for name in ("train_file", "eval_file"):
+            if isinstance(getattr(self, name), list) and not getattr(self, name):
+                raise ValueError(f"{name}: give at least one source, or null")
+        if self.quantization != "none" and not self.use_lora:
+            raise ValueError(f"quantization {self.quantization} trains LoRA adapters on a frozen quantised base: "
+                             f"set use_lora: true (or quantization: none)")
+        if self.quantization != "none" and self.distributed == "fsdp":
+            raise ValueError("quantization cannot be combined with distributed fsdp; use ddp (the default)")
+        if self.data_format == "text" and self.stage != "sft":
+            raise ValueError(f"data_format text (continued pre-training) trains a language model: use stage sft, "
+                             f"not {self.stage!r}")
         return self
 
     # --- construction with clear errors --------------------------------------------------------------
@@ -278,7 +333,8 @@ def _typed_value(key: str, raw: str) -> Any:
         return raw
     if raw.strip().lower() in ("null", "none", "~"):
         return None
-    if wants_str:
+    takes_list = any(typing.get_origin(arg) is list for arg in typing.get_args(annotation))
+    if wants_str and not (takes_list and raw.lstrip().startswith("[")):  # train_file=[a.jsonl,b.parquet] is a list
         return raw
     try:
         return yaml.safe_load(raw)

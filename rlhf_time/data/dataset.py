@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import multiprocessing
 import os
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference
-from rlhf_time.data.readers import Record, check_data_path, read_records
+from rlhf_time.data.mixing import mixture_indices
+from rlhf_time.data.readers import Record
+from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
+from rlhf_time.data.text import encode_documents, text_of
 from rlhf_time.data.tokenize import (IGNORE_INDEX, ConversationEncoder, has_target, tokenize_preference_pairs,
                                      truncate)
 from rlhf_time.errors import RlhfTimeError
 
-CACHE_VERSION = "3"  # bump when the tokenised result of the same inputs changes
+CACHE_VERSION = "4"  # bump when the tokenised result of the same inputs changes
+RECORDS_PER_CHUNK = 1000  # unit of work of a tokenising process and of the progress bar
+AUTO_PARALLEL_RECORDS = 20_000  # num_proc=None tokenises in parallel from this many records on
 
 
 @dataclass
@@ -78,27 +85,51 @@ class PreferenceDataset(TokenizedDataset):
 
 
 # ----------------------------------------------------------------------------------------- entry points
-def validate_data_file(path: str | Path, config, kind: str = "conversation") -> list[Record]:
-    """Read and check every record (no tokenizer needed) so bad data fails before a model is loaded.
+def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: Optional[str | Path] = None) -> None:
+    """Read and check every record of a data set (no tokenizer needed) so bad data fails before a model is loaded.
 
+    path: a file / source, a list of them, or a DataSpec.
     kind: the data kind the stage trains on (its trainer's `data_kind`): "conversation" or "preference".
+    With cache_dir, a data set that passed once with the same content and data settings is not read again: a
+    marker named after (content fingerprint, settings) is kept in cache_dir/validated.
     """
     _check_kind(kind)
-    records = read_records(path)
-    fmt = detect_format(records[0], config.data_format)
-    wants_pairs = kind == "preference"
-    if wants_pairs != (fmt == "preference"):
-        need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
-        raise RlhfTimeError(f"{records[0].location}: stage {config.stage!r} needs {need}; this file has "
-                            f"fields {', '.join(sorted(records[0].data))}")
-    for record in records:
-        to_preference(record) if wants_pairs else to_messages(record, fmt)
-    return records
+    spec = as_spec(path)
+    marker = _validation_marker(spec, config, kind, Path(cache_dir)) if cache_dir is not None else None
+    if marker is not None and marker.is_file():
+        return
+    for source in spec.sources:
+        _, chunks = record_chunks(source, config, spec.role)
+        first = next(chunks)
+        fmt = detect_format(first[0], config.data_format)
+        wants_pairs = kind == "preference"
+        if fmt != "text" and wants_pairs != (fmt == "preference"):
+            need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
+            raise RlhfTimeError(f"{first[0].location}: stage {config.stage!r} needs {need}; this file has "
+                                f"fields {', '.join(sorted(first[0].data))}")
+        for record in (r for chunk in itertools.chain([first], chunks) for r in chunk):
+            if fmt == "text":
+                text_of(record)
+            else:
+                to_preference(record) if wants_pairs else to_messages(record, fmt)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+
+def _validation_marker(spec: DataSpec, config, kind: str, cache_dir: Path) -> Path:
+    settings = dict(version=CACHE_VERSION, data_format=config.data_format, columns=config.columns,
+                    kind=kind, role=spec.role, train_split=config.train_split,
+                    eval_split=config.eval_split, subset=config.dataset_subset,
+                    sources=[fingerprint(source, config, spec.role) for source in spec.sources])
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return cache_dir / "validated" / key
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts for `rlhf-time predict`: a .txt file (one per line, blank lines skipped) or, for .jsonl/.json/.csv,
-    each record's `prompt`, `instruction` (+ "\\n\\n" + input), or last user message of `messages`/`conversations`."""
+    """Prompts for `rlhf-time predict`: a .txt file (one per line, blank lines skipped) or, for any data source
+    (.jsonl/.json/.csv/.parquet, a datasets folder, hf://datasets/...), each record's `prompt`, `instruction`
+    (+ "\\n\\n" + input), or last user message of `messages`/`conversations`."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
@@ -107,14 +138,24 @@ def read_prompts(path: str | Path) -> list[str]:
         if not prompts:
             raise RlhfTimeError(f"{path}: no prompts (the file is empty)")
         return prompts
-    return [prompt_of(record) for record in read_records(path)]
+    return [prompt_of(record) for record in read_source(str(path), config=_NO_SETTINGS)]
+
+
+class _NoSettings:
+    """Data settings for reading prompts: no column mapping, default splits."""
+
+    columns = train_split = eval_split = eval_file = dataset_subset = None
+
+
+_NO_SETTINGS = _NoSettings()
 
 
 def load_sft_dataset(path, tokenizer, config, *, cache_dir=None, max_samples: Optional[int] = None) -> TokenizedDataset:
     """Tokenised SFT examples; labels are -100 except on assistant replies and the end-of-turn token closing each.
 
+    path: a file / source, a list of them (concatenated), or a DataSpec (with mixture weights).
     Cached under cache_dir, or config.data_cache_dir when cache_dir is None (no cache when both are None).
-    max_samples keeps the first N records.
+    max_samples keeps the first N records of each source. data_format text: every token is a target.
     """
     return _load(path, tokenizer, config, cache_dir, max_samples, TokenizedDataset, _build_sft)
 
@@ -145,8 +186,10 @@ def _encoder(tokenizer, config) -> ConversationEncoder:
 
 
 def _build_sft(records: list[Record], tokenizer, config) -> tuple[dict[str, list], DataStats]:
-    encoder = _encoder(tokenizer, config)
     fmt = detect_format(records[0], config.data_format)
+    if fmt == "text":
+        return _build_text(records, tokenizer, config)
+    encoder = _encoder(tokenizer, config)
     segments = [encoder.segments(to_messages(r, fmt), r.location) for r in records]
     stats = DataStats(records=len(records))
     columns: dict[str, list] = {"input_ids": [], "labels": []}
@@ -158,6 +201,19 @@ def _build_sft(records: list[Record], tokenizer, config) -> tuple[dict[str, list
             continue
         columns["input_ids"].append(input_ids)
         columns["labels"].append(labels)
+    return columns, stats
+
+
+def _build_text(records: list[Record], tokenizer, config) -> tuple[dict[str, list], DataStats]:
+    """Continued pre-training: documents cut into blocks, labels == input_ids (see text.py)."""
+    stats = DataStats(records=len(records))
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    for block in encode_documents([text_of(r) for r in records], tokenizer, config.max_seq_length):
+        if len(block) < 2:  # a 1-token tail predicts nothing
+            stats.dropped += 1
+            continue
+        columns["input_ids"].append(block)
+        columns["labels"].append(list(block))
     return columns, stats
 
 
@@ -187,31 +243,115 @@ def _build_preference(records: list[Record], tokenizer, config) -> tuple[dict[st
 
 def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[TokenizedDataset],
           build: Callable) -> TokenizedDataset:
-    path = check_data_path(path)
-    kind = dataset_class.__name__
+    spec = as_spec(path)
     cache_dir = cache_dir if cache_dir is not None else config.data_cache_dir
+    parts = [_load_source(source, spec.role, tokenizer, config, cache_dir, max_samples, dataset_class, build)
+             for source in spec.sources]
+    if len(parts) == 1:
+        return dataset_class(*parts[0])
+    picks = (mixture_indices([len(columns[dataset_class.length_of[0]]) for columns, _ in parts], spec.weights,
+                             config.seed)
+             if spec.weights else [range(len(columns[dataset_class.length_of[0]])) for columns, _ in parts])
+    columns: dict[str, list] = {key: [] for key in parts[0][0]}
+    for (part, _), indices in zip(parts, picks):
+        for key, values in columns.items():
+            values += [part[key][i] for i in indices]
+    stats = DataStats(records=sum(s.records for _, s in parts), truncated=sum(s.truncated for _, s in parts),
+                      dropped=sum(s.dropped for _, s in parts),
+                      identical_pairs_dropped=sum(s.identical_pairs_dropped for _, s in parts))
+    _count_tokens(columns, stats, dataset_class)
+    return dataset_class(columns, stats)
+
+
+def _load_source(source: str, role: str, tokenizer, config, cache_dir, max_samples,
+                 dataset_class: type[TokenizedDataset], build: Callable) -> tuple[dict[str, list], DataStats]:
+    """One source's tokenised columns and stats, from the cache or built (and cached)."""
+    kind = dataset_class.__name__
     cache_file = None
     if cache_dir is not None:
-        key = _cache_key(path, tokenizer, config, max_samples, kind)
-        cache_file = Path(cache_dir) / f"{path.stem}-{kind}-{key}.npz"
+        key = _cache_key(source, role, tokenizer, config, max_samples, kind)
+        cache_file = Path(cache_dir) / f"{source_label(source)}-{kind}-{key}.npz"
         cached = _read_cache(cache_file)
         if cached is not None:
-            return dataset_class(*cached)
-    records = read_records(path)
-    if max_samples:
-        records = records[:max_samples]
-    columns, stats = build(records, tokenizer, config)
+            return cached
+    total, chunks = record_chunks(source, config, role, limit=max_samples, size=RECORDS_PER_CHUNK)
+    first = next(chunks)
+    # The format is the source's (its first record's), not each chunk's.
+    config = config.model_copy(update={"data_format": detect_format(first[0], config.data_format)})
+    columns, stats = _build_in_chunks(itertools.chain([first], chunks), total, tokenizer, config, build, source)
+    _count_tokens(columns, stats, dataset_class)
+    if stats.examples == 0:
+        raise RlhfTimeError(f"{source}: empty data set after tokenisation ({stats.summary()}); "
+                            f"raise max_seq_length or check the data")
+    if cache_file is not None:
+        _write_cache(cache_file, columns, stats)
+    return columns, stats
+
+
+def _count_tokens(columns: dict[str, list], stats: DataStats, dataset_class: type[TokenizedDataset]) -> None:
+    stats.total_tokens = stats.target_tokens = 0
     for ids_key in dataset_class.length_of:
         labels_key = ids_key.replace("input_ids", "labels")
         stats.total_tokens += sum(map(len, columns[ids_key]))
         stats.target_tokens += sum(len(labels) - 1 - labels[1:].count(IGNORE_INDEX) for labels in columns[labels_key])
     stats.examples = len(columns[dataset_class.length_of[0]])
-    if stats.examples == 0:
-        raise RlhfTimeError(f"{path}: empty data set after tokenisation ({stats.summary()}); "
-                            f"raise max_seq_length or check the data")
-    if cache_file is not None:
-        _write_cache(cache_file, columns, stats)
-    return dataset_class(columns, stats)
+
+
+# ------------------------------------------------------------------------------- parallel tokenisation
+_worker_job: Optional[tuple[Callable, Any, Any]] = None  # (build, tokenizer, config), inherited by forked workers
+
+
+def _build_chunk(records: list[Record]) -> tuple[dict[str, list], DataStats]:
+    build, tokenizer, config = _worker_job
+    return build(records, tokenizer, config)
+
+
+def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, config, build: Callable,
+                     source: str) -> tuple[dict[str, list], DataStats]:
+    """build() over consecutive chunks of records, in order, in num_proc processes, with a progress bar; the
+    result equals build(all records) because every record is tokenised on its own."""
+    global _worker_job
+    from tqdm.auto import tqdm
+
+    processes = num_processes(config, total) if total > RECORDS_PER_CHUNK else 1
+    progress = tqdm(total=total, desc=f"tokenising {source}", unit=" records", dynamic_ncols=True,
+                    disable=config.disable_progress_bar or total <= RECORDS_PER_CHUNK)
+    results = []
+    if processes <= 1:
+        for chunk in chunks:
+            results.append(build(chunk, tokenizer, config))
+            progress.update(len(chunk))
+    else:
+        # fork: workers inherit the tokenizer and config instead of unpickling them; one Rust thread pool each.
+        _worker_job, previous = (build, tokenizer, config), os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            with multiprocessing.get_context("fork").Pool(processes) as pool:
+                # A few chunks per process at a time, so the records are not all read (and queued) at once.
+                while window := list(itertools.islice(chunks, 4 * processes)):
+                    results += pool.map(_build_chunk, window)
+                    progress.update(sum(map(len, window)))
+        finally:
+            _worker_job = None
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+    progress.close()
+    columns = {key: [row for part, _ in results for row in part[key]] for key in results[0][0]}
+    stats = DataStats(records=total)
+    for _, part in results:
+        stats.truncated += part.truncated
+        stats.dropped += part.dropped
+        stats.identical_pairs_dropped += part.identical_pairs_dropped
+    return columns, stats
+
+
+def num_processes(config, records: int) -> int:
+    """config.num_proc, or None -> 1 for small data, else up to 8 (never more than the CPUs)."""
+    if config.num_proc:
+        return config.num_proc
+    return 1 if records < AUTO_PARALLEL_RECORDS else max(1, min(8, os.cpu_count() or 1))
 
 
 # The loader of each data kind a stage can declare.
@@ -222,17 +362,18 @@ DATA_KINDS: dict[str, Callable[..., TokenizedDataset]] = {
 
 
 # ------------------------------------------------------------------------------------------------- cache
-def _cache_key(path: Path, tokenizer, config, max_samples, kind) -> str:
-    """Hash of everything the tokenised result depends on: file bytes, tokenizer, and the data settings."""
+def _cache_key(source: str, role: str, tokenizer, config, max_samples, kind) -> str:
+    """Hash of everything the tokenised result depends on: the source's content, tokenizer, and the data settings
+    (not num_proc: the result is the same for any number of processes)."""
     digest = hashlib.sha256()
-    digest.update(path.read_bytes())
+    digest.update(fingerprint(source, config, role).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
     settings = dict(version=CACHE_VERSION, kind=kind, max_samples=max_samples, tokenizer=type(tokenizer).__name__,
                     chat_template=tokenizer.chat_template, special=tokenizer.special_tokens_map,
                     data_format=config.data_format, prompt_template=config.prompt_template,
                     response_template=config.response_template, system_prompt=config.system_prompt,
-                    max_seq_length=config.max_seq_length)
+                    max_seq_length=config.max_seq_length, columns=config.columns)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 

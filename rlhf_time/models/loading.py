@@ -12,18 +12,25 @@ import torch
 from torch import nn
 
 from rlhf_time.config import TINY_MODEL_NAME, TrainingConfig
+from rlhf_time.downloads import download_progress
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models.families import ModelFamily, resolve_family
+from rlhf_time.models.precision import load_dtype, quantization_config, target_device
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(name: str) -> str:
-    """'tiny' -> the cached embedded default (built on first use); anything else is passed through."""
+def resolve_model_path(name: str, model_source: str = "huggingface") -> str:
+    """'tiny' -> the cached embedded default (built on first use); a model id with model_source modelscope -> its
+    local ModelScope snapshot (downloaded if needed); anything else is passed through."""
     if name == TINY_MODEL_NAME:
         from rlhf_time.models.tiny import tiny_model_path
 
         return str(tiny_model_path())
+    if model_source == "modelscope" and not Path(name).exists():
+        from rlhf_time.models.modelscope import modelscope_snapshot
+
+        return modelscope_snapshot(name)
     return name
 
 
@@ -31,7 +38,7 @@ def load_tokenizer(config: TrainingConfig, path: str | None = None):
     """The model's tokenizer with a pad token and a chat template guaranteed."""
     from transformers import AutoTokenizer
 
-    source = path or resolve_model_path(config.model_name)
+    source = path or resolve_model_path(config.model_name, config.model_source)
     tokenizer = _from_pretrained(AutoTokenizer, source, config.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -41,7 +48,7 @@ def load_tokenizer(config: TrainingConfig, path: str | None = None):
 def model_family(config: TrainingConfig, path: str | None = None) -> ModelFamily:
     from transformers import AutoConfig
 
-    source = adapter_base(path or resolve_model_path(config.model_name))
+    source = adapter_base(path or resolve_model_path(config.model_name, config.model_source))
     hf_config = _from_pretrained(AutoConfig, source, config.trust_remote_code)
     return resolve_family(config.model_type, config.is_set("model_type"), hf_config.model_type)
 
@@ -64,12 +71,25 @@ def ensure_chat_template(tokenizer, family: ModelFamily) -> None:
         tokenizer.chat_template = family.chat_template
 
 
-def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str = "causal_lm") -> nn.Module:
-    """A float32 model (master weights) on CPU; head='reward' gives a 1-label sequence-classification model."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str = "causal_lm",
+                   meta: bool = False) -> nn.Module:
+    """The model in its load dtype (precision.load_dtype: float32 master weights unless the base is frozen or
+    model_dtype says otherwise), on CPU, or quantised on the training device; head='reward' gives a 1-label
+    sequence-classification model. meta=True: the same architecture on the meta device, no weights read
+    (FSDP fills each rank's shards later)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    source = path or resolve_model_path(config.model_name)
-    kwargs = dict(dtype=torch.float32, attn_implementation=config.attn_implementation or "sdpa")
+    source = path or resolve_model_path(config.model_name, config.model_source)
+    kwargs = dict(dtype=load_dtype(config), attn_implementation=config.attn_implementation or "sdpa")
+    if meta:
+        factory = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+        extra = {"num_labels": 1} if head == "reward" else {}
+        hf_config = _from_pretrained(AutoConfig, source, config.trust_remote_code, **extra)
+        with torch.device("meta"):
+            return factory.from_config(hf_config, trust_remote_code=config.trust_remote_code, **kwargs)
+    quantization = quantization_config(config)
+    if quantization is not None:  # bitsandbytes quantises while loading, on the device the weights go to
+        kwargs.update(quantization_config=quantization, device_map={"": str(target_device(config))})
     if head == "reward":
         kwargs["num_labels"] = 1
         return _from_pretrained(AutoModelForSequenceClassification, source, config.trust_remote_code, **kwargs)
@@ -80,7 +100,8 @@ def _from_pretrained(factory, source: str, trust_remote_code: bool, **kwargs):
     if not Path(source).exists():
         source = _hub_snapshot_or_fail(source)
     try:
-        return factory.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        with download_progress():
+            return factory.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
         raise RlhfTimeError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
 

@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models.families import ModelFamily, decoder_layers
+from rlhf_time.models.precision import float32_inputs_for_trained_modules, low_precision_frozen_layers, trainable_to_float32
 
 log = logging.getLogger(__name__)
 
 
 def apply_tuning(model: nn.Module, config: TrainingConfig, family: ModelFamily, task_type: str = "CAUSAL_LM") -> nn.Module:
     """Return the model ready to train with the configured strategy (LoRA wraps it in a PeftModel)."""
+    base_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     if config.use_lora:
+        if config.quantization != "none":
+            from peft import prepare_model_for_kbit_training
+
+            # Norms and other small non-quantised weights to float32, inputs made to require grad; activation
+            # checkpointing is switched on below (non-reentrant), not here.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = _wrap_lora(model, config, family, task_type)
     elif config.freeze_layers:
         _freeze_layers(model, config.freeze_layers)
+    if base_dtype != torch.float32 and (config.use_lora or config.freeze_layers):
+        # A low-precision frozen base; what trains is float32 (peft already makes LoRA weights float32).
+        trainable_to_float32(model)
+        if config.freeze_layers:
+            low_precision_frozen_layers(decoder_layers(model), base_dtype)
+        else:
+            float32_inputs_for_trained_modules(model)
     if config.use_gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it also works when the
         # embeddings are frozen (LoRA, frozen first layers).

@@ -60,7 +60,8 @@ def build_auxiliary_model(spec: AuxiliaryModel, policy: nn.Module, tokenizer, co
         if spec.adapter:
             model = _merge_adapter(model, spec.adapter)
         log.info("%s model: %s%s", spec.name, spec.source, f" + adapter {spec.adapter}" if spec.adapter else "")
-    model = model.to(device)
+    if not any(p.is_meta for p in model.parameters()):  # an FSDP meta skeleton gets its shards when sharded
+        model = model.to(device)
     if spec.cast_to_amp_dtype and amp_dtype is not None:
         model = model.to(amp_dtype)
     return model.eval().requires_grad_(False)

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_time.config import TrainingConfig
-from rlhf_time.data import load_dataset_of_kind, plan_batches, shard_batches, validate_data_file
+from rlhf_time.data import eval_spec, load_dataset_of_kind, plan_batches, shard_batches, train_spec, validate_data_file
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
 from rlhf_time.trainer import checkpoint as ckpt
@@ -61,16 +61,17 @@ class Trainer:
         random.seed(config.seed)
 
         # Bad data fails before any model is loaded.
-        for path in (config.train_file, config.eval_file):
-            if path:
-                validate_data_file(path, config, kind=self.data_kind)
+        for spec in (train_spec(config), eval_spec(config)):
+            if spec:
+                validate_data_file(spec, config, kind=self.data_kind, cache_dir=self.data_cache_dir())
 
         self.family = model_family(config)
         self.tokenizer = load_tokenizer(config)
         if not (config.prompt_template or config.response_template):
             ensure_chat_template(self.tokenizer, self.family)
-        model = load_causal_lm(config, head=self.model_head)
-        self.model = apply_tuning(model, config, self.family, task_type=self.peft_task_type).to(self.device)
+        self.model = parallel.load_model(  # under FSDP: rank 0 loads, the others build on the meta device
+            lambda meta: apply_tuning(load_causal_lm(config, head=self.model_head, meta=meta), config, self.family,
+                                      task_type=self.peft_task_type), config, self.dist)
         trainable, total = count_parameters(self.model)
         self._log(f"model {config.model_name} ({self.family.name}): {trainable:,} trainable of {total:,} parameters")
         self.amp_dtype = self._amp_dtype()
@@ -81,8 +82,8 @@ class Trainer:
         }
 
         with main_rank_first():  # rank 0 tokenises and caches; the other ranks then read its cache
-            self.train_dataset = self.load_dataset(config.train_file, config.max_train_samples) if config.train_file else None
-            self.eval_dataset = self.load_dataset(config.eval_file, config.max_eval_samples) if config.eval_file else None
+            self.train_dataset = self.load_dataset(train_spec(config), config.max_train_samples) if config.train_file else None
+            self.eval_dataset = self.load_dataset(eval_spec(config), config.max_eval_samples) if eval_spec(config) else None
         for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             if dataset is not None:
                 self._log(f"{name} data: {dataset.stats.summary()}")

@@ -11,11 +11,13 @@ The loop stays the same for one process, DDP and FSDP; what differs is here:
 from __future__ import annotations
 
 import contextlib
+import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -45,7 +47,8 @@ def wrap_model(model: nn.Module, config: TrainingConfig, dist: DistributedContex
 
 
 def shard_model(model: nn.Module, config: TrainingConfig) -> nn.Module:
-    """FSDP2 in place: every decoder layer, then the root."""
+    """FSDP2 in place: every decoder layer, then the root; a meta-device skeleton from load_model then gets its
+    shards from rank 0's weights."""
     options: dict[str, Any] = {}
     if config.use_amp:  # bf16 compute and all-gathers, fp32 gradient reduction and master weights
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -54,7 +57,68 @@ def shard_model(model: nn.Module, config: TrainingConfig) -> nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)  # the root: embeddings, final norm, lm_head (tied or not)
+    rank0 = model.__dict__.pop("_rank0_weights", None)
+    if rank0 is not None:
+        _fill_shards_from_rank0(model, rank0.model, _shard_device(config))
     return model
+
+
+# ------------------------------------------------------------------------------- memory-lean FSDP loading
+class _Rank0Weights:
+    """Rank 0's loaded model (None on other ranks), kept with a meta skeleton until its shards are filled.
+    A deepcopy of the skeleton (DPO's reference) shares it: both start from the same weights."""
+
+    def __init__(self, model: Optional[nn.Module]) -> None:
+        self.model = model
+
+    def __deepcopy__(self, memo: dict) -> "_Rank0Weights":
+        return self
+
+
+def load_model(build: Callable[[bool], nn.Module], config: TrainingConfig, dist: DistributedContext) -> nn.Module:
+    """The model to train. `build(meta)` loads it (meta=False) or builds the same modules on the meta device.
+
+    One process and DDP: build(False) on the training device, as always. FSDP: no rank holds a full copy on its
+    device. Rank 0 loads the model into host memory exactly as one process would (same weights, same random
+    init of new heads and LoRA); every rank builds a meta skeleton, which shard_model shards and then fills, each
+    rank receiving only its shard of each tensor from rank 0. Per rank, device memory peaks at its shards plus
+    one full tensor in flight; ranks other than 0 never hold more in any memory.
+    """
+    if not (dist.enabled and config.distributed == "fsdp"):
+        return build(False).to(dist.device)
+    loaded = build(False) if dist.is_main else None
+    # Every rank continues from rank 0's random state, as if each had run the (seeded) loading itself.
+    state = [torch.get_rng_state()]
+    torch.distributed.broadcast_object_list(state, src=0)
+    torch.set_rng_state(state[0])
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        skeleton = build(True)
+    skeleton.__dict__["_rank0_weights"] = _Rank0Weights(loaded)
+    return skeleton
+
+
+def _shard_device(config: TrainingConfig) -> torch.device:
+    if config.fsdp_cpu_offload or torch.distributed.get_backend() != "nccl":
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@torch.no_grad()
+def _fill_shards_from_rank0(model: nn.Module, loaded: Optional[nn.Module], device: torch.device) -> None:
+    """Allocate the sharded skeleton's storage, then fill it tensor by tensor: rank 0 scatters each parameter
+    (every rank receives only its shard, written in place, so tied weights stay tied) and broadcasts each buffer
+    (rotary tables are not in the state dict). Peak per rank: its shards plus one full tensor in flight."""
+    model.to_empty(device=device)
+    is_main = torch.distributed.get_rank() == 0
+    source = {**dict(loaded.named_parameters()), **dict(loaded.named_buffers())} if is_main else {}
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        full = source[name].detach().to(device) if is_main else torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        if isinstance(tensor, DTensor):
+            # src_data_rank=0 (the default): rank 0's data is scattered, the other ranks' `full` only has the shape.
+            tensor.to_local().copy_(distribute_tensor(full, tensor.device_mesh, tensor.placements).to_local())
+        else:
+            torch.distributed.broadcast(full, src=0)
+            tensor.copy_(full)
 
 
 def is_fsdp(model: nn.Module) -> bool:
