@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlhf_time import SFTrainer
-from rlhf_time.quickstart_task import TRAIN_FILE
+from rlhf_time.data.quickstart import TRAIN_FILE
 from tests.conftest import write_jsonl
 from tests.trainer.helpers import tiny_config, train_losses, weights
 
