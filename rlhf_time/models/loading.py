@@ -87,7 +87,8 @@ def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str
         hf_config = _from_pretrained(AutoConfig, source, config.trust_remote_code, **extra)
         with torch.device("meta"):
             return factory.from_config(hf_config, trust_remote_code=config.trust_remote_code, **kwargs)
-    quantization = quantization_config(config)
+    # Only the policy (model_name) is quantised: a frozen reference or teacher given by `path` loads in model_dtype.
+    quantization = quantization_config(config) if path is None else None
     if quantization is not None:  # bitsandbytes quantises while loading, on the device the weights go to
         kwargs.update(quantization_config=quantization, device_map={"": str(target_device(config))})
     if head == "reward":
