@@ -170,17 +170,17 @@ class ConversationEncoder:
 
 
 def tokenize_preference_pairs(pairs: list["PreferencePair"], encoder: ConversationEncoder,
-                              locations: Optional[list[str]] = None) -> list[dict[str, list[int]]]:
+                              locations: Optional[list[str]] = None, progress=iter) -> list[dict[str, list[int]]]:
     """(prompt + chosen) and (prompt + rejected) of each pair, tokenised in one batch, untruncated.
 
     Returns per pair {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}. The masking
     rules are those of SFT, except that only the final reply is a target: assistant turns inside a multi-turn
-    prompt are context.
+    prompt are context. progress wraps the iteration over pairs (e.g. a tqdm bar).
     """
     locations = locations or [""] * len(pairs)
     segments = [encoder.segments([*pair.prompt_messages, {"role": "assistant", "content": reply}], location,
                                  last_turn_only=True)
-                for pair, location in zip(pairs, locations) for reply in (pair.chosen, pair.rejected)]
+                for pair, location in progress(zip(pairs, locations)) for reply in (pair.chosen, pair.rejected)]
     encoded = encoder.encode_many(segments)
     return [{"chosen_input_ids": encoded[2 * i][0], "chosen_labels": encoded[2 * i][1],
              "rejected_input_ids": encoded[2 * i + 1][0], "rejected_labels": encoded[2 * i + 1][1]}
