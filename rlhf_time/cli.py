@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from rlhf_time import __version__
+    from rlhf_time.constants import VERSION
 
     parser = argparse.ArgumentParser(prog="rlhf-time", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"rlhf-time {__version__}")
+    parser.add_argument("--version", action="version", version=f"rlhf-time {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str) -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ def test_overwrite_output_dir_replaces_the_old_run(tmp_path, tiny_model_dir):
 
 
 def test_the_cli_refusal_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
-    from rlhf_time.quickstart_task import TRAIN_FILE
+    from rlhf_time.data.quickstart import TRAIN_FILE
 
     config = dict(model_name=str(tiny_model_dir), output_dir=str(tmp_path / "out"), experiment_name="cli",
                   train_file=str(TRAIN_FILE), max_train_samples=8, batch_size=4, max_steps=1, report_to="none",
