@@ -85,7 +85,8 @@ def rlhf_time_config(work: Path, args, **overrides):
         response_template="{response}", max_seq_length=1024, batch_size=args.batch_size, max_steps=args.steps,
         num_train_epochs=1, learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps_ratio=0.0,
         weight_decay=0.0, max_grad_norm=1.0, eval_strategy="no", save_strategy="no", report_to="none",
-        disable_progress_bar=True, logging_steps=1, seed=SEED, data_cache_dir=str(work / "cache"), **overrides)
+        disable_progress_bar=True, logging_steps=1, seed=SEED, data_cache_dir=str(work / "cache"),
+        plot_metrics=False, **overrides)  # time training only: no report charts or sample generations
 
 
 # ------------------------------------------------------------------------------------------ variants

@@ -2,10 +2,13 @@
 
 from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.logs import install_default_handler, set_verbosity
 
-__version__ = "0.1.0"
+install_default_handler()  # the API prints its progress lines like the CLI does (see rlhf_time/logs.py)
+
+from rlhf_time.constants import VERSION as __version__
 _TRAINER_NAMES = ("SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "TrainerCallback", "Trainer", "AuxiliaryModel")
-__all__ = ["TrainingConfig", "RlhfTimeError", *_TRAINER_NAMES, "InferenceModel", "__version__"]
+__all__ = ["TrainingConfig", "RlhfTimeError", *_TRAINER_NAMES, "InferenceModel", "set_verbosity", "__version__"]
 
 
 def __getattr__(name: str):

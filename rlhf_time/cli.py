@@ -1,4 +1,4 @@
-"""The `rlhf-time` command: train | eval | predict | chat | export | score.
+"""The `rlhf-time` command: train | eval | predict | chat | export | score | plot.
 
 Errors in config or data print one line on stderr and exit with code 2 (use --debug for the traceback).
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -25,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    # Console lines come from the `rlhf_time` logger's own stderr handler (rlhf_time/logs.py), as in the API.
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        return _closed_pipe()
     except (RlhfTimeError, FileNotFoundError) as error:
         if args.debug:
             raise
@@ -39,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from rlhf_time.constants import VERSION
+
     parser = argparse.ArgumentParser(prog="rlhf-time", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rlhf-time {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str) -> argparse.ArgumentParser:
@@ -71,6 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
     export = command("export", _export, "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
     export.add_argument("adapter", help="folder with adapter_config.json (e.g. outputs/<run>/final)")
     export.add_argument("output", help="folder to write the merged model to")
+    export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                        help="dtype of the saved weights (default: the base model's dtype)")
+
+    plot = command("plot", _plot, "Draw PNG charts of one run's metrics, or compare several runs.")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
+    plot.add_argument("--output", default=None,
+                      help="folder for the PNGs (default: RUN_DIR/plots for one run, ./plots for several)")
 
     score = command("score", _score, "Score prompt/response records or preference pairs with a trained reward model.")
     score.add_argument("model", help="reward model folder")
@@ -99,6 +110,9 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     config = TrainingConfig.from_yaml(args.config, args.overrides)  # bad configs fail before torch is imported
     from rlhf_time.trainer import trainer_for
+    from rlhf_time.trainer.run_folder import refuse_occupied_run_folder
+
+    refuse_occupied_run_folder(config)  # an occupied run folder fails before the model loads
 
     trainer = trainer_for(config)
     results = trainer.train()
@@ -176,7 +190,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from rlhf_time.models.export import merge_adapter
 
-    merge_adapter(args.adapter, args.output)
+    merge_adapter(args.adapter, args.output, dtype=args.dtype)
     print(f"merged model written to {args.output}", file=sys.stderr)
     return 0
 
@@ -187,6 +201,26 @@ def _score(args: argparse.Namespace) -> int:
     summary = score_file(args.model, args.input, args.output)
     print(json.dumps(summary), file=sys.stderr)
     return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from rlhf_time.plots import plot_runs
+
+    output = args.output or (str(Path(args.runs[0]) / "plots") if len(args.runs) == 1 else "plots")
+    for path in plot_runs(args.runs, output):
+        print(path)
+    return 0
+
+
+def _closed_pipe() -> int:
+    """The reader of our stdout went away (`rlhf-time train --help-config | head`): stop quietly.
+
+    Python would print a BrokenPipeError traceback at exit while flushing stdout; pointing stdout at devnull
+    first avoids it (the recipe of the `signal` module's documentation).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 if __name__ == "__main__":

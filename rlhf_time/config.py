@@ -7,6 +7,7 @@ trainer needs beyond them. One YAML file mirrors this class field for field.
 from __future__ import annotations
 
 import difflib
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -39,7 +40,7 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     # --- run -----------------------------------------------------------------------------------------
-    experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name.")
+    experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name (non-SFT stages: <stage>_experiment).")
     output_dir: str = _f("outputs", "Folder that holds one sub-folder per experiment.")
     stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo, kd (distillation); see rlhf_time.stages.")
     seed: int = _f(42, "Seed for weights init of new heads, data order and dropout.")
@@ -111,7 +112,8 @@ class TrainingConfig(BaseModel):
     save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints (the best is never deleted); None keeps all.", gt=0)
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' for the newest in the run folder.")
     logging_steps: int = _f(10, "Console/TensorBoard log every N optimiser steps.", gt=0)
-    report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Where scalars go besides metrics.jsonl: tensorboard or none.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "swanlab"]] = _f(
+        ["tensorboard"], "Experiment trackers besides metrics.jsonl: a list of tensorboard, wandb, mlflow, swanlab; none = [].")
     disable_progress_bar: bool = _f(False, "Hide the tqdm progress bar.")
 
     # --- distributed ---------------------------------------------------------------------------------
@@ -160,6 +162,12 @@ class TrainingConfig(BaseModel):
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f("auto", "Dtype the model is loaded in; auto = bfloat16 for a frozen base (LoRA, freeze_layers, quantization) on a GPU with bf16, else float32. Trainable LoRA/unfrozen weights stay float32.")
     quantization: Literal["none", "4bit", "8bit"] = _f("none", "Load the frozen base quantised with bitsandbytes (4bit = QLoRA: NF4, double quantisation, bf16 compute); LoRA only.")
     model_source: Literal["huggingface", "modelscope"] = _f("huggingface", "Where a model id (not a local folder) is downloaded from: huggingface (HF_ENDPOINT for a mirror) or modelscope.")
+
+    # --- run folders, trackers, reports ----------------------------------------------------------------
+    overwrite_output_dir: bool = _f(False, "Allow a new run in a run folder that already holds one (its metrics, charts and checkpoints are removed first).")
+    tracker_project: Optional[str] = _f(None, "Project name for wandb / SwanLab and experiment name for MLflow; None = rlhf_time.")
+    plot_metrics: bool = _f(True, "At the end of training write PNG charts (needs matplotlib) and report.md into the run folder.")
+    report_samples: int = _f(3, "Eval prompts whose generations before/after training go into report.md (generative stages); 0 = none.", ge=0)
 
     # --- validators ----------------------------------------------------------------------------------
     @field_validator("model_type")
@@ -251,6 +259,27 @@ class TrainingConfig(BaseModel):
                              f"not {self.stage!r}")
         return self
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_as_list(cls, value: Any) -> Any:
+        # "tensorboard", "wandb,mlflow", "none"/None/[] all accepted; stored as a list without duplicates.
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            value = [item for item in value if str(item).lower() != "none"]
+            return list(dict.fromkeys(value))
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_experiment_name(cls, data: Any) -> Any:
+        # Each stage gets its own default run folder, so an RM run and a DPO run never share `final/`.
+        if isinstance(data, dict) and "experiment_name" not in data and data.get("stage", "sft") != "sft":
+            data = {**data, "experiment_name": f"{data['stage']}_experiment"}
+        return data
+
     # --- construction with clear errors --------------------------------------------------------------
     def __init__(self, **data: Any) -> None:
         unknown = [key for key in data if key not in type(self).model_fields]
@@ -299,6 +328,7 @@ class TrainingConfig(BaseModel):
             raise ConfigError(f"{path}:{where} invalid YAML ({getattr(error, 'problem', error)})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+        values = resolve_relative_paths(values, path.parent)
         values.update(parse_overrides(overrides or []))
         try:
             return cls(**values)
@@ -323,6 +353,20 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if key not in TrainingConfig.model_fields:
             raise ConfigError(_unknown_keys_message([key]))
         values[key] = _typed_value(key, raw)
+    return values
+
+
+YAML_RELATIVE_FIELDS = ("train_file", "eval_file", "model_name")
+
+
+def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Relative data/model paths written in a YAML file name files next to that YAML (so examples run from any
+    working directory); a path that does not exist there is left as written (relative to the working directory)."""
+    values = dict(values)
+    for key in YAML_RELATIVE_FIELDS:
+        value = values.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
+            values[key] = os.path.normpath(folder / value)
     return values
 
 

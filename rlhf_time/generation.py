@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rlhf_time.data.tokenize import ConversationEncoder
 
@@ -21,7 +22,7 @@ def render_generation_prompt(tokenizer, messages: list[dict[str, str]], *, promp
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, texts: list[str], *, max_new_tokens: int = 512, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50, batch_size: int = 8,
-             stop_token_ids: Optional[list[int]] = None) -> list[str]:
+             stop_token_ids: Optional[list[int]] = None, progress: bool = False) -> list[str]:
     """Batched, left-padded generation; returns only the newly generated text of each prompt."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -30,8 +31,10 @@ def generate(model: nn.Module, tokenizer, texts: list[str], *, max_new_tokens: i
     eos = stop_token_ids or [tokenizer.eos_token_id]
     sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
     outputs: list[str] = []
+    starts = range(0, len(texts), batch_size)
     try:
-        for start in range(0, len(texts), batch_size):
+        for start in tqdm(starts, desc="generate", unit="batch", leave=False, dynamic_ncols=True,
+                          disable=not progress or len(starts) < 2):
             encoded = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
             generated = model.generate(

@@ -91,7 +91,8 @@ class InferenceModel:
         if unknown:
             raise RlhfTimeError(f"unknown generation options {sorted(unknown)}; allowed: {sorted(settings)}")
         settings.update(overrides)
-        return generate(self.model, self.tokenizer, texts, stop_token_ids=self.stop_token_ids(), **settings)
+        return generate(self.model, self.tokenizer, texts, stop_token_ids=self.stop_token_ids(),
+                        progress=not config.disable_progress_bar, **settings)
 
     def stop_token_ids(self) -> list[int]:
         """EOS and the family's end-of-turn token: generation ends at either."""

@@ -18,7 +18,7 @@ def quickstart_config(overrides: list[str] | None = None):
         experiment_name="quickstart", model_name="tiny", train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE),
         batch_size=16, learning_rate=2e-3, num_train_epochs=4, lr_scheduler_type="cosine", warmup_steps_ratio=0.05,
         weight_decay=0.0, max_seq_length=64, eval_strategy="epoch", save_strategy="no", logging_steps=20,
-        max_new_tokens=16,
+        max_new_tokens=16, overwrite_output_dir=True,  # a demo: running it again starts over
     )
     values.update(parse_overrides(overrides or []))
     return TrainingConfig(**values)

@@ -15,7 +15,7 @@ from rlhf_time.cli import main
 def _config(tmp_path, model_dir, **values):
     base = dict(model_name=str(model_dir), output_dir=str(tmp_path / "out"), experiment_name="cli", batch_size=4,
                 max_steps=2, report_to="none", disable_progress_bar=True, save_strategy="no", eval_strategy="no",
-                max_seq_length=64, data_cache_dir=str(tmp_path / "cache"))
+                max_seq_length=64, data_cache_dir=str(tmp_path / "cache"), plot_metrics=False)
     base.update(values)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(base, allow_unicode=True), encoding="utf-8")

@@ -314,7 +314,7 @@ def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, conf
     from tqdm.auto import tqdm
 
     processes = num_processes(config, total) if total > RECORDS_PER_CHUNK else 1
-    progress = tqdm(total=total, desc=f"tokenising {source}", unit=" records", dynamic_ncols=True,
+    progress = tqdm(total=total, desc="tokenize", postfix=source, unit=" records", dynamic_ncols=True,
                     disable=config.disable_progress_bar or total <= RECORDS_PER_CHUNK)
     results = []
     if processes <= 1:

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from rlhf_time.config import TrainingConfig
 from rlhf_time.data import eval_spec, load_dataset_of_kind, plan_batches, shard_batches, train_spec, validate_data_file
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.report import RunReport
+from rlhf_time.templates import apply_training_template
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
@@ -32,6 +34,8 @@ from rlhf_time.trainer.callbacks import fire
 from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
 from rlhf_time.trainer.reporting import RunReporter
+from rlhf_time.trainer.run_folder import claim_run_folder
+from rlhf_time.trainer.trackers import check_trackers_installed
 from rlhf_time.trainer.throughput import ThroughputMeter
 
 log = logging.getLogger("rlhf_time")
@@ -64,11 +68,13 @@ class Trainer:
         for spec in (train_spec(config), eval_spec(config)):
             if spec:
                 validate_data_file(spec, config, kind=self.data_kind, cache_dir=self.data_cache_dir())
+        check_trackers_installed(config.report_to)
 
         self.family = model_family(config)
         self.tokenizer = load_tokenizer(config)
         if not (config.prompt_template or config.response_template):
             ensure_chat_template(self.tokenizer, self.family)
+        apply_training_template(self.tokenizer, config)  # saved folders carry the layout used in training
         self.model = parallel.load_model(  # under FSDP: rank 0 loads, the others build on the meta device
             lambda meta: apply_tuning(load_causal_lm(config, head=self.model_head, meta=meta), config, self.family,
                                       task_type=self.peft_task_type), config, self.dist)
@@ -155,10 +161,13 @@ class Trainer:
         if self._resume_from is not None:
             ckpt.load_optimizer_states(self._resume_from, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
             ckpt.restore_rng(self._resume_from, ckpt.load_trainer_state(self._resume_from))
-            self._log(f"resumed from {self._resume_from} at step {self.global_step}")
             self._resume_from = None
 
-        reporter = RunReporter(self.run_dir, config.report_to, enabled=self.dist.is_main)
+        if self.dist.is_main:  # a new run never lands on an old one (unless resuming or told to overwrite)
+            claim_run_folder(self.run_dir, resuming=self.global_step > 0, overwrite=config.overwrite_output_dir)
+        barrier()
+        reporter = RunReporter(self.run_dir, config, enabled=self.dist.is_main)
+        run_report = RunReport(enabled=self.dist.is_main).start(self)  # samples "before" for report.md
         if self.dist.is_main:
             config.to_yaml(self.run_dir / "config.yaml")
         self._meter = ThroughputMeter(self.model, self.device)
@@ -188,8 +197,7 @@ class Trainer:
                                  tok_s=f"{step_metrics['train/tokens_per_sec']:.0f}")
             is_last = self.global_step >= total_steps
             if self.global_step % config.logging_steps == 0 or is_last:
-                reporter.report(self.global_step, {**step_metrics, "train/epoch": self._epoch_progress(plan)},
-                                console=config.disable_progress_bar)
+                reporter.report(self.global_step, {**step_metrics, "train/epoch": self._epoch_progress(plan)})
             fire(self.callbacks, "on_step_end", self, step_metrics)
 
             evaluated = False
@@ -222,6 +230,7 @@ class Trainer:
         }
         reporter.report(self.global_step, {f"summary/{k}": v for k, v in results.items()}, console=False)
         reporter.close()
+        run_report.finish(self, results)  # plots/*.png and report.md
         fire(self.callbacks, "on_train_end", self, results)
         return results
 
@@ -308,7 +317,9 @@ class Trainer:
         start = time.perf_counter()
         # Every rank runs the same number of forwards (FSDP's all-gathers are collective): a rank past the end
         # re-runs the first batch and adds nothing.
-        for index in range(rank, math.ceil(len(batches) / world_size) * world_size, world_size):
+        indices = range(rank, math.ceil(len(batches) / world_size) * world_size, world_size)
+        for index in tqdm(indices, desc="eval", leave=False, dynamic_ncols=True,
+                          disable=self.config.disable_progress_bar or not self.dist.is_main):
             weight = 1.0 if index < len(batches) else 0.0
             batch = self.collate(batches[index] if weight else batches[0], dataset)
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -413,6 +424,7 @@ class Trainer:
         if stage_state is not None:
             self.load_stage_state(stage_state)
         self._resume_from = folder
+        self._log(f"resumed from {folder} at step {self.global_step} (epoch {self.epoch}, batch {self.batch_index})")
         if self.optimizer is not None:
             ckpt.load_optimizer_states(folder, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
             ckpt.restore_rng(folder, state)
@@ -530,4 +542,7 @@ def _quiet_libraries() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # its per-load "Loading weights" bars
+    from huggingface_hub.utils import enable_progress_bars
+
+    enable_progress_bars()  # ...but keep download bars (HF_HUB_DISABLE_PROGRESS_BARS=1 still turns them off)

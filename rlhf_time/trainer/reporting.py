@@ -1,4 +1,4 @@
-"""Where metrics go: console lines, TensorBoard scalars and metrics.jsonl (main rank only)."""
+"""Where metrics go: console lines, metrics.jsonl and the experiment trackers of report_to (main rank only)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,25 @@ log = logging.getLogger("rlhf_time")
 
 
 class RunReporter:
-    """Writes each metrics dict to metrics.jsonl, TensorBoard (optional) and the console log."""
+    """Writes each metrics dict to metrics.jsonl, every tracker in config.report_to, and the console log.
 
-    def __init__(self, run_dir: Path, report_to: str, enabled: bool) -> None:
+    All trackers receive the same scalars at the same steps, the resolved config once at the start, and the
+    run's summary (summary/*) at the final step.
+    """
+
+    def __init__(self, run_dir: Path, config, enabled: bool) -> None:
         self.enabled = enabled
-        self.writer = None
+        self.trackers: list = []
         self.metrics_path = run_dir / "metrics.jsonl"
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        if report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+        if config.report_to:
+            from rlhf_time.trainer.trackers import flat_config, open_trackers
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.trackers = open_trackers(config, run_dir)
+            for tracker in self.trackers:
+                tracker.store_init_configuration(flat_config(config))
 
     def report(self, step: int, metrics: dict[str, Any], console: bool = True) -> None:
         if not self.enabled:
@@ -32,17 +38,16 @@ class RunReporter:
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **numbers}) + "\n")
-        if self.writer is not None:
-            for key, value in numbers.items():
-                if math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
+        finite = {key: value for key, value in numbers.items() if math.isfinite(value)}
+        for tracker in self.trackers:
+            tracker.log(finite, step=step)
         if console:
             log.info("step %d | %s", step, " | ".join(f"{k} {_fmt(v)}" for k, v in numbers.items()))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
 
 
 def _fmt(value: float) -> str:

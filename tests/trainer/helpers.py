@@ -18,7 +18,7 @@ def tiny_config(tmp_path: Path, model_dir: Path, **overrides) -> TrainingConfig:
         train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE), max_train_samples=48, max_eval_samples=16,
         batch_size=8, learning_rate=1e-3, num_train_epochs=1, max_seq_length=64, eval_strategy="no",
         save_strategy="no", report_to="none", disable_progress_bar=True, data_cache_dir=str(tmp_path / "cache"),
-        warmup_steps_ratio=0.0, max_new_tokens=8,
+        warmup_steps_ratio=0.0, max_new_tokens=8, plot_metrics=False,  # charts + report: tests of their own
     )
     values.update(overrides)
     return TrainingConfig(**values)
