@@ -86,7 +86,7 @@ class TrainingConfig(BaseModel):
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.", gt=0)
     max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm to this; None or 0 disables clipping.", ge=0)
     label_smoothing: float = _f(0.0, "Label smoothing of the SFT cross-entropy.", ge=0, lt=1)
-    loss_chunk_size: int = _f(1024, "Target tokens per chunk when the loss is computed from hidden states (memory-lean).", gt=0)
+    loss_chunk_size: Optional[int] = _f(None, "Target tokens per chunk when the loss is computed from hidden states (memory-lean); None = sized by loss_chunk_bytes.", gt=0)
     use_amp: bool = _f(False, "Mixed precision: bf16 autocast where supported (CPU included), else fp16 with a grad scaler.")
     use_gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
 
@@ -168,6 +168,10 @@ class TrainingConfig(BaseModel):
     tracker_project: Optional[str] = _f(None, "Project name for wandb / SwanLab and experiment name for MLflow; None = rlhf_time.")
     plot_metrics: bool = _f(True, "At the end of training write PNG charts (needs matplotlib) and report.md into the run folder.")
     report_samples: int = _f(3, "Eval prompts whose generations before/after training go into report.md (generative stages); 0 = none.", ge=0)
+
+    # --- speed and memory (loss chunk sizing, compilation) ------------------------------------------
+    loss_chunk_bytes: int = _f(128 * 2**20, "Float32 logits per loss chunk in bytes when loss_chunk_size is not set (128 MiB = 220 positions of a 151,936-row LM head): peak loss memory stays flat across vocabularies.", gt=0)
+    torch_compile: bool = _f(False, "Compile the model's forward (and so its backward) with torch.compile; off by default (no gain measured on CPU, see bench/RESULTS.md).")
 
     # --- validators ----------------------------------------------------------------------------------
     @field_validator("model_type")

@@ -4,12 +4,13 @@ from rlhf_time.loss.distill import chunked_kd_loss
 from rlhf_time.loss.errors import LossConfigError
 from rlhf_time.loss.functions import (dpo_implicit_rewards, dpo_loss, kd_divergence, kd_loss, pairwise_loss,
                                       policy_loss, sft_loss, value_loss)
-from rlhf_time.loss.logps import chunked_sequence_logps, chunked_sft_loss, sequence_logps, token_logps
+from rlhf_time.loss.logps import (DEFAULT_CHUNK_BYTES, chunk_rows, chunked_sequence_logps, chunked_sft_loss, sequence_logps,
+                                  token_logps)
 from rlhf_time.loss.reduction import masked_mean
 from rlhf_time.loss.registry import LOSSES, create_loss
 
 __all__ = [
     "create_loss", "LOSSES", "LossConfigError", "sft_loss", "pairwise_loss", "dpo_loss", "dpo_implicit_rewards",
     "policy_loss", "value_loss", "kd_loss", "kd_divergence", "chunked_kd_loss", "masked_mean", "sequence_logps",
-    "token_logps", "chunked_sft_loss", "chunked_sequence_logps",
+    "token_logps", "chunked_sft_loss", "chunked_sequence_logps", "chunk_rows", "DEFAULT_CHUNK_BYTES",
 ]

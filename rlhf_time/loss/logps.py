@@ -3,6 +3,10 @@
 The full (tokens x vocabulary) float32 logits are never materialised at once: with a 150k vocabulary and
 8k tokens they alone would be 4.9 GB. Work is done `chunk_size` positions at a time, in forward and backward;
 from hidden states, only target positions are projected to the vocabulary at all.
+
+Chunks are sized in bytes by default: `chunk_size=None` takes as many positions as fit `chunk_bytes` of float32
+logits (128 MiB: 220 rows of a 151,936-row LM head, 32,768 rows of a 1,024-row one), so the loss's peak
+memory is the same whatever the vocabulary. An explicit `chunk_size` (positions) still wins.
 """
 
 from __future__ import annotations
@@ -11,6 +15,16 @@ from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
+
+
+DEFAULT_CHUNK_BYTES = 128 * 2**20  # float32 logits of one chunk; the loss step peaks at ~2-3x this (+ the head gradient)
+
+
+def chunk_rows(vocab_size: int, chunk_size: Optional[int] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Positions per chunk: `chunk_size` when given, else as many (V,) float32 logit rows as fit `chunk_bytes`."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, chunk_bytes // (4 * vocab_size))
 
 
 def _float32(device: torch.device):
@@ -76,19 +90,19 @@ class _TokenLogps(torch.autograd.Function):
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
-                chunk_size: int = 1024) -> torch.Tensor:
+                chunk_size: Optional[int] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """log p(label_t | <t) per position, (B, T-1) float32, zeros where ignored (the PPO/GRPO log-probs).
 
     logits (B, T, V), labels (B, T) unshifted: logits[:, t] predicts labels[:, t+1]. At most one (chunk_size, V)
     float32 block exists at a time, in forward and in backward.
     """
-    return _TokenLogps.apply(logits, labels, ignore_index, chunk_size)
+    return _TokenLogps.apply(logits, labels, ignore_index, chunk_rows(logits.shape[-1], chunk_size, chunk_bytes))
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: Optional[int] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Sum over each sequence of the label tokens' log-probs, (B,) float32 (the DPO log-probs)."""
-    return token_logps(logits, labels, ignore_index, chunk_size=chunk_size).sum(-1)
+    return token_logps(logits, labels, ignore_index, chunk_size=chunk_size, chunk_bytes=chunk_bytes).sum(-1)
 
 
 def _targets(hidden_states: torch.Tensor, labels: torch.Tensor, ignore_index: int):
@@ -144,7 +158,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = [(g * grad_output).to(dtype) if g is not None else None for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        # In place: a second (V, H) float32 copy of the head's gradient would be the largest tensor of the step.
+        grads = [g.mul_(grad_output).to(dtype) if g is not None else None for g, dtype in zip(ctx.grads, ctx.dtypes)]
         del ctx.grads
         return (*grads, None, None, None, None, None)
 
@@ -152,18 +167,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_sft_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                      lm_head_bias: Optional[torch.Tensor] = None, label_smoothing: float = 0.0,
                      ignore_index: int = -100, num_items_in_batch: Optional[int] = None,
-                     chunk_size: int = 1024) -> torch.Tensor:
+                     chunk_size: Optional[int] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """The "sft" loss computed from final hidden states (B, T, H) and the LM head weight (V, H), chunk by chunk.
 
     Equal to sft_loss(hidden @ W^T + b, labels, ...) -- mean over targets, or sum / num_items_in_batch -- with
-    float32 logits, while peak extra memory grows with chunk_size x V instead of B x T x V (forward and backward),
-    plus a float32 copy of W when it is bf16. Positions with ignored labels cost no compute and get zero gradient.
+    float32 logits, while peak extra memory grows with chunk_size x V (default: ~chunk_bytes, see chunk_rows) instead
+    of B x T x V (forward and backward), plus a float32 copy of W when it is bf16. Positions with ignored labels cost no compute and get zero gradient.
     """
     hidden, targets, _ = _targets(hidden_states, labels, ignore_index)  # (N, H), (N,)
     # A step without any target gives 0 (and zero gradients), not 0 / 0.
     divisor = max(float(num_items_in_batch if num_items_in_batch is not None else targets.numel()), 1.0)
+    rows = chunk_rows(lm_head_weight.shape[0], chunk_size, chunk_bytes)
     return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, lm_head_bias, targets, label_smoothing, divisor,
-                                      chunk_size, torch.is_grad_enabled())
+                                      rows, torch.is_grad_enabled())
 
 
 class _ChunkedTargetLogps(torch.autograd.Function):
@@ -212,10 +228,11 @@ class _ChunkedTargetLogps(torch.autograd.Function):
 
 def chunked_sequence_logps(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                            lm_head_bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                           chunk_size: int = 1024) -> torch.Tensor:
+                           chunk_size: Optional[int] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Per-sequence sums of label log-probs (B,) float32 from final hidden states (B, T, H) and the LM head
     (V, H): sequence_logps(hidden @ W^T + b, labels) with at most one (chunk_size, V) block alive at a time."""
     hidden, targets, mask = _targets(hidden_states, labels, ignore_index)  # (N, H), (N,), (B, T-1)
-    per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)  # (N,)
+    rows = chunk_rows(lm_head_weight.shape[0], chunk_size, chunk_bytes)
+    per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, rows)  # (N,)
     row_of_target = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
     return per_target.new_zeros(mask.shape[0]).index_add(0, row_of_target, per_target)

