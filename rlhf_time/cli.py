@@ -101,6 +101,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None
+    if args.nproc is not None and args.nproc < 1:
+        raise RlhfTimeError(f"--nproc must be at least 1 (got {args.nproc})")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _exec_torchrun(args)
     if args.config is None:

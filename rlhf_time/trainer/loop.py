@@ -32,6 +32,7 @@ from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
 from rlhf_time.trainer.callbacks import fire
 from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
+from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
 from rlhf_time.trainer.reporting import RunReporter
 from rlhf_time.trainer.run_folder import claim_run_folder
@@ -103,6 +104,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self._resume_from: Optional[Path] = None
         self._stage_metrics: dict[str, float] = {}
+        self.nan_guard = NonFiniteGuard(config.nan_policy, config.nan_max_consecutive_skips)
 
     @property
     def peft_task_type(self) -> str:
@@ -261,24 +263,24 @@ class Trainer:
                 sums[key] += value.detach()
             meter.add_batch(batch)
         totals = {key: float(all_reduce_sum(value)) for key, value in sums.items()}
-        if not math.isfinite(totals["loss"]):
-            last = ckpt.list_checkpoints(self.run_dir)
-            raise RlhfTimeError(
-                f"non-finite loss ({totals['loss']}) at step {self.global_step + 1}; weights were not updated. "
-                f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower learning_rate or use_amp=false."
-            )
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
+        # An inf gradient under fp16 is the scaler's business (it skips the step and lowers the scale).
+        update = self.nan_guard.allow_update(self.global_step + 1, totals["loss"], None if self.scaler else grad_norm,
+                                             self.run_dir)
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            if update:
+                self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif update:
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_metrics = {"train/loss": totals.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm}
+        if not update:
+            step_metrics["train/update_skipped"] = 1.0
         step_metrics.update({f"train/{k}": self.reduce_train_metric(k, v, num_items) for k, v in totals.items()})
         step_metrics.update(meter.end_step(time.perf_counter() - step_start, self.dist.world_size))
         return step_metrics
@@ -370,6 +372,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step> atomically (main rank) and rotate old ones, keeping the best."""
         folder = self.run_dir / f"checkpoint-{self.global_step}"
+        require_finite_weights(self.model, folder, self.global_step, self.run_dir)
         model, optimizer = self._gather_for_save(), self._optimizer_for_checkpoint().gather()
         stage_state = self.stage_state()  # on every rank: a stage may gather shards
         if self.dist.is_main:
@@ -400,6 +403,7 @@ class Trainer:
             ckpt.load_model_weights(self.model, folder)
 
     def _save_model(self, folder: Path) -> None:
+        require_finite_weights(self.model, folder, self.global_step, self.run_dir)
         model = self._gather_for_save()
         if self.dist.is_main:
             model.save_pretrained(folder, safe_serialization=True)
