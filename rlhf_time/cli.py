@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_time.errors import RlhfTimeError
+from rlhf_time.errors import RlhfTimeError, TrainingInterrupted
 
 EXIT_USAGE = 2
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as stop:  # a checkpoint was written; the loop logged where and how to resume
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,8 @@ from rlhf_time.errors import RlhfTimeError
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 STAGE_STATE_FILE = "stage_state.pt"
+# atomic_directory stages `<target>` as `.<target>-<random>` next to it.
+STAGING_PATTERN = re.compile(r"^\.(checkpoint-\d+|final)-.+$")
 
 
 def save_checkpoint(
@@ -130,6 +132,16 @@ def resolve_checkpoint(value: str, run_dir: Path) -> Path:
     if not (path / STATE_FILE).is_file():
         raise RlhfTimeError(f"resume_from_checkpoint: {path} is not a checkpoint folder (no {STATE_FILE})")
     return path
+
+
+def remove_staging_folders(run_dir: Path) -> list[Path]:
+    """Delete the staging folders (.checkpoint-N-*, .final-*) a killed process left in the run folder."""
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if p.is_dir() and STAGING_PATTERN.match(p.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def rotate_checkpoints(run_dir: Path, limit: int | None, keep: Path | None) -> None:

@@ -34,8 +34,9 @@ from rlhf_time.trainer.callbacks import fire
 from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
 from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
-from rlhf_time.trainer.reporting import RunReporter
+from rlhf_time.trainer.reporting import RunReporter, drop_metrics_after
 from rlhf_time.trainer.run_folder import claim_run_folder
+from rlhf_time.trainer.signals import StopSignals
 from rlhf_time.trainer.trackers import check_trackers_installed
 from rlhf_time.trainer.throughput import ThroughputMeter
 
@@ -150,7 +151,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
-        """Run the configured training; returns global_step, train_loss, best metric/checkpoint, runtime, tokens/sec."""
+        """Run the configured training; returns global_step, train_loss, best metric/checkpoint, runtime, tokens/sec.
+
+        SIGTERM / SIGINT / SIGUSR1 end it after the current step with a checkpoint (TrainingInterrupted)."""
+        with StopSignals() as self.stop_signals:
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         config = self.config
         if self.train_dataset is None:
             raise RlhfTimeError("train_file is not set: nothing to train on")
@@ -164,6 +171,10 @@ class Trainer:
             ckpt.load_optimizer_states(self._resume_from, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
             ckpt.restore_rng(self._resume_from, ckpt.load_trainer_state(self._resume_from))
             self._resume_from = None
+            if self.dist.is_main:  # rows logged after that checkpoint would otherwise appear twice
+                drop_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
+        if self.dist.is_main:
+            ckpt.remove_staging_folders(self.run_dir)  # left by a process killed while writing a checkpoint
 
         if self.dist.is_main:  # a new run never lands on an old one (unless resuming or told to overwrite)
             claim_run_folder(self.run_dir, resuming=self.global_step > 0, overwrite=config.overwrite_output_dir)
@@ -209,10 +220,18 @@ class Trainer:
                                 console=False)  # evaluate() already logged them
                 stop_early = self._track_best(metrics)
                 evaluated = True
-            if self._due(config.save_strategy, config.save_steps, epoch_ended, is_last) or (
+            saved = self._due(config.save_strategy, config.save_steps, epoch_ended, is_last) or bool(
                 evaluated and self._is_new_best and config.early_stopping_patience
-            ):
+            )
+            if saved:
                 self.save_checkpoint()
+            if self.stop_signals.requested(self.dist):  # pre-emption: keep this step's work, then stop
+                folder = self.run_dir / f"checkpoint-{self.global_step}" if saved else self.save_checkpoint()
+                progress.close()
+                reporter.close()
+                interrupted = self.stop_signals.interruption(folder)
+                self._log(str(interrupted))
+                raise interrupted
         progress.close()
 
         if config.early_stopping_patience and self.best_checkpoint:
