@@ -27,6 +27,7 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.report import RunReport
 from rlhf_time.templates import apply_training_template
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
+from rlhf_time.storage import check_output_folders
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
@@ -67,6 +68,7 @@ class Trainer:
         random.seed(config.seed)
 
         # Bad data fails before any model is loaded.
+        check_output_folders(config, cache_dir=self.data_cache_dir())  # a file in the way, read-only: say so now
         for spec in (train_spec(config), eval_spec(config)):
             if spec:
                 validate_data_file(spec, config, kind=self.data_kind, cache_dir=self.data_cache_dir())
@@ -425,10 +427,7 @@ class Trainer:
         require_finite_weights(self.model, folder, self.global_step, self.run_dir)
         model = self._gather_for_save()
         if self.dist.is_main:
-            model.save_pretrained(folder, safe_serialization=True)
-            self.tokenizer.save_pretrained(folder)
-            _config_path = folder / "rlhf_time_config.yaml"
-            _config_path.write_text(_config_yaml(self.config), encoding="utf-8")
+            ckpt.save_model(folder, model=model, tokenizer=self.tokenizer, config_yaml=_config_yaml(self.config))
         barrier()
 
     def load_from_checkpoint(self, path: str | Path) -> None:
