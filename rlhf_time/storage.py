@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from safetensors import SafetensorError
+
 from rlhf_time.errors import RlhfTimeError
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -64,15 +66,24 @@ def disk_full_is_an_error(target: Path, what: str, needed_bytes: Optional[Callab
         yield
     except OSError as error:
         if error.errno in FULL_DISK:
-            need = f"needs about {format_bytes(needed_bytes())}, " if needed_bytes else ""  # computed only now
-            raise RlhfTimeError(
-                f"{target}: no space left on the device while writing {what} ({need}"
-                f"{format_bytes(free_bytes(target))} free in {_existing(target)}); the partial folder was removed "
-                f"and earlier checkpoints are intact. Free some space (or lower save_total_limit) and resume."
-            ) from None
+            raise RlhfTimeError(_no_space_message(target, what, needed_bytes() if needed_bytes else None)) from None
         if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise RlhfTimeError(f"{target}: cannot write {what} ({error.strerror})") from None
         raise
+    except (RuntimeError, ValueError, SafetensorError) as error:
+        # Writers in C++/Rust (torch's zip writer, safetensors) report a full disk as their own error type;
+        # it is a full disk when the file system has less room left than the write needs.
+        needed = needed_bytes() if needed_bytes else None
+        if needed is not None and free_bytes(target) < needed:
+            raise RlhfTimeError(_no_space_message(target, what, needed)) from None
+        raise
+
+
+def _no_space_message(target: Path, what: str, needed: Optional[int]) -> str:
+    need = f"needs about {format_bytes(needed)}, " if needed else ""
+    return (f"{target}: no space left on the device while writing {what} ({need}"
+            f"{format_bytes(free_bytes(target))} free in {_existing(target)}); the partial folder was removed "
+            f"and earlier checkpoints are intact. Free some space (or lower save_total_limit) and resume.")
 
 
 def free_bytes(path: Path) -> int:
