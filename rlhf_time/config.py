@@ -368,7 +368,8 @@ class TrainingConfig(BaseModel):
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(error, 'problem', error)})") from None
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, whatever yaml says
+            raise ConfigError(f"{path}:{where} invalid YAML ({problem})") from None
         except UnicodeDecodeError as error:
             raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
         if values is None:  # an empty file would otherwise silently mean "all defaults" (an 8B download)
@@ -376,6 +377,9 @@ class TrainingConfig(BaseModel):
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
         values = resolve_relative_paths(values, path.parent)
+        odd_keys = [key for key in values if not isinstance(key, str)]
+        if odd_keys:  # e.g. `1: x` or a bare `?`: YAML allows any key, a config only field names
+            raise ConfigError(f"{path}: config keys must be field names, got {odd_keys[0]!r}")
         values.update(parse_overrides(overrides or []))
         try:
             return cls(**values)

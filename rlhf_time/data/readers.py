@@ -102,6 +102,11 @@ def _csv(path: Path, text: str) -> list[Record]:
     return records
 
 
+def field_list(data: dict[str, Any]) -> str:
+    """The record's field names for a one-line message (odd names, e.g. with a newline, shown quoted)."""
+    return ", ".join(name if name.isprintable() else repr(name) for name in sorted(map(str, data)))
+
+
 def _as_record(value: Any, location: str) -> Record:
     if not isinstance(value, dict):
         raise RlhfTimeError(f"{location}: expected a JSON object, got {type(value).__name__}")
