@@ -126,3 +126,17 @@ def test_staging_folders_of_a_killed_run_are_removed_at_the_next_start(tmp_path,
     (run_dir / ".notes").mkdir()  # not ours: left alone
     SFTrainer(config).train()
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".notes"]
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, tiny_model_dir):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).with_name("signal_worker.py")), str(tiny_model_dir), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] if done.returncode else []
+    assert done.returncode != 0 and len(ranks) == 2, done.stderr[-3000:]
+    expected = {"exit_code": 143, "global_step": 2,
+                "message": "saved checkpoint-2 on SIGTERM; resume with resume_from_checkpoint=latest"}
+    assert ranks == [expected, expected]
+    state = json.loads((tmp_path / "outputs" / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["world_size"] == 2
