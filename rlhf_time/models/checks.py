@@ -52,9 +52,13 @@ def require_reward_model(folder: str | Path) -> None:
     config = _read_json(config_file)
     architectures = config.get("architectures") or []
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
-    if not any(name.endswith("ForSequenceClassification") for name in architectures) or labels != 1:
-        raise RlhfTimeError(f"{folder}: not a reward model (architectures {architectures}, {labels} label(s)); "
-                            f"score needs a folder trained with stage=rm (a sequence classifier with one label)")
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        what = f"a {', '.join(architectures)}" if architectures else "no architecture recorded"
+        raise RlhfTimeError(f"{folder}: not a reward model ({what}, no reward head); "
+                            f"score needs a folder trained with stage=rm")
+    if labels != 1:
+        raise RlhfTimeError(f"{folder}: not a reward model (a classifier with {labels} labels, a reward model has 1); "
+                            f"score needs a folder trained with stage=rm")
 
 
 def require_tokenizer(tokenizer: Any, source: str) -> None:
