@@ -15,7 +15,7 @@ from torch import nn
 from rlhf_time.config import TINY_MODEL_NAME, TrainingConfig
 from rlhf_time.downloads import download_progress
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.models.checks import require_tokenizer
+from rlhf_time.models.checks import looks_like_hub_id, require_tokenizer
 from rlhf_time.models.families import ModelFamily, resolve_family
 from rlhf_time.models.precision import load_dtype, quantization_config, target_device
 
@@ -102,6 +102,8 @@ def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str
 
 def _from_pretrained(factory, source: str, trust_remote_code: bool, **kwargs):
     if not Path(source).exists():
+        if not looks_like_hub_id(source):  # a wrong local path: say so now, not after a minute of hub retries
+            raise RlhfTimeError(f"model {source}: folder not found")
         source = _hub_snapshot_or_fail(source)
     try:
         with download_progress():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rlhf_time.errors import RlhfTimeError
@@ -70,7 +71,10 @@ def count_non_finite_parameters(model: nn.Module) -> int:
         flags.append(~torch.isfinite(local.detach()).all())
     if not flags:
         return 0
-    return int(all_reduce_sum(torch.stack(flags).sum()))  # one device sync, not one per tensor
+    count = torch.stack(flags).sum()
+    if dist.is_initialized() and dist.get_backend() == "nccl":  # CPU-offloaded shards: NCCL reduces on the GPU
+        count = count.to(torch.device("cuda", torch.cuda.current_device()))
+    return int(all_reduce_sum(count))  # one device sync, not one per tensor
 
 
 def require_finite_weights(model: nn.Module, target: Path, step: int, run_dir: Path) -> None:

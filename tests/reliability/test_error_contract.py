@@ -130,3 +130,13 @@ def test_output_dir_that_is_a_file(tmp_path, tiny_model_dir, capsys):
     blocker.write_text("I am a file", encoding="utf-8")
     line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir)])
     assert str(blocker) in line and "is a file" in line
+
+
+def test_predict_with_a_missing_local_model_folder_fails_at_once(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n", encoding="utf-8")
+    start = time.monotonic()
+    line = one_error_line(capsys, ["predict", str(tmp_path / "outputs" / "run" / "final"), "--input", str(prompts),
+                                   "--output", str(tmp_path / "p.jsonl")])
+    assert "outputs/run/final" in line and "not found" in line
+    assert time.monotonic() - start < 5
