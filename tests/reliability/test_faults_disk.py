@@ -117,9 +117,11 @@ def test_disk_full_while_writing_the_final_model(tmp_path, tiny_model_dir, tmpfs
     assert not [p for p in trainer.run_dir.iterdir() if p.name.startswith((".final", "final"))]
 
 
-def test_read_only_output_folder_fails_before_loading_the_model(tmp_path, tiny_model_dir, tmpfs):
-    output = tmp_path / "read-only"
-    if not tmpfs(output, 1024 * 1024, read_only=True):
+@pytest.mark.parametrize("field, expected", [("output_dir", r"read-only/run: cannot write there"),
+                                             ("data_cache_dir", r"data_cache_dir .*read-only: cannot write there")])
+def test_read_only_folder_fails_before_loading_the_model(tmp_path, tiny_model_dir, tmpfs, field, expected):
+    folder = tmp_path / "read-only"
+    if not tmpfs(folder, 1024 * 1024, read_only=True):
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    with pytest.raises(RlhfTimeError, match=r"read-only/run: cannot write there \(Read-only file system\)"):
-        SFTrainer(tiny_config(tmp_path, tiny_model_dir, **SMALL, output_dir=str(output)))
+    with pytest.raises(RlhfTimeError, match=expected + r" \(Read-only file system\)"):
+        SFTrainer(tiny_config(tmp_path, tiny_model_dir, **SMALL, **{field: str(folder)}))
