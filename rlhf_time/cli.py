@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_time.errors import RlhfTimeError
+from rlhf_time.errors import RlhfTimeError, TrainingInterrupted
 
 EXIT_USAGE = 2
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as stop:  # a checkpoint was written; the loop logged where and how to resume
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -101,6 +103,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None
+    if args.nproc is not None and args.nproc < 1:
+        raise RlhfTimeError(f"--nproc must be at least 1 (got {args.nproc})")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _exec_torchrun(args)
     if args.config is None:

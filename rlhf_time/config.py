@@ -7,7 +7,9 @@ trainer needs beyond them. One YAML file mirrors this class field for field.
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -173,6 +175,12 @@ class TrainingConfig(BaseModel):
     loss_chunk_bytes: int = _f(128 * 2**20, "Float32 logits per loss chunk in bytes when loss_chunk_size is not set (128 MiB = 220 positions of a 151,936-row LM head): peak loss memory stays flat across vocabularies.", gt=0)
     torch_compile: bool = _f(False, "Compile the model's forward (and so its backward) with torch.compile; off by default (no gain measured on CPU, see bench/RESULTS.md).")
 
+    # --- reliability ---------------------------------------------------------------------------------
+    nan_policy: Literal["stop", "skip_step"] = _f(
+        "stop", "On a non-finite loss or gradient norm: stop (error naming the last good checkpoint) or skip_step "
+        "(drop that step's update, log it, and stop after nan_max_consecutive_skips in a row).")
+    nan_max_consecutive_skips: int = _f(3, "nan_policy=skip_step: stop after this many consecutive skipped steps.", gt=0)
+
     # --- validators ----------------------------------------------------------------------------------
     @field_validator("model_type")
     @classmethod
@@ -284,6 +292,41 @@ class TrainingConfig(BaseModel):
             data = {**data, "experiment_name": f"{data['stage']}_experiment"}
         return data
 
+    @field_validator("*")
+    @classmethod
+    def _finite_numbers(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _experiment_name_is_one_folder(cls, value: str) -> str:
+        # The run folder is output_dir/experiment_name: the name must not lead anywhere else.
+        if not value.strip() or value in (".", "..") or any(sep in value for sep in ("/", "\\", "\0")):
+            raise ValueError("must be a non-empty folder name without path separators, '.' or '..'")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            check_device(value)
+        return value
+
+    @model_validator(mode="after")
+    def _evaluation_needs_eval_file(self) -> "TrainingConfig":
+        # Settings that only mean something with evaluation must not silently do nothing. Only values other than
+        # the defaults count: a saved config.yaml lists every field (eval_strategy: epoch included) and must reload.
+        if self.eval_file is None and self.eval_split is None:
+            asked = [f"{name}={getattr(self, name)!r}" for name in ("eval_strategy", "early_stopping_patience",
+                                                                   "metric_for_best_model")
+                     if getattr(self, name) not in (type(self).model_fields[name].default, "no")]
+            if asked:
+                raise ValueError(f"{', '.join(asked)} need eval_file (or eval_split), which is not set: nothing "
+                                 f"would be evaluated")
+        return self
+
     # --- construction with clear errors --------------------------------------------------------------
     def __init__(self, **data: Any) -> None:
         unknown = [key for key in data if key not in type(self).model_fields]
@@ -325,14 +368,22 @@ class TrainingConfig(BaseModel):
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where} invalid YAML ({getattr(error, 'problem', error)})") from None
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, whatever yaml says
+            raise ConfigError(f"{path}:{where} invalid YAML ({problem})") from None
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        if values is None:  # an empty file would otherwise silently mean "all defaults" (an 8B download)
+            raise ConfigError(f"{path}: empty config; set at least model_name and train_file")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
         values = resolve_relative_paths(values, path.parent)
+        odd_keys = [key for key in values if not isinstance(key, str)]
+        if odd_keys:  # e.g. `1: x` or a bare `?`: YAML allows any key, a config only field names
+            raise ConfigError(f"{path}: config keys must be field names, got {odd_keys[0]!r}")
         values.update(parse_overrides(overrides or []))
         try:
             return cls(**values)
@@ -417,3 +468,25 @@ def describe_fields() -> str:
     for name, info in TrainingConfig.model_fields.items():
         lines.append(f"{name} = {info.default!r}\n    {info.description}")
     return "\n".join(lines)
+
+
+DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless `device` is cpu, mps, cuda or cuda:N and that device exists on this machine."""
+    if not DEVICE_PATTERN.match(device):
+        raise ValueError("use cpu, cuda, cuda:N or mps (or leave it unset to pick cuda when available)")
+    if device == "cpu":
+        return
+    import torch  # only for an explicit accelerator, so configs without one validate without torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("mps is not available on this machine")
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine (no GPU, or a CPU-only torch build); use device=cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s), so {device} does not exist")

@@ -160,18 +160,26 @@ def load_reward_model(model_dir: str):
     """A trained reward model folder (full, or a LoRA adapter with its score head) and its tokenizer, on CPU."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = Path(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    adapter = folder / "adapter_config.json"
-    if adapter.is_file():
-        from peft import PeftModel
+    from safetensors import SafetensorError
 
-        base_path = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
-        base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, folder)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    from rlhf_time.models.checks import require_tokenizer
+
+    folder = Path(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        require_tokenizer(tokenizer, str(folder))
+        adapter = folder / "adapter_config.json"
+        if adapter.is_file():
+            from peft import PeftModel
+
+            base_path = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]
+            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+            base.config.pad_token_id = tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(base, folder)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, SafetensorError) as error:  # a missing or corrupt file: one line, with the folder
+        raise RlhfTimeError(f"cannot load reward model {folder}: {str(error).splitlines()[0]}") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
@@ -185,7 +193,9 @@ def score_file(model_dir: str, input_path: str, output_path: str) -> dict[str, f
     """
     from rlhf_time.data import read_records
     from rlhf_time.data.formats import detect_format, to_messages, to_preference
+    from rlhf_time.models.checks import require_reward_model
 
+    require_reward_model(model_dir)  # at once for a wrong path; a causal LM would load with a random head
     records = read_records(input_path)
     fmt = detect_format(records[0], "auto")
     if fmt == "preference":

@@ -197,8 +197,9 @@ def test_kd_against_kl_div_and_properties():
     m = 0.3 * p_t + 0.7 * p_s
     by_hand = 0.3 * F.kl_div(m.log(), p_t, reduction="batchmean") + 0.7 * F.kl_div(m.log(), p_s, reduction="batchmean")
     torch.testing.assert_close(create_loss("kd", kind="jsd", beta=0.3)(student, teacher, labels), by_hand)
-    for beta in (0.0, 1.0):  # M is one of the two distributions: the weighted KL to it is 0
-        assert create_loss("kd", kind="jsd", beta=beta)(student, teacher, labels).item() == pytest.approx(0, abs=1e-6)
+    # The formula is identically 0 at the endpoints; they are forward / reverse KL instead (TRL's GKD convention).
+    torch.testing.assert_close(create_loss("kd", kind="jsd", beta=0.0, temperature=tau)(student, teacher, labels), forward)
+    torch.testing.assert_close(create_loss("kd", kind="jsd", beta=1.0, temperature=tau)(student, teacher, labels), reverse)
 
 
 def test_masked_mean():

@@ -17,7 +17,7 @@ import numpy as np
 
 from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference
 from rlhf_time.data.mixing import mixture_indices
-from rlhf_time.data.readers import Record
+from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
 from rlhf_time.data.text import encode_documents, text_of
 from rlhf_time.data.tokenize import (IGNORE_INDEX, ConversationEncoder, has_target, tokenize_preference_pairs,
@@ -106,7 +106,7 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
         if fmt != "text" and wants_pairs != (fmt == "preference"):
             need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
             raise RlhfTimeError(f"{first[0].location}: stage {config.stage!r} needs {need}; this file has "
-                                f"fields {', '.join(sorted(first[0].data))}")
+                                f"fields {field_list(first[0].data)}")
         for record in (r for chunk in itertools.chain([first], chunks) for r in chunk):
             if fmt == "text":
                 text_of(record)
@@ -134,7 +134,11 @@ def read_prompts(path: str | Path) -> list[str]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise RlhfTimeError(f"{path}: prompt file not found")
-        prompts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise RlhfTimeError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
         if not prompts:
             raise RlhfTimeError(f"{path}: no prompts (the file is empty)")
         return prompts

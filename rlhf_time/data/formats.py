@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf_time.data.readers import Record
+from rlhf_time.data.readers import Record, field_list
 from rlhf_time.errors import RlhfTimeError
 
 ROLES = ("system", "user", "assistant")
@@ -47,7 +47,7 @@ def detect_format(record: Record, configured: str = "auto") -> str:
     if "prompt" in record.data:
         return "prompt_response"
     raise RlhfTimeError(
-        f"{record.location}: cannot tell the record format from its fields ({', '.join(sorted(record.data))}); "
+        f"{record.location}: cannot tell the record format from its fields ({field_list(record.data)}); "
         f"expected one of: prompt/response, messages, instruction/input/output, conversations, prompt/chosen/rejected"
     )
 
@@ -84,7 +84,7 @@ def to_preference(record: Record) -> PreferencePair:
     data = record.data
     for key in ("prompt", "chosen", "rejected"):
         if key not in data:
-            raise RlhfTimeError(f"{record.location}: missing field {key!r} (record has: {', '.join(sorted(data))})")
+            raise RlhfTimeError(f"{record.location}: missing field {key!r} (record has: {field_list(data)})")
     if isinstance(data["prompt"], list):
         prompt = _message_list(record, "prompt", "role", "content", {r: r for r in ROLES})
     else:
@@ -121,7 +121,7 @@ def _text(record: Record, key: str, value: Any = None) -> str:
     if value is None:
         if key not in record.data:
             raise RlhfTimeError(
-                f"{record.location}: missing field {key!r} (record has: {', '.join(sorted(record.data)) or 'nothing'})")
+                f"{record.location}: missing field {key!r} (record has: {field_list(record.data) or 'nothing'})")
         value = record.data[key]
     if not isinstance(value, str):
         raise RlhfTimeError(f"{record.location}: field {key!r} must be a string, got {json.dumps(value)[:40]}")
@@ -169,4 +169,4 @@ def prompt_of(record: Record) -> str:
                 return users[-1]
             raise RlhfTimeError(f"{record.location}: field {key!r} has no user message to use as the prompt")
     raise RlhfTimeError(f"{record.location}: no prompt in this record: expected 'prompt', 'instruction' or a messages "
-                        f"list (record has: {', '.join(sorted(data)) or 'nothing'})")
+                        f"list (record has: {field_list(data) or 'nothing'})")

@@ -25,6 +25,8 @@ class Record:
 def check_data_path(path: str | Path) -> Path:
     """The path, if it names an existing file of a supported type; else a RlhfTimeError saying which is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise RlhfTimeError(f"{path}: is a directory; give a data file ({', '.join(SUPPORTED)})")
     if not path.is_file():
         raise RlhfTimeError(f"{path}: data file not found")
     suffix = path.suffix.lower()
@@ -80,13 +82,29 @@ def _json(path: Path, text: str) -> list[Record]:
 
 
 def _csv(path: Path, text: str) -> list[Record]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may hold newlines
-    if not reader.fieldnames:
-        return []
-    reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "prompt, response" is a common header
+    # Quoted fields may hold newlines. strict: a quote that is never closed is an error at the row where it
+    # opened, instead of silently swallowing the rest of the file into one field.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     # Row numbers count the header as row 1, as spreadsheets show them.
-    return [Record(f"{path} row {number}", {k: v for k, v in row.items() if k is not None})
-            for number, row in enumerate(reader, start=2)]
+    records: list[Record] = []
+    header_read = False
+    try:
+        if not reader.fieldnames:
+            return []
+        header_read = True
+        reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "prompt, response" is a common header
+        for number, row in enumerate(reader, start=2):
+            records.append(Record(f"{path} row {number}", {k: v for k, v in row.items() if k is not None}))
+    except csv.Error as error:
+        row, line = (len(records) + 2 if header_read else 1), reader.line_num + 1
+        reason = "a quote opened in this row is never closed" if "end of data" in str(error) else str(error)
+        raise RlhfTimeError(f"{path} row {row} (line {line}): malformed CSV ({reason})") from None
+    return records
+
+
+def field_list(data: dict[str, Any]) -> str:
+    """The record's field names for a one-line message (odd names, e.g. with a newline, shown quoted)."""
+    return ", ".join(name if name.isprintable() else repr(name) for name in sorted(map(str, data)))
 
 
 def _as_record(value: Any, location: str) -> Record:

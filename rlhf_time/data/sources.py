@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from rlhf_time.data.readers import Record, read_records
+from rlhf_time.data.readers import Record, field_list, read_records
 from rlhf_time.downloads import download_progress
 from rlhf_time.errors import RlhfTimeError
 
@@ -205,7 +205,7 @@ def apply_columns(data: dict[str, Any], columns: dict[str, str], location: str) 
             mapped[field] = data[field]
         elif field not in OPTIONAL_FIELDS:
             raise RlhfTimeError(f"{location}: no column {column!r} (columns maps {field} -> {column!r}); "
-                                f"columns present: {', '.join(sorted(data)) or 'none'}")
+                                f"columns present: {field_list(data) or 'none'}")
     return mapped
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from rlhf_time.data.readers import Record
+from rlhf_time.data.readers import Record, field_list
 from rlhf_time.errors import RlhfTimeError
 
 
@@ -18,7 +18,7 @@ def text_of(record: Record) -> str:
     """The record's `text` field, checked (a non-empty string)."""
     if "text" not in record.data:
         raise RlhfTimeError(f"{record.location}: missing field 'text' (record has: "
-                            f"{', '.join(sorted(record.data)) or 'nothing'}); data_format text needs it "
+                            f"{field_list(record.data) or 'nothing'}); data_format text needs it "
                             f"(map another column with columns: {{text: your_column}})")
     value = record.data["text"]
     if not isinstance(value, str):

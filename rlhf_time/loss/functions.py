@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from rlhf_time.loss.errors import check_choice
+from rlhf_time.loss.errors import LossConfigError, check_choice
 from rlhf_time.loss.reduction import reduce
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -91,10 +91,11 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     rho = exp(logps - old_logps);  loss_t = max(-A_t rho, -A_t clip(rho, 1 - eps, 1 + eps))
 
     old_logps and advantages are rollout constants: they are detached, so no gradient reaches a value head
-    through advantages that were computed without .detach().
+    through advantages that were computed without .detach(). Masked positions may hold anything (e.g. -inf
+    padding sentinels): they are zeroed before exp(), since 0 * the gradient of exp(inf) would still be NaN.
     """
-    ratio = torch.exp(logps.float() - old_logps.detach().float())  # (B, T)
-    advantages = advantages.detach().float()
+    logps, old_logps, advantages = _zero_masked(mask, logps.float(), old_logps.detach().float(), advantages.detach().float())
+    ratio = torch.exp(logps - old_logps)  # (B, T)
     per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
     return reduce(per_token, mask, reduction)
 
@@ -105,7 +106,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
     loss_t = 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)      (old_values, returns detached)
     """
-    values, old_values, returns = values.float(), old_values.detach().float(), returns.detach().float()
+    # Masked positions are zeroed first so non-finite padding cannot turn their zero gradient into NaN.
+    values, old_values, returns = _zero_masked(mask, values.float(), old_values.detach().float(), returns.detach().float())
     clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)  # (B, T)
     return reduce(per_token, mask, reduction)
@@ -132,8 +134,14 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     jsd:        tau^2 [beta KL(p_T || M) + (1 - beta) KL(p_S || M)],  M = beta p_T + (1 - beta) p_S
                 (generalised JSD, Agarwal et al. 2024, GKD)
     The tau^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    At beta = 0 or 1 the jsd formula is identically 0 (M equals one of the two distributions), so, as in TRL's
+    GKD, jsd with beta = 0 is forward_kl and with beta = 1 is reverse_kl. beta outside [0, 1] is an error.
     """
     check_choice("kind", kind, KD_KINDS)
+    if kind == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise LossConfigError(f"kd: beta={beta!r} must be in [0, 1] (0 = forward_kl, 1 = reverse_kl)")
+        kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(beta, kind)
     log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "forward_kl":
@@ -148,3 +156,9 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         kl_s = -(log_s.exp() * torch.log1p(beta * torch.expm1((log_t - log_s).clamp(max=80)))).sum(-1)
         per_token = beta * kl_t + (1 - beta) * kl_s
     return per_token * temperature**2
+
+
+def _zero_masked(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors with 0 wherever mask is 0 (replaced, not multiplied, so NaN/inf there disappear)."""
+    keep = mask.bool()
+    return tuple(torch.where(keep, t, torch.zeros_like(t)) for t in tensors)

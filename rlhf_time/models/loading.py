@@ -9,11 +9,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from rlhf_time.config import TINY_MODEL_NAME, TrainingConfig
 from rlhf_time.downloads import download_progress
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.models.checks import looks_like_hub_id, require_tokenizer
 from rlhf_time.models.families import ModelFamily, resolve_family
 from rlhf_time.models.precision import load_dtype, quantization_config, target_device
 
@@ -40,6 +42,7 @@ def load_tokenizer(config: TrainingConfig, path: str | None = None):
 
     source = path or resolve_model_path(config.model_name, config.model_source)
     tokenizer = _from_pretrained(AutoTokenizer, source, config.trust_remote_code)
+    require_tokenizer(tokenizer, source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -99,12 +102,17 @@ def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str
 
 def _from_pretrained(factory, source: str, trust_remote_code: bool, **kwargs):
     if not Path(source).exists():
+        if not looks_like_hub_id(source):  # a wrong local path: say so now, not after a minute of hub retries
+            raise RlhfTimeError(f"model {source}: folder not found")
         source = _hub_snapshot_or_fail(source)
     try:
         with download_progress():
             return factory.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as error:
         raise RlhfTimeError(f"cannot load {source}: {str(error).splitlines()[0]}") from None
+    except SafetensorError as error:
+        raise RlhfTimeError(f"cannot load {source}: a *.safetensors file is truncated or corrupt ({error}); "
+                            f"copy or download it again") from None
 
 
 def _hub_snapshot_or_fail(repo_id: str) -> str:

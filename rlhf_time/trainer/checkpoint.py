@@ -10,15 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from rlhf_time.atomic import atomic_directory
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.storage import disk_full_is_an_error, tensor_bytes
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 STAGE_STATE_FILE = "stage_state.pt"
+# atomic_directory stages `<target>` as `.<target>-<random>` next to it.
+STAGING_PATTERN = re.compile(r"^\.(checkpoint-\d+|final)-.+$")
 
 
 def save_checkpoint(
@@ -34,7 +38,8 @@ def save_checkpoint(
     stage_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write everything needed to resume into `folder`, via a temp folder renamed at the end."""
-    with atomic_directory(folder) as staging:
+    needed = lambda: tensor_bytes(_state_of(model), optimizer.state_dict())  # noqa: E731 - only on a full disk
+    with disk_full_is_an_error(folder, "a checkpoint", needed), atomic_directory(folder) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
@@ -48,6 +53,21 @@ def save_checkpoint(
         if stage_state is not None:  # a stage's own trained state (e.g. a critic and its optimizer)
             torch.save(stage_state, staging / STAGE_STATE_FILE)
     return folder
+
+
+def save_model(folder: Path, *, model: nn.Module, tokenizer: Any, config_yaml: str) -> Path:
+    """Write a model folder (weights, tokenizer, rlhf_time_config.yaml) atomically, as checkpoints are."""
+    needed = lambda: tensor_bytes(_state_of(model))  # noqa: E731
+    with disk_full_is_an_error(folder, "the model", needed), atomic_directory(folder) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "rlhf_time_config.yaml").write_text(config_yaml, encoding="utf-8")
+    return folder
+
+
+def _state_of(model: Any) -> dict[str, torch.Tensor]:
+    state = model.state_dict  # parallel.GatheredModel holds the gathered dict itself
+    return state() if callable(state) else state
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
@@ -85,7 +105,7 @@ def load_model_weights(model: nn.Module, folder: Path) -> None:
     if adapter.is_file():
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(adapter))
+        result = set_peft_model_state_dict(model, _load_safetensors(adapter))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise RlhfTimeError(f"{folder}: adapter does not match the model (unexpected keys {unexpected[:3]}...)")
@@ -95,7 +115,7 @@ def load_model_weights(model: nn.Module, folder: Path) -> None:
         raise RlhfTimeError(f"{folder}: no model weights (*.safetensors) found")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(_load_safetensors(file))
     result = model.load_state_dict(state, strict=False)
     tied = {name for name in result.missing_keys if _is_tied(model, name)}
     missing = [name for name in result.missing_keys if name not in tied]
@@ -103,6 +123,13 @@ def load_model_weights(model: nn.Module, folder: Path) -> None:
         raise RlhfTimeError(
             f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
         )
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except SafetensorError as error:
+        raise RlhfTimeError(f"{file}: truncated or corrupt ({error}); resume from an earlier checkpoint") from None
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
@@ -130,6 +157,16 @@ def resolve_checkpoint(value: str, run_dir: Path) -> Path:
     if not (path / STATE_FILE).is_file():
         raise RlhfTimeError(f"resume_from_checkpoint: {path} is not a checkpoint folder (no {STATE_FILE})")
     return path
+
+
+def remove_staging_folders(run_dir: Path) -> list[Path]:
+    """Delete the staging folders (.checkpoint-N-*, .final-*) a killed process left in the run folder."""
+    if not run_dir.is_dir():
+        return []
+    stale = [p for p in run_dir.iterdir() if p.is_dir() and STAGING_PATTERN.match(p.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def rotate_checkpoints(run_dir: Path, limit: int | None, keep: Path | None) -> None:

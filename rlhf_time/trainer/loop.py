@@ -27,14 +27,17 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.report import RunReport
 from rlhf_time.templates import apply_training_template
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
+from rlhf_time.storage import check_output_folders
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
 from rlhf_time.trainer.callbacks import fire
 from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
+from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
-from rlhf_time.trainer.reporting import RunReporter
+from rlhf_time.trainer.reporting import RunReporter, drop_metrics_after
 from rlhf_time.trainer.run_folder import claim_run_folder
+from rlhf_time.trainer.signals import StopSignals
 from rlhf_time.trainer.trackers import check_trackers_installed
 from rlhf_time.trainer.throughput import ThroughputMeter
 
@@ -65,6 +68,7 @@ class Trainer:
         random.seed(config.seed)
 
         # Bad data fails before any model is loaded.
+        check_output_folders(config, cache_dir=self.data_cache_dir())  # a file in the way, read-only: say so now
         for spec in (train_spec(config), eval_spec(config)):
             if spec:
                 validate_data_file(spec, config, kind=self.data_kind, cache_dir=self.data_cache_dir())
@@ -105,6 +109,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self._resume_from: Optional[Path] = None
         self._stage_metrics: dict[str, float] = {}
+        self.nan_guard = NonFiniteGuard(config.nan_policy, config.nan_max_consecutive_skips)
 
     @property
     def peft_task_type(self) -> str:
@@ -150,7 +155,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- train
     def train(self) -> dict[str, Any]:
-        """Run the configured training; returns global_step, train_loss, best metric/checkpoint, runtime, tokens/sec."""
+        """Run the configured training; returns global_step, train_loss, best metric/checkpoint, runtime, tokens/sec.
+
+        SIGTERM / SIGINT / SIGUSR1 end it after the current step with a checkpoint (TrainingInterrupted)."""
+        with StopSignals() as self.stop_signals:
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         config = self.config
         if self.train_dataset is None:
             raise RlhfTimeError("train_file is not set: nothing to train on")
@@ -164,6 +175,10 @@ class Trainer:
             ckpt.load_optimizer_states(self._resume_from, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
             ckpt.restore_rng(self._resume_from, ckpt.load_trainer_state(self._resume_from))
             self._resume_from = None
+            if self.dist.is_main:  # rows logged after that checkpoint would otherwise appear twice
+                drop_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
+        if self.dist.is_main:
+            ckpt.remove_staging_folders(self.run_dir)  # left by a process killed while writing a checkpoint
 
         if self.dist.is_main:  # a new run never lands on an old one (unless resuming or told to overwrite)
             claim_run_folder(self.run_dir, resuming=self.global_step > 0, overwrite=config.overwrite_output_dir)
@@ -209,10 +224,18 @@ class Trainer:
                                 console=False)  # evaluate() already logged them
                 stop_early = self._track_best(metrics)
                 evaluated = True
-            if self._due(config.save_strategy, config.save_steps, epoch_ended, is_last) or (
+            saved = self._due(config.save_strategy, config.save_steps, epoch_ended, is_last) or bool(
                 evaluated and self._is_new_best and config.early_stopping_patience
-            ):
+            )
+            if saved:
                 self.save_checkpoint()
+            if self.stop_signals.requested(self.dist):  # pre-emption: keep this step's work, then stop
+                folder = self.run_dir / f"checkpoint-{self.global_step}" if saved else self.save_checkpoint()
+                progress.close()
+                reporter.close()
+                interrupted = self.stop_signals.interruption(folder)
+                self._log(str(interrupted))
+                raise interrupted
         progress.close()
 
         if config.early_stopping_patience and self.best_checkpoint:
@@ -263,24 +286,24 @@ class Trainer:
                 sums[key] += value.detach()
             meter.add_batch(batch)
         totals = {key: float(all_reduce_sum(value)) for key, value in sums.items()}
-        if not math.isfinite(totals["loss"]):
-            last = ckpt.list_checkpoints(self.run_dir)
-            raise RlhfTimeError(
-                f"non-finite loss ({totals['loss']}) at step {self.global_step + 1}; weights were not updated. "
-                f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower learning_rate or use_amp=false."
-            )
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip_gradients()
+        # An inf gradient under fp16 is the scaler's business (it skips the step and lowers the scale).
+        update = self.nan_guard.allow_update(self.global_step + 1, totals["loss"], None if self.scaler else grad_norm,
+                                             self.run_dir)
         if self.scaler:
-            self.scaler.step(self.optimizer)
+            if update:
+                self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif update:
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_metrics = {"train/loss": totals.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm}
+        if not update:
+            step_metrics["train/update_skipped"] = 1.0
         step_metrics.update({f"train/{k}": self.reduce_train_metric(k, v, num_items) for k, v in totals.items()})
         step_metrics.update(meter.end_step(time.perf_counter() - step_start, self.dist.world_size))
         return step_metrics
@@ -372,6 +395,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write checkpoint-<step> atomically (main rank) and rotate old ones, keeping the best."""
         folder = self.run_dir / f"checkpoint-{self.global_step}"
+        require_finite_weights(self.model, folder, self.global_step, self.run_dir)
         model, optimizer = self._gather_for_save(), self._optimizer_for_checkpoint().gather()
         stage_state = self.stage_state()  # on every rank: a stage may gather shards
         if self.dist.is_main:
@@ -402,12 +426,10 @@ class Trainer:
             ckpt.load_model_weights(self.model, folder)
 
     def _save_model(self, folder: Path) -> None:
+        require_finite_weights(self.model, folder, self.global_step, self.run_dir)
         model = self._gather_for_save()
         if self.dist.is_main:
-            model.save_pretrained(folder, safe_serialization=True)
-            self.tokenizer.save_pretrained(folder)
-            _config_path = folder / "rlhf_time_config.yaml"
-            _config_path.write_text(_config_yaml(self.config), encoding="utf-8")
+            ckpt.save_model(folder, model=model, tokenizer=self.tokenizer, config_yaml=_config_yaml(self.config))
         barrier()
 
     def load_from_checkpoint(self, path: str | Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,28 @@ def _fmt(value: float) -> str:
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
         return f"{value:.3e}"
     return f"{value:.4f}"
+
+
+def drop_metrics_after(metrics_path: Path, step: int) -> int:
+    """Remove the rows logged after `step` (a resume repeats those steps); returns how many were dropped.
+
+    The file is rewritten through a temporary file and os.replace, so a crash here cannot lose the kept rows.
+    """
+    if not metrics_path.is_file():
+        return 0
+    lines = metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _row_step(line) <= step]
+    if len(kept) == len(lines):
+        return 0
+    staging = metrics_path.with_name(metrics_path.name + ".tmp")
+    staging.write_text("".join(kept), encoding="utf-8")
+    os.replace(staging, metrics_path)
+    return len(lines) - len(kept)
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; a torn last line (killed mid-write) counts as after every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf

@@ -24,6 +24,13 @@ def tiny_config(tmp_path: Path, model_dir: Path, **overrides) -> TrainingConfig:
     return TrainingConfig(**values)
 
 
+def approx_metrics(expected, rel: float = 1e-5, abs: float = 1e-6):
+    """pytest.approx for metrics computed two ways (e.g. N ranks vs one process). Metrics such as reward
+    margins sit near zero, where float reduction order alone moves them by ~1e-7, far past any relative
+    tolerance; the absolute term covers exactly that and nothing larger."""
+    return pytest.approx(expected, rel=rel, abs=abs)
+
+
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 

@@ -1,0 +1,88 @@
+"""Fault injection, NaN: a non-finite gradient or weight at a chosen step, under both nan_policy values.
+
+The gradient is poisoned with a hook on the embedding weight (the loss stays finite, so a loss-only check
+misses it); weights are poisoned from a step callback, which runs before that step's checkpoint is written.
+"""
+
+import json
+
+import pytest
+import torch
+
+from rlhf_time import SFTrainer
+from rlhf_time.cli import main
+from rlhf_time.errors import RlhfTimeError
+
+from ..trainer.helpers import tiny_config, weights
+
+BAD_STEP = 3
+SMALL = dict(max_train_samples=24, batch_size=4, max_seq_length=48)
+
+
+def _poison_gradient_at(trainer, steps, value=float("inf")):
+    """Make the embedding's gradient non-finite during the given (1-based) optimiser steps."""
+    embedding = trainer.model.get_input_embeddings().weight
+    embedding.register_hook(lambda grad: grad * value if trainer.global_step + 1 in steps else grad)
+
+
+def _record_weights_after_each_step(trainer):
+    history = {0: weights(trainer.model)}
+    trainer.callbacks.append(lambda t: history.__setitem__(t.global_step, weights(t.model)))
+    return history
+
+
+def test_stop_policy_refuses_the_update_of_an_infinite_gradient(tmp_path, tiny_model_dir):
+    trainer = SFTrainer(tiny_config(tmp_path, tiny_model_dir, **SMALL, max_steps=5, save_strategy="steps", save_steps=1))
+    _poison_gradient_at(trainer, {BAD_STEP})
+    history = _record_weights_after_each_step(trainer)
+    with pytest.raises(RlhfTimeError, match=r"non-finite gradient norm \(.*\) at step 3.*checkpoint-2"):
+        trainer.train()
+    for name, before in history[BAD_STEP - 1].items():  # the update of step 3 was never applied
+        assert torch.equal(before, dict(trainer.model.named_parameters())[name].detach()), name
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_skip_step_policy_drops_one_update_and_trains_on(tmp_path, tiny_model_dir, value):
+    trainer = SFTrainer(tiny_config(tmp_path, tiny_model_dir, **SMALL, max_steps=5, nan_policy="skip_step", logging_steps=1))
+    _poison_gradient_at(trainer, {BAD_STEP}, value)
+    history = _record_weights_after_each_step(trainer)
+    trainer.train()
+    for name in history[0]:
+        assert torch.equal(history[BAD_STEP - 1][name], history[BAD_STEP][name]), name  # skipped: unchanged
+    assert any(not torch.equal(history[BAD_STEP][n], history[BAD_STEP + 1][n]) for n in history[0])  # trains on
+    assert all(torch.isfinite(w).all() for w in history[5].values())
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    skipped = [row["step"] for row in rows if row.get("train/update_skipped")]
+    assert skipped == [BAD_STEP]
+
+
+def test_skip_step_policy_stops_after_n_consecutive_skips(tmp_path, tiny_model_dir):
+    trainer = SFTrainer(tiny_config(tmp_path, tiny_model_dir, **SMALL, max_steps=8, nan_policy="skip_step",
+                                    nan_max_consecutive_skips=2, save_strategy="steps", save_steps=1))
+    _poison_gradient_at(trainer, {3, 4, 5})
+    with pytest.raises(RlhfTimeError, match=r"at step 4: 2 consecutive steps skipped"):
+        trainer.train()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, tiny_model_dir):
+    trainer = SFTrainer(tiny_config(tmp_path, tiny_model_dir, **SMALL, max_steps=4, save_strategy="steps", save_steps=1))
+
+    def poison_weights(t):
+        if t.global_step == BAD_STEP:
+            with torch.no_grad():
+                t.model.get_input_embeddings().weight[0, 0] = float("nan")
+
+    trainer.callbacks.append(poison_weights)
+    with pytest.raises(RlhfTimeError, match=r"NaN/inf after step 3; .*checkpoint-3 was not written.*checkpoint-2"):
+        trainer.train()
+    assert sorted(p.name for p in trainer.run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not list(trainer.run_dir.glob(".checkpoint-*"))
+
+
+def test_infinite_learning_rate_is_a_config_error(tmp_path, tiny_model_dir, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model_name: {tiny_model_dir}\ntrain_file: x.jsonl\nlearning_rate: .inf\n", encoding="utf-8")
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate: must be a finite number" in err and "Traceback" not in err
