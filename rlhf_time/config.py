@@ -181,6 +181,23 @@ class TrainingConfig(BaseModel):
         "(drop that step's update, log it, and stop after nan_max_consecutive_skips in a row).")
     nan_max_consecutive_skips: int = _f(3, "nan_policy=skip_step: stop after this many consecutive skipped steps.", gt=0)
 
+    # --- on-policy RL (grpo; reward functions, kl_coef and completion length shared with ppo) ---------
+    num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group G); batch_size counts prompts.", ge=2)
+    max_prompt_length: int = _f(512, "Prompt tokens kept (longer prompts are cut from the left, counted in the data summary).", gt=0)
+    max_completion_length: int = _f(256, "Most tokens sampled per completion (generation stops earlier at EOS/end-of-turn).", gt=0)
+    epsilon: float = _f(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (PPO, Schulman et al. 2017).", gt=0, lt=1)
+    epsilon_high: Optional[float] = _f(None, "Upper clip range (DAPO's clip-higher, Yu et al. 2025, uses 0.28); None = epsilon.", gt=0)
+    num_iterations: int = _f(1, "GRPO: optimiser steps (mu) on each generated batch; 1 = purely on-policy.", gt=0)
+    kl_coef: float = _f(0.0, "Weight of the KL to the frozen reference policy (k3 estimator); 0 loads no reference at all.", ge=0)
+    scale_rewards: Literal["group", "batch", "none"] = _f(
+        "group", "GRPO advantage scale: (r - group mean) / (std of the group | std of the batch | 1, as Dr. GRPO) + 1e-4.")
+    grpo_loss_type: Literal["grpo", "dr_grpo", "dapo"] = _f(
+        "dapo", "Loss aggregation: grpo (token mean per sequence), dr_grpo (token sum / max_completion_length), dapo (token mean over the step).")
+    mask_truncated_completions: bool = _f(False, "Leave completions that hit max_completion_length out of the loss (DAPO).")
+    reward_funcs: list[str] = _f([], "Reward functions: built-ins (exact_match, regex_match, length_penalty) or 'package.module:function'.")
+    reward_weights: Optional[list[float]] = _f(None, "One weight per reward (reward_funcs, then reward_model); None = all 1.")
+    reward_model: Optional[str] = _f(None, "Folder of a reward model trained with stage rm; its score is one more reward.")
+
     # --- validators ----------------------------------------------------------------------------------
     @field_validator("model_type")
     @classmethod
@@ -230,6 +247,11 @@ class TrainingConfig(BaseModel):
             raise ValueError("stage kd needs teacher_model (a folder or hub id of the teacher)")
         if self.kd_on_policy_ratio and self.packing:
             raise ValueError("kd_on_policy_ratio > 0 samples replies into padded batches: set packing=false")
+        if self.reward_weights is not None:
+            expected = len(self.reward_funcs) + (self.reward_model is not None)
+            if len(self.reward_weights) != expected:
+                raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {expected} rewards "
+                                 f"(reward_funcs{' + reward_model' if self.reward_model else ''})")
         return self
 
     @model_validator(mode="before")

@@ -4,8 +4,9 @@ from rlhf_time.loss.distill import chunked_kd_loss
 from rlhf_time.loss.errors import LossConfigError
 from rlhf_time.loss.functions import (dpo_implicit_rewards, dpo_loss, kd_divergence, kd_loss, pairwise_loss,
                                       policy_loss, sft_loss, value_loss)
-from rlhf_time.loss.logps import (DEFAULT_CHUNK_BYTES, chunk_rows, chunked_sequence_logps, chunked_sft_loss, sequence_logps,
-                                  token_logps)
+from rlhf_time.loss.grpo import aggregate_loss, clipped_tokens, group_advantages, k3_kl, loss_items
+from rlhf_time.loss.logps import (DEFAULT_CHUNK_BYTES, chunk_rows, chunked_sequence_logps, chunked_sft_loss,
+                                  chunked_token_logps, sequence_logps, token_logps)
 from rlhf_time.loss.reduction import masked_mean
 from rlhf_time.loss.registry import LOSSES, create_loss
 
@@ -13,4 +14,5 @@ __all__ = [
     "create_loss", "LOSSES", "LossConfigError", "sft_loss", "pairwise_loss", "dpo_loss", "dpo_implicit_rewards",
     "policy_loss", "value_loss", "kd_loss", "kd_divergence", "chunked_kd_loss", "masked_mean", "sequence_logps",
     "token_logps", "chunked_sft_loss", "chunked_sequence_logps", "chunk_rows", "DEFAULT_CHUNK_BYTES",
+    "chunked_token_logps", "group_advantages", "k3_kl", "aggregate_loss", "loss_items", "clipped_tokens",
 ]

@@ -85,18 +85,23 @@ def dpo_implicit_rewards(policy_chosen_logps: torch.Tensor, policy_rejected_logp
 
 
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                clip_eps: float = 0.2, reduction: str = "mean") -> torch.Tensor:
+                clip_eps: float = 0.2, clip_eps_high: Optional[float] = None, reduction: str = "mean") -> torch.Tensor:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), per token, all (B, T):
 
-    rho = exp(logps - old_logps);  loss_t = max(-A_t rho, -A_t clip(rho, 1 - eps, 1 + eps))
+    rho = exp(logps - old_logps);  loss_t = max(-A_t rho, -A_t clip(rho, 1 - eps, 1 + eps_high))
 
-    old_logps and advantages are rollout constants: they are detached, so no gradient reaches a value head
-    through advantages that were computed without .detach(). Masked positions may hold anything (e.g. -inf
-    padding sentinels): they are zeroed before exp(), since 0 * the gradient of exp(inf) would still be NaN.
+    eps_high = eps unless given (DAPO's clip-higher, Yu et al. 2025). advantages may be (B,) (one per sequence,
+    GRPO) or (B, T). old_logps and advantages are rollout constants: they are detached, so no gradient reaches a
+    value head through advantages that were computed without .detach(). Masked positions may hold anything (e.g.
+    -inf padding sentinels): they are zeroed before exp(), since 0 * the gradient of exp(inf) would still be NaN.
     """
-    logps, old_logps, advantages = _zero_masked(mask, logps.float(), old_logps.detach().float(), advantages.detach().float())
+    advantages = advantages.detach().float()
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]  # (B, 1): the sequence's advantage on each of its tokens
+    logps, old_logps, advantages = _zero_masked(mask, logps.float(), old_logps.detach().float(), advantages)
     ratio = torch.exp(logps - old_logps)  # (B, T)
-    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + high))
     return reduce(per_token, mask, reduction)
 
 

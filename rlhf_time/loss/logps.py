@@ -236,3 +236,14 @@ def chunked_sequence_logps(hidden_states: torch.Tensor, lm_head_weight: torch.Te
     per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, rows)  # (N,)
     row_of_target = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
     return per_target.new_zeros(mask.shape[0]).index_add(0, row_of_target, per_target)
+
+
+def chunked_token_logps(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
+                        lm_head_bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                        chunk_size: int = 1024) -> torch.Tensor:
+    """Per-position label log-probs (B, T-1) float32 (zeros where ignored) from final hidden states (B, T, H) and
+    the LM head (V, H): token_logps(hidden @ W^T + b, labels), only target positions projected to the vocabulary.
+    The PPO/GRPO log-probs; divide W and b by a temperature first for the log-probs of tempered sampling."""
+    hidden, targets, mask = _targets(hidden_states, labels, ignore_index)  # (N, H), (N,), (B, T-1)
+    per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)  # (N,)
+    return per_target.new_zeros(mask.shape).masked_scatter(mask, per_target)
