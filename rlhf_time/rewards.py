@@ -1,0 +1,195 @@
+"""Reward functions for on-policy stages (GRPO, PPO): built-ins, import strings, checked calls, weighted sum.
+
+A reward function is `fn(prompts, completions, **columns) -> list[float | None]`: `prompts[i]` is the prompt text
+(the last user message), `completions[i]` the sampled text, and every other field of the data record is passed by
+name with one value per completion (e.g. `answer=[...]`), plus `completion_ids` (the sampled token ids). Functions
+should accept `**kwargs` for the columns they do not use. `None` means "does not apply to this completion".
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from rlhf_time.errors import RlhfTimeError
+
+RewardFunction = Callable[..., list]
+
+
+class RewardFunctionError(RlhfTimeError):
+    """A reward function could not be loaded, raised, or returned something that is not one number per completion."""
+
+
+def _normalise(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def exact_match(prompts: list[str], completions: list[str], answer: Optional[list] = None, **_: Any) -> list:
+    """1.0 when the completion equals the record's `answer` with whitespace normalised (runs of spaces, tabs and
+    newlines count as one space, ends stripped), else 0.0; None for records without an answer."""
+    answers = answer if answer is not None else [None] * len(completions)
+    return [None if a is None else float(_normalise(c) == _normalise(a)) for c, a in zip(completions, answers)]
+
+
+def regex_match(prompts: list[str], completions: list[str], reward_regex: Optional[list] = None, **_: Any) -> list:
+    """1.0 when the record's `reward_regex` pattern is found in the completion (re.search, DOTALL: anchor it with
+    ^...$ to match the whole completion), else 0.0; None for records without a pattern."""
+    patterns = reward_regex if reward_regex is not None else [None] * len(completions)
+    return [None if p is None else float(re.search(p, c, flags=re.DOTALL) is not None)
+            for c, p in zip(completions, patterns)]
+
+
+def length_penalty(prompts: list[str], completions: list[str], completion_ids: Optional[list] = None, *,
+                   max_completion_length: int = 256, **_: Any) -> list:
+    """-(completion tokens) / max_completion_length, in [-1, 0]: a push towards short answers (weight it small)."""
+    if completion_ids is None:
+        raise TypeError("length_penalty needs the completion_ids column")
+    return [-len(ids) / max_completion_length for ids in completion_ids]
+
+
+BUILTIN_REWARDS: dict[str, RewardFunction] = {
+    "exact_match": exact_match,
+    "regex_match": regex_match,
+    "length_penalty": length_penalty,
+}
+
+
+def load_reward_function(spec: str | RewardFunction, *, max_completion_length: int = 256) -> tuple[str, RewardFunction]:
+    """(name, function) for a built-in name, a "package.module:function" import string, or a callable."""
+    if callable(spec):
+        return getattr(spec, "__name__", type(spec).__name__), spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardFunctionError(f"reward function {spec!r}: expected a built-in name or 'package.module:function'")
+    if spec in BUILTIN_REWARDS:
+        fn = BUILTIN_REWARDS[spec]
+        if fn is length_penalty:
+            def bound(prompts, completions, **columns):
+                return length_penalty(prompts, completions, max_completion_length=max_completion_length, **columns)
+            return spec, bound
+        return spec, fn
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise RewardFunctionError(f"unknown reward function {spec!r}; built-ins: {', '.join(BUILTIN_REWARDS)}, "
+                                  f"or an import string 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # ModuleNotFoundError, or the module itself failing to import
+        raise RewardFunctionError(f"reward function {spec!r}: cannot import {module_name!r} "
+                                  f"({type(error).__name__}: {error})") from None
+    fn = getattr(module, attribute, None)
+    if fn is None:
+        raise RewardFunctionError(f"reward function {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+    if not callable(fn):
+        raise RewardFunctionError(f"reward function {spec!r}: {attribute!r} is a {type(fn).__name__}, not a function")
+    return spec, fn
+
+
+def call_reward_function(name: str, fn: RewardFunction, prompts: list[str], completions: list[str],
+                         columns: dict[str, list]) -> list[Optional[float]]:
+    """The function's rewards, checked: one finite number (or None) per completion, else RewardFunctionError."""
+    try:
+        values = fn(prompts, completions, **columns)
+    except Exception as error:
+        raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from None
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "tolist"):
+        raise RewardFunctionError(f"reward function {name!r} returned a {type(values).__name__}; "
+                                  f"expected a list of {len(completions)} numbers (or None)")
+    values = list(values.tolist() if hasattr(values, "tolist") else values)
+    if len(values) != len(completions):
+        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for "
+                                  f"{len(completions)} completions")
+    checked: list[Optional[float]] = []
+    for index, value in enumerate(values):
+        if value is None:
+            checked.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+            raise RewardFunctionError(f"reward function {name!r} returned {value!r} ({type(value).__name__}) for "
+                                      f"completion {index}; expected a finite number or None")
+        checked.append(float(value))
+    return checked
+
+
+def weighted_sum(per_function: list[list[Optional[float]]], weights: Sequence[float]) -> list[float]:
+    """sum_f w_f r_f,i over the functions that apply to completion i (None ignored; 0.0 when none applies)."""
+    totals = []
+    for values in zip(*per_function):
+        totals.append(sum(w * v for w, v in zip(weights, values) if v is not None))
+    return totals
+
+
+@dataclass
+class RewardScorer:
+    """Every reward of a run (functions, then an optional reward model), their weights, and the checked call."""
+
+    functions: list[tuple[str, RewardFunction]]
+    weights: list[float]
+
+    @classmethod
+    def from_config(cls, config, reward_funcs: Optional[Sequence] = None, reward_model: Optional[RewardFunction] = None
+                    ) -> "RewardScorer":
+        """reward_funcs: callables or specs given in Python (they replace config.reward_funcs); reward_model: a
+        callable with the reward-function signature (see RewardModelReward), appended last."""
+        specs = list(reward_funcs) if reward_funcs is not None else list(config.reward_funcs)
+        functions = [load_reward_function(s, max_completion_length=config.max_completion_length) for s in specs]
+        if reward_model is not None:
+            functions.append(("reward_model", reward_model))
+        if not functions:
+            raise RewardFunctionError("no reward: set reward_funcs (e.g. [exact_match]) and/or reward_model")
+        weights = list(config.reward_weights) if config.reward_weights is not None else [1.0] * len(functions)
+        if len(weights) != len(functions):
+            raise RewardFunctionError(f"reward_weights has {len(weights)} values for {len(functions)} rewards "
+                                      f"({', '.join(name for name, _ in functions)})")
+        return cls(functions, weights)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.functions]
+
+    def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]
+                 ) -> tuple[list[float], list[list[Optional[float]]]]:
+        """(weighted total per completion, each function's values per completion)."""
+        per_function = [call_reward_function(name, fn, prompts, completions, columns) for name, fn in self.functions]
+        return weighted_sum(per_function, self.weights), per_function
+
+
+class RewardModelReward:
+    """A reward model trained with stage rm as one more reward: its scalar score of (prompt messages + completion),
+    laid out as that model was trained (its own saved templates and tokenizer)."""
+
+    def __init__(self, model, tokenizer, layout, batch_size: int = 16) -> None:
+        self.model, self.tokenizer, self.layout, self.batch_size = model, tokenizer, layout, batch_size
+        self.__name__ = "reward_model"
+
+    @classmethod
+    def from_folder(cls, folder: str, device=None, batch_size: int = 16) -> "RewardModelReward":
+        from pathlib import Path
+
+        import yaml
+
+        from rlhf_time.config import TrainingConfig
+        from rlhf_time.trainer.reward import load_reward_model
+
+        if not Path(folder, "config.json").is_file() and not Path(folder, "adapter_config.json").is_file():
+            raise RewardFunctionError(f"reward_model {folder}: not a model folder (no config.json or adapter_config.json)")
+        model, tokenizer = load_reward_model(folder)
+        saved = Path(folder) / "rlhf_time_config.yaml"
+        stored = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
+        keep = ("prompt_template", "response_template", "system_prompt", "max_seq_length")
+        layout = TrainingConfig(**{k: stored[k] for k in keep if k in stored})
+        model.requires_grad_(False)
+        return cls(model.to(device) if device is not None else model, tokenizer, layout, batch_size)
+
+    def __call__(self, prompts: list[str], completions: list[str], prompt_messages: Optional[list] = None,
+                 **_: Any) -> list[float]:
+        from rlhf_time.trainer.reward import score_conversations
+
+        if prompt_messages is None:
+            prompt_messages = [[{"role": "user", "content": p}] for p in prompts]
+        conversations = [[*messages, {"role": "assistant", "content": c}]
+                         for messages, c in zip(prompt_messages, completions)]
+        return score_conversations(self.model, self.tokenizer, self.layout, conversations, self.batch_size)
