@@ -1,0 +1,119 @@
+"""Prompt-only data for on-policy stages (GRPO, PPO): records -> prompt token ids + the fields reward functions read.
+
+A record is {"prompt": "..."} (optionally with "system"), {"prompt": [messages]} or {"messages": [messages]}
+whose last turn is not the assistant's. Every other field (e.g. "answer") is kept, unchanged, as a column passed
+to the reward functions. The prompt is laid out by `render_generation_prompt`, the function generation uses,
+and cut from the left to `max_prompt_length` tokens (the end of a prompt is what the answer continues).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from rlhf_time.data.formats import ROLES, Messages, _message_list, _text
+from rlhf_time.data.readers import Record, read_records
+from rlhf_time.errors import RlhfTimeError
+
+PROMPT_FIELDS = ("prompt", "messages", "system")  # consumed to build the prompt; every other field is a column
+
+
+@dataclass
+class PromptStats:
+    """How a prompt file became prompts."""
+
+    records: int = 0
+    prompts: int = 0
+    truncated: int = 0  # prompts cut from the left to max_prompt_length
+    total_tokens: int = 0  # prompt tokens after truncation
+
+    def summary(self) -> str:
+        return (f"{self.prompts} prompts from {self.records} records, {self.total_tokens} prompt tokens, "
+                f"{self.truncated} truncated from the left to max_prompt_length")
+
+
+def to_prompt_messages(record: Record) -> Messages:
+    """The conversation a prompt record describes, validated: it must not end with an assistant turn."""
+    data = record.data
+    if isinstance(data.get("messages"), list) or "messages" in data and "prompt" not in data:
+        messages = _message_list(record, "messages", "role", "content", {r: r for r in ROLES})
+    elif isinstance(data.get("prompt"), list):
+        messages = _message_list(record, "prompt", "role", "content", {r: r for r in ROLES})
+    elif "prompt" in data:
+        messages = [{"role": "user", "content": _text(record, "prompt")}]
+        if data.get("system"):
+            messages.insert(0, {"role": "system", "content": _text(record, "system")})
+    else:
+        raise RlhfTimeError(f"{record.location}: a prompt record needs 'prompt' (text or messages) or 'messages' "
+                            f"(record has: {', '.join(sorted(data)) or 'nothing'})")
+    if messages[-1]["role"] == "assistant":
+        raise RlhfTimeError(f"{record.location}: the prompt ends with an assistant turn; prompt data for on-policy "
+                            f"stages ends with the user's turn (the model writes the answer)")
+    if not any(m["role"] == "user" for m in messages):
+        raise RlhfTimeError(f"{record.location}: the prompt has no user message")
+    return messages
+
+
+def validate_prompt_file(path: str | Path) -> list[Record]:
+    """Read and check every record (no tokenizer needed), so bad data fails before a model is loaded."""
+    records = read_records(path)
+    for record in records:
+        to_prompt_messages(record)
+    return records
+
+
+class PromptDataset:
+    """Prompts as token ids ("input_ids", left-truncated), their text ("prompt": the last user message), their
+    messages ("prompt_messages") and the record's other fields as columns; `lengths` are prompt token counts."""
+
+    def __init__(self, input_ids: list[list[int]], prompt_messages: list[Messages], columns: dict[str, list],
+                 stats: PromptStats) -> None:
+        self.input_ids = input_ids
+        self.prompt_messages = prompt_messages
+        self.prompts = [next(m["content"] for m in reversed(messages) if m["role"] == "user")
+                        for messages in prompt_messages]
+        self.columns = columns
+        self.stats = stats
+        self.lengths = [len(ids) for ids in input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[index], "prompt": self.prompts[index],
+                "prompt_messages": self.prompt_messages[index],
+                **{name: values[index] for name, values in self.columns.items()}}
+
+    def reward_columns(self, indices: list[int], repeat: int = 1) -> dict[str, list]:
+        """The columns reward functions get for these prompts, each value repeated `repeat` times (G completions)."""
+        columns = {name: [values[i] for i in indices for _ in range(repeat)] for name, values in self.columns.items()}
+        columns["prompt_messages"] = [self.prompt_messages[i] for i in indices for _ in range(repeat)]
+        return columns
+
+
+def load_prompt_dataset(path: str | Path, tokenizer, config, *, max_samples: Optional[int] = None) -> PromptDataset:
+    """Prompt records of a .jsonl/.json/.csv file, rendered as generation renders them and tokenised."""
+    from rlhf_time.generation import render_generation_prompt
+
+    records = read_records(path)
+    if max_samples:
+        records = records[:max_samples]
+    messages = [to_prompt_messages(record) for record in records]
+    texts = [render_generation_prompt(tokenizer, m, prompt_template=config.prompt_template,
+                                      response_template=config.response_template, system_prompt=config.system_prompt)
+             for m in messages]
+    stats = PromptStats(records=len(records), prompts=len(records))
+    input_ids = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        if len(ids) > config.max_prompt_length:
+            ids = ids[-config.max_prompt_length :]
+            stats.truncated += 1
+        input_ids.append(ids)
+        stats.total_tokens += len(ids)
+    names = list(dict.fromkeys(key for record in records for key in record.data if key not in PROMPT_FIELDS))
+    for reserved in ("prompt_messages", "completion_ids"):
+        if reserved in names:
+            raise RlhfTimeError(f"{path}: field {reserved!r} is reserved (reward functions receive it from the trainer)")
+    columns = {name: [record.data.get(name) for record in records] for name in names}
+    return PromptDataset(input_ids, messages, columns, stats)
