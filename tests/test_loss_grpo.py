@@ -45,6 +45,8 @@ def test_k3_by_hand_and_its_expectation_is_the_kl():
     value = k3_kl(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]))
     assert value.item() == pytest.approx(0.5 + math.log(2) - 1)
     assert k3_kl(torch.tensor([-1.3]), torch.tensor([-1.3])).item() == 0.0
+    small = k3_kl(torch.tensor([0.0]), torch.tensor([1e-4]))  # float32 exp(d) - d - 1 would give 0
+    assert small.item() == pytest.approx(math.expm1(1e-4) - 1e-4, rel=1e-3) and small.item() > 0
     # Over tokens drawn from p, E_p[k3] = KL(p || q) exactly: weight each token by p.
     p = torch.softmax(torch.tensor([0.3, -1.0, 2.0, 0.1]), 0)
     q = torch.softmax(torch.tensor([1.0, 0.2, -0.5, 0.0]), 0)

@@ -92,8 +92,12 @@ class PromptDataset:
         return columns
 
 
-def load_prompt_dataset(path: str | Path, tokenizer, config, *, max_samples: Optional[int] = None) -> PromptDataset:
-    """Prompt records of a .jsonl/.json/.csv file, rendered as generation renders them and tokenised."""
+def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
+                        max_samples: Optional[int] = None) -> PromptDataset:
+    """Prompt records of a .jsonl/.json/.csv file, rendered as generation renders them and tokenised.
+
+    Not cached (cache_dir is accepted for the common loader signature): prompts are short and tokenised once.
+    """
     from rlhf_time.generation import render_generation_prompt
 
     records = read_records(path)
