@@ -98,13 +98,18 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens
     model.eval()
     try:
         positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
+        # Each distinct prompt is read once; its cache and last logits are then copied to its num_samples rows.
+        rows_of_prompt = slice(None, None, num_samples)
+        out = model(input_ids=prompt_ids[rows_of_prompt], attention_mask=prompt_mask[rows_of_prompt],
+                    position_ids=positions[rows_of_prompt], use_cache=True, logits_to_keep=1)
         cache, next_position = out.cache, positions[:, -1] + 1  # (N,); transformers 5: `cache`, not past_key_values
+        if num_samples > 1:
+            cache.batch_repeat_interleave(num_samples)
+        logits = out.logits[:, -1].repeat_interleave(num_samples, dim=0)  # (N, V)
         active = torch.arange(n, device=device)  # original row of each row still in the batch (and cache)
         alive = torch.ones(n, dtype=torch.bool, device=device)  # per active row (stop_early=False keeps dead rows)
         for step in range(max_new_tokens):
-            log_probs = (out.logits[:, -1].float() / temperature).log_softmax(-1)  # (A, V)
+            log_probs = (logits.float() / temperature).log_softmax(-1)  # (A, V)
             if do_sample:
                 probs = filter_logits(log_probs, top_k=top_k, top_p=top_p).softmax(-1)
                 token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (A,)
@@ -124,8 +129,8 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens
                 cache.batch_select_indices(keep)
                 active, token, next_position, alive = active[keep], token[keep], next_position[keep], alive[keep]
             token = torch.where(alive, token, torch.full_like(token, pad_token_id))
-            out = model(input_ids=token[:, None], attention_mask=attention_mask[active, : prompt_length + step + 1],
-                        position_ids=next_position[:, None], cache=cache, use_cache=True)
+            logits = model(input_ids=token[:, None], attention_mask=attention_mask[active, : prompt_length + step + 1],
+                           position_ids=next_position[:, None], cache=cache, use_cache=True).logits[:, -1]
             next_position = next_position + 1
     finally:
         model.train(was_training)
