@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--report-only", action="store_true", help="print the table of an earlier run's results.json")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "grpo"))
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "MODEL_DIR"))
     args = parser.parse_args()
@@ -193,6 +194,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.child:
         return child(args.child[0], args.child[1], str(out), args.steps, args.threads)
+    if args.report_only:
+        return report(json.loads((out / "results.json").read_text(encoding="utf-8")), out)
     torch.set_num_threads(args.threads)
     model_dir = half_trained_model(out)
     results = {}
@@ -228,11 +231,12 @@ def report(results: dict, out: Path) -> None:
         r = results[variant]
         per_step = statistics.median(r["pooled_step_times"])
         rewards = r["rewards"]
+        window = max(1, len(rewards) // 3)
         rows.append(f"| {variant} | {per_step:.3f} | {base / per_step:.2f}x | {statistics.mean(r['generation_shares']):.0%} | "
-                    f"{sum(rewards[:5]) / 5:.3f} | {sum(rewards[-5:]) / 5:.3f} | {r['held_out_reward']:.3f} | "
-                    f"{r['peak_rss_gb']:.2f} |")
-    table = ("| variant | s/step (median) | steps/s vs TRL | generation share | train reward, first 5 steps | "
-             "last 5 steps | held-out sampled reward after | peak RSS (GB) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+                    f"{statistics.mean(rewards[:window]):.3f} | {statistics.mean(rewards[-window:]):.3f} | "
+                    f"{r['held_out_reward']:.3f} | {r['peak_rss_gb']:.2f} |")
+    table = ("| variant | s/step (median) | steps/s vs TRL | generation share | train reward, first third of steps | "
+             "last third | held-out sampled reward after | peak RSS (GB) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
              + "\n".join(rows))
     print(table)
     print(f"held-out sampled reward before GRPO: {results['held_out_reward_before']:.3f}")
