@@ -176,37 +176,30 @@ class RewardScorer:
 
 class RewardModelReward:
     """A reward model trained with stage rm as one more reward: its scalar score of (prompt messages + completion),
-    laid out as that model was trained (its own saved templates and tokenizer)."""
+    laid out as that model was trained (its own saved templates and tokenizer; rlhf_time.inference scores it)."""
 
-    def __init__(self, model, tokenizer, layout, batch_size: int = 16) -> None:
-        self.model, self.tokenizer, self.layout, self.batch_size = model, tokenizer, layout, batch_size
+    def __init__(self, scorer, batch_size: int = 16) -> None:
+        self.scorer, self.batch_size = scorer, batch_size  # an InferenceModel with head "reward"
         self.__name__ = "reward_model"
 
     @classmethod
     def from_folder(cls, folder: str, device=None, batch_size: int = 16) -> "RewardModelReward":
         from pathlib import Path
 
-        import yaml
-
-        from rlhf_time.config import TrainingConfig
-        from rlhf_time.trainer.reward import load_reward_model
+        from rlhf_time.inference import InferenceModel, is_reward_model
 
         if not Path(folder, "config.json").is_file() and not Path(folder, "adapter_config.json").is_file():
             raise RewardFunctionError(f"reward_model {folder}: not a model folder (no config.json or adapter_config.json)")
-        model, tokenizer = load_reward_model(folder)
-        saved = Path(folder) / "rlhf_time_config.yaml"
-        stored = yaml.safe_load(saved.read_text(encoding="utf-8")) if saved.is_file() else {}
-        keep = ("prompt_template", "response_template", "system_prompt", "max_seq_length")
-        layout = TrainingConfig(**{k: stored[k] for k in keep if k in stored})
-        model.requires_grad_(False)
-        return cls(model.to(device) if device is not None else model, tokenizer, layout, batch_size)
+        if not is_reward_model(folder):
+            raise RewardFunctionError(f"reward_model {folder}: not a reward model (train one with stage: rm)")
+        scorer = InferenceModel.load(folder, {"device": str(device)} if device is not None else None)
+        scorer.model.requires_grad_(False)
+        return cls(scorer, batch_size)
 
     def __call__(self, prompts: list[str], completions: list[str], prompt_messages: Optional[list] = None,
                  **_: Any) -> list[float]:
-        from rlhf_time.trainer.reward import score_conversations
-
         if prompt_messages is None:
             prompt_messages = [[{"role": "user", "content": p}] for p in prompts]
         conversations = [[*messages, {"role": "assistant", "content": c}]
                          for messages, c in zip(prompt_messages, completions)]
-        return score_conversations(self.model, self.tokenizer, self.layout, conversations, self.batch_size)
+        return self.scorer.score_conversations(conversations, self.batch_size)

@@ -9,4 +9,5 @@ STAGE_TRAINERS: dict[str, str] = {
     "rm": "rlhf_time.trainer.reward:RewardTrainer",
     "dpo": "rlhf_time.trainer.dpo:DPOTrainer",
     "kd": "rlhf_time.trainer.kd:KDTrainer",
+    "grpo": "rlhf_time.trainer.grpo:GRPOTrainer",
 }

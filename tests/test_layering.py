@@ -12,7 +12,7 @@ LAYERS = {
     "config": 1,
     "loss": 2, "data": 2, "templates": 2,
     "models": 3,
-    "generation": 4, "plots": 4, "inference": 5, "report": 5,
+    "generation": 4, "plots": 4, "rollout": 4, "inference": 5, "report": 5, "rewards": 5,
     "trainer": 6,
     "quickstart": 7, "cli": 7, "__init__": 8,
 }

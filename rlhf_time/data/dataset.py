@@ -17,6 +17,7 @@ import numpy as np
 
 from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference
 from rlhf_time.data.mixing import mixture_indices
+from rlhf_time.data.prompts import load_prompt_dataset, validate_prompt_file
 from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
 from rlhf_time.data.text import encode_documents, text_of
@@ -89,11 +90,13 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
     """Read and check every record of a data set (no tokenizer needed) so bad data fails before a model is loaded.
 
     path: a file / source, a list of them, or a DataSpec.
-    kind: the data kind the stage trains on (its trainer's `data_kind`): "conversation" or "preference".
+    kind: the data kind the stage trains on (its trainer's `data_kind`): "conversation", "preference" or "prompt".
     With cache_dir, a data set that passed once with the same content and data settings is not read again: a
     marker named after (content fingerprint, settings) is kept in cache_dir/validated.
     """
     _check_kind(kind)
+    if kind == "prompt":  # on-policy stages: prompt-only records (rlhf_time.data.prompts)
+        return validate_prompt_file(path, config)
     spec = as_spec(path)
     marker = _validation_marker(spec, config, kind, Path(cache_dir)) if cache_dir is not None else None
     if marker is not None and marker.is_file():
@@ -362,6 +365,7 @@ def num_processes(config, records: int) -> int:
 DATA_KINDS: dict[str, Callable[..., TokenizedDataset]] = {
     "conversation": load_sft_dataset,
     "preference": load_preference_dataset,
+    "prompt": load_prompt_dataset,  # on-policy stages: prompts only (rlhf_time.data.prompts)
 }
 
 

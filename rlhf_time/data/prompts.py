@@ -2,8 +2,8 @@
 
 A record is {"prompt": "..."} (optionally with "system"), {"prompt": [messages]} or {"messages": [messages]}
 whose last turn is not the assistant's. Every other field (e.g. "answer") is kept, unchanged, as a column passed
-to the reward functions. The prompt is laid out by `render_generation_prompt`, the function generation uses,
-and cut from the left to `max_prompt_length` tokens (the end of a prompt is what the answer continues).
+to the reward functions. The prompt is laid out by `ConversationEncoder.generation_prompt`, the one renderer that
+training and generation use, and cut from the left to `max_prompt_length` tokens (the end of a prompt is what the answer continues).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_time.data.formats import ROLES, Messages, _message_list, _text
-from rlhf_time.data.readers import Record, read_records
+from rlhf_time.data.readers import Record
+from rlhf_time.data.tokenize import ConversationEncoder
 from rlhf_time.errors import RlhfTimeError
 
 PROMPT_FIELDS = ("prompt", "messages", "system")  # consumed to build the prompt; every other field is a column
@@ -55,9 +56,25 @@ def to_prompt_messages(record: Record) -> Messages:
     return messages
 
 
-def validate_prompt_file(path: str | Path) -> list[Record]:
+def read_prompt_records(data, config=None) -> list[Record]:
+    """The records of a data set: a path / source, a list of them or a DataSpec (files, `datasets` folders, Hub
+    data sets; `columns` renames applied). Sources are concatenated (mix_weights do not apply to prompts)."""
+    from rlhf_time.config import TrainingConfig
+    from rlhf_time.data.sources import as_spec, record_chunks
+
+    config = config if config is not None else TrainingConfig()
+    spec = as_spec(data)
+    records: list[Record] = []
+    for source in spec.sources:
+        _, chunks = record_chunks(source, config, spec.role)
+        for chunk in chunks:
+            records += chunk
+    return records
+
+
+def validate_prompt_file(path, config=None) -> list[Record]:
     """Read and check every record (no tokenizer needed), so bad data fails before a model is loaded."""
-    records = read_records(path)
+    records = read_prompt_records(path, config)
     for record in records:
         to_prompt_messages(record)
     return records
@@ -98,15 +115,13 @@ def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
 
     Not cached (cache_dir is accepted for the common loader signature): prompts are short and tokenised once.
     """
-    from rlhf_time.generation import render_generation_prompt
-
-    records = read_records(path)
+    records = read_prompt_records(path, config)
     if max_samples:
         records = records[:max_samples]
     messages = [to_prompt_messages(record) for record in records]
-    texts = [render_generation_prompt(tokenizer, m, prompt_template=config.prompt_template,
-                                      response_template=config.response_template, system_prompt=config.system_prompt)
-             for m in messages]
+    encoder = ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
+                                  response_template=config.response_template, system_prompt=config.system_prompt)
+    texts = [encoder.generation_prompt(m, record.location) for m, record in zip(messages, records)]
     stats = PromptStats(records=len(records), prompts=len(records))
     input_ids = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
