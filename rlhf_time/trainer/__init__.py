@@ -16,6 +16,7 @@ def _import(target: str) -> type[Trainer]:
 
 TRAINERS: dict[str, type[Trainer]] = {stage: _import(target) for stage, target in STAGE_TRAINERS.items()}
 SFTrainer, RewardTrainer, DPOTrainer, KDTrainer = (TRAINERS[s] for s in ("sft", "rm", "dpo", "kd"))
+GRPOTrainer = TRAINERS["grpo"]
 
 
 def trainer_for(config) -> Trainer:
@@ -25,5 +26,6 @@ def trainer_for(config) -> Trainer:
     return TRAINERS[config.stage](config)
 
 
-__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "TrainerCallback", "AuxiliaryModel",
+__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "GRPOTrainer", "TrainerCallback",
+           "AuxiliaryModel",
            "TRAINERS", "trainer_for"]
