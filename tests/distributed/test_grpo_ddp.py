@@ -1,0 +1,61 @@
+"""GRPO under 2-process gloo DDP (and FSDP): ranks stay identical, and with injected completions the update equals one
+process's on the same global batch (2 ranks x 2 prompts = 1 process x 2 prompts x accumulation 2)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer.grpo_helpers import InjectedGRPOTrainer
+from tests.trainer.helpers import tiny_config, train_losses
+
+from .settings import EXACT, WORLD_SIZE
+from .test_data_parallel import torchrun
+
+WORKER = Path(__file__).with_name("grpo_worker.py")
+
+
+def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides):
+    """One rank's config: 2 prompts x G=4 per micro-batch, no accumulation, 2 steps."""
+    values = dict(EXACT, stage="grpo", batch_size=2, num_generations=4, max_completion_length=8, max_steps=2,
+                  max_train_samples=8, max_eval_samples=6, eval_batch_size=2, learning_rate=0.01,
+                  reward_funcs=["tests.trainer.grpo_helpers:char_share"], save_strategy="no")
+    if scenario in ("sampled", "fsdp"):
+        values.update(reward_funcs=["length_penalty"], kl_coef=0.1)
+    if scenario == "fsdp":  # every rank must run the same forwards: sampling runs to max_completion_length
+        values.update(distributed="fsdp")
+    values.update(overrides)
+    return tiny_config(folder, model_dir, **values)
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("torchrun-grpo")
+    result = torchrun(str(WORKER), str(tiny_model_dir), str(out), "injected", "sampled", "fsdp", timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_ranks_stay_identical(launched):
+    for scenario in ("injected", "sampled", "fsdp"):
+        ranks = [json.loads((launched / scenario / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+        assert ranks[0]["digest"] == ranks[1]["digest"], scenario
+        assert ranks[0]["eval"]["eval_reward"] == ranks[1]["eval"]["eval_reward"], scenario
+
+
+def test_injected_completions_update_as_one_process(launched, tmp_path, tiny_model_dir):
+    config = grpo_distributed_config(tmp_path, tiny_model_dir, "injected", gradient_accumulation_steps=WORLD_SIZE)
+    single = InjectedGRPOTrainer(config)
+    single.train()
+    run_dir = launched / "injected" / "outputs" / "run"
+    assert train_losses(run_dir / "metrics.jsonl") == pytest.approx(train_losses(single.run_dir / "metrics.jsonl"),
+                                                                    rel=1e-5, abs=1e-7)
+    saved = load_file(run_dir / "final" / "model.safetensors")
+    state = single.model.state_dict()
+    changed = 0
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        changed += not torch.equal(tensor, load_file(Path(tiny_model_dir) / "model.safetensors")[name])
+    assert changed  # the update did something
