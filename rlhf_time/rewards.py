@@ -59,7 +59,8 @@ BUILTIN_REWARDS: dict[str, RewardFunction] = {
 
 
 def load_reward_function(spec: str | RewardFunction, *, max_completion_length: int = 256) -> tuple[str, RewardFunction]:
-    """(name, function) for a built-in name, a "package.module:function" import string, or a callable."""
+    """(name, function) for a built-in name, a "package.module:function" import string, a "path/file.py:function",
+    or a callable; the name is the function's own (it names the reward's metrics)."""
     if callable(spec):
         return getattr(spec, "__name__", type(spec).__name__), spec
     if not isinstance(spec, str) or not spec.strip():
@@ -85,7 +86,7 @@ def load_reward_function(spec: str | RewardFunction, *, max_completion_length: i
         raise RewardFunctionError(f"reward function {spec!r}: module {module_name!r} has no attribute {attribute!r}")
     if not callable(fn):
         raise RewardFunctionError(f"reward function {spec!r}: {attribute!r} is a {type(fn).__name__}, not a function")
-    return spec, fn
+    return attribute, fn  # metrics are named after the function (train/rewards/<name>)
 
 
 def _import_file(path: str):

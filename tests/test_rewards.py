@@ -26,7 +26,7 @@ def test_import_string(tmp_path, monkeypatch):
         "NOT_A_FUNCTION = 3\n", encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     name, fn = load_reward_function("my_rewards:shorter")
-    assert name == "my_rewards:shorter" and fn(["p"], ["abc"]) == [-3]
+    assert name == "shorter" and fn(["p"], ["abc"]) == [-3]
     with pytest.raises(RewardFunctionError, match=r"'my_rewards:missing': module 'my_rewards' has no attribute 'missing'"):
         load_reward_function("my_rewards:missing")
     with pytest.raises(RewardFunctionError, match="'NOT_A_FUNCTION' is a int, not a function"):
