@@ -17,7 +17,7 @@ from rlhf_time.quickstart import exact_match
 from .helpers import build_teacher, tiny_config, weights
 
 KINDS = ("forward", "reverse", "jsd")
-STUDENT_STEPS = 150
+STUDENT_STEPS = 500  # the quickstart's own recipe: 4 epochs of 2,000 records at batch 16, cosine from 2e-3
 
 
 def kd_config(tmp_path, student_dir, teacher_dir, **overrides):
@@ -103,15 +103,15 @@ def test_a_trained_teacher_teaches_a_fresh_student_without_any_ground_truth_loss
     The teacher is the quickstart's trained model; the student starts from the untrained tiny model."""
     records = [json.loads(line) for line in EVAL_FILE.read_text(encoding="utf-8").splitlines()][:32]
     student = KDTrainer(kd_config(tmp_path, tiny_model_dir, quickstart_run["final_model_dir"], train_file=str(TRAIN_FILE),
-                                  max_train_samples=None, batch_size=16, learning_rate=4e-3, lr_scheduler_type="constant",
-                                  weight_decay=0.0, max_steps=STUDENT_STEPS, max_new_tokens=10))
+                                  max_train_samples=None, batch_size=16, learning_rate=2e-3, lr_scheduler_type="cosine",
+                                  warmup_steps_ratio=0.05, weight_decay=0.0, max_steps=STUDENT_STEPS, max_new_tokens=10))
     untrained = exact_match(student, records)
     student.train()
     distilled = exact_match(student, records)
     print(f"greedy exact match on 32 held-out prompts: teacher {quickstart_run['exact_match_after']:.2f}, "
           f"student {untrained:.2f} -> {distilled:.2f} after {STUDENT_STEPS} steps")
     assert quickstart_run["exact_match_after"] >= 0.5 and untrained == 0.0
-    assert distilled >= 0.3
+    assert distilled >= 0.5
 
 
 def test_on_policy_steps_train_on_the_students_own_samples(tmp_path, tiny_model_dir, teacher_dir):
