@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_time"
 # Lower number = lower layer; a module may import its own layer or any lower one.
 LAYERS = {
-    "errors": 0, "constants": 0, "stages": 0, "atomic": 0, "downloads": 0, "logs": 0, "__main__": 7,
+    "errors": 0, "constants": 0, "stages": 0, "atomic": 0, "storage": 0, "downloads": 0, "logs": 0, "__main__": 7,
     "config": 1,
     "loss": 2, "data": 2, "templates": 2,
     "models": 3,
