@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from rlhf_time.cli import main
-from rlhf_time.quickstart_task import TRAIN_FILE
+from rlhf_time.data.quickstart import TRAIN_FILE
 
 
 def _config(tmp_path, model_dir, **values):
