@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from rlhf_time import SFTrainer
+from rlhf_time.data.quickstart import TRAIN_FILE
 from rlhf_time.errors import TrainingInterrupted
 from rlhf_time.trainer.reporting import drop_metrics_after
 
@@ -82,7 +83,7 @@ def test_a_second_sigint_interrupts_at_once(tmp_path, tiny_model_dir):
 
 def test_cli_exits_143_on_sigterm_with_one_message(tmp_path, tiny_model_dir):
     config = dict(model_name=str(tiny_model_dir), output_dir=str(tmp_path / "out"), experiment_name="run",
-                  train_file=str(REPO / "rlhf_time/data/bundled" / "quickstart_train.jsonl"), batch_size=2,
+                  train_file=str(TRAIN_FILE), batch_size=2,
                   max_seq_length=48, max_steps=100000, logging_steps=1, report_to="none",
                   disable_progress_bar=True, save_strategy="no", eval_strategy="no",
                   data_cache_dir=str(tmp_path / "cache"))

@@ -17,7 +17,11 @@ from rlhf_time.data import read_prompts, validate_data_file
 from rlhf_time.errors import RlhfTimeError
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SFT, DPO = TrainingConfig(stage="sft"), TrainingConfig(stage="dpo")
+SFT = TrainingConfig(stage="sft")
+
+
+def _as_pairs(path, config=SFT):
+    validate_data_file(path, config, kind="preference")
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=20),
@@ -62,8 +66,9 @@ def test_random_bytes_in_a_data_file(content, suffix):
 def test_random_json_values_as_records(values, as_lines):
     content = "".join(json.dumps(v) + "\n" for v in values) if as_lines else json.dumps(values)
     path = _write(".jsonl" if as_lines else ".json", content.encode())
-    for config in (SFT, DPO):
+    for config in (SFT,):
         _only_clean_errors(validate_data_file, path, config)
+        _only_clean_errors(_as_pairs, path, config)
     _only_clean_errors(read_prompts, path)
 
 
@@ -72,7 +77,7 @@ def test_random_json_values_as_records(values, as_lines):
 def test_random_field_types_in_known_fields(rows, data_format):
     path = _write(".jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     _only_clean_errors(validate_data_file, path, TrainingConfig(data_format=data_format))
-    _only_clean_errors(validate_data_file, path, DPO)
+    _only_clean_errors(_as_pairs, path)
     _only_clean_errors(read_prompts, path)
 
 
@@ -83,7 +88,7 @@ def test_random_csv(rows, header):
     text = "\n".join(",".join(cells) for cells in [header, *rows])
     path = _write(".csv", text.encode())
     _only_clean_errors(validate_data_file, path, SFT)
-    _only_clean_errors(validate_data_file, path, DPO)
+    _only_clean_errors(_as_pairs, path)
 
 
 yaml_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
