@@ -321,7 +321,7 @@ class GRPOTrainer(Trainer):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        if self.config.report_to == "tensorboard":
+        if "tensorboard" in self.config.report_to:
             if getattr(self, "_text_writer", None) is None:
                 from torch.utils.tensorboard import SummaryWriter
 
