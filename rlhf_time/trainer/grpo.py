@@ -22,7 +22,7 @@ from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
-from rlhf_time.loss import (aggregate_loss, chunked_token_logps, clipped_tokens, create_loss, group_advantages, k3_kl,
+from rlhf_time.loss import (aggregate_loss, chunk_rows, chunked_token_logps, clipped_tokens, create_loss, group_advantages, k3_kl,
                             loss_items, token_logps)
 from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
 from rlhf_time.rollout import Rollout, sample
@@ -197,14 +197,14 @@ class GRPOTrainer(Trainer):
         width = batch["old_logps"].shape[1]
         temperature = self.config.temperature
         hidden, lm_head, labels = self._completion_states(model, batch)
+        chunk = chunk_rows(len(self.tokenizer), self.config.loss_chunk_size, self.config.loss_chunk_bytes)
         if lm_head is not None:
             weight, bias = lm_head.weight, lm_head.bias
             if temperature != 1.0:  # (h W^T + b) / T = h (W / T)^T + b / T
                 weight, bias = weight / temperature, (bias / temperature if bias is not None else None)
-            per_position = chunked_token_logps(hidden, weight, labels, lm_head_bias=bias,
-                                               chunk_size=self.config.loss_chunk_size)  # (N, T-1)
+            per_position = chunked_token_logps(hidden, weight, labels, lm_head_bias=bias, chunk_size=chunk)  # (N, T-1)
         else:
-            per_position = token_logps(hidden / temperature, labels, chunk_size=self.config.loss_chunk_size)
+            per_position = token_logps(hidden / temperature, labels, chunk_size=chunk)
         return per_position[:, -width:]  # completion positions: the last C of the T-1 predictions
 
     def _completion_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -321,7 +321,7 @@ class GRPOTrainer(Trainer):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        if self.config.report_to == "tensorboard":
+        if "tensorboard" in self.config.report_to:
             if getattr(self, "_text_writer", None) is None:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -47,7 +47,7 @@ def full_logits_logps(model, batch, temperature):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generation_logps_equal_the_training_forward_and_nothing_is_clipped(tmp_path, tiny_model_dir, temperature):
     trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, temperature=temperature, eval_strategy="steps",
-                                      eval_steps=2, report_to="tensorboard"))
+                                      eval_steps=2, report_to="tensorboard", overwrite_output_dir=True))
     batch = trainer.prepare_step([trainer.collate([0, 1])])[0]
     mask = batch["labels"][:, -batch["old_logps"].shape[1]:] != -100
     assert torch.equal(mask, batch["loss_mask"]) and mask.any()
@@ -189,7 +189,7 @@ def test_reward_function_errors_stop_the_run_with_one_clear_line(tmp_path, tiny_
     trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir), reward_funcs=[bad])
     with pytest.raises(RewardFunctionError, match=r"^reward function 'bad' raised ZeroDivisionError: division by zero$"):
         trainer.train()
-    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir), reward_funcs=[lambda p, c, **_: ["x"] * len(c)])
+    trainer = GRPOTrainer(grpo_config(tmp_path / "second", tiny_model_dir), reward_funcs=[lambda p, c, **_: ["x"] * len(c)])
     with pytest.raises(RewardFunctionError, match=r"returned 'x' \(str\) for completion 0"):
         trainer.train()
 
