@@ -197,6 +197,24 @@ class TrainingConfig(BaseModel):
     reward_funcs: list[str] = _f([], "Reward functions: built-ins (exact_match, regex_match, length_penalty) or 'package.module:function'.")
     reward_weights: Optional[list[float]] = _f(None, "One weight per reward (reward_funcs, then reward_model); None = all 1.")
     reward_model: Optional[str] = _f(None, "Folder of a reward model trained with stage rm; its score is one more reward.")
+    # --- ppo (rollout, rewards, kl_coef, epsilon and completion length: the on-policy fields) ----------
+    value_model: Optional[str] = _f(
+        None, "PPO critic start: a folder trained with stage rm, or 'policy' (the policy's weights + a new value head); "
+              "None = reward_model when set, else 'policy'.")
+    critic_learning_rate: float = _f(1e-5, "PPO: peak learning rate of the critic's own AdamW (the policy's schedule shape).", gt=0)
+    ppo_epochs: int = _f(4, "PPO: passes over each rollout.", gt=0)
+    num_mini_batches: int = _f(1, "PPO: optimiser steps per pass; the step's micro-batches are split into this many groups.", gt=0)
+    gamma: float = _f(1.0, "PPO: discount of GAE.", ge=0, le=1)
+    lam: float = _f(0.95, "PPO: lambda of GAE (0 = one-step TD, 1 = Monte Carlo returns).", ge=0, le=1)
+    vf_coef: float = _f(0.1, "PPO: weight of the clipped value loss in the critic's loss.", gt=0)
+    value_clip: float = _f(0.2, "PPO: values move at most this far from their rollout values (clipped value loss).", gt=0)
+    reward_clip: Optional[float] = _f(None, "PPO: clip sequence scores to [-reward_clip, reward_clip]; None = no clipping.", gt=0)
+    whiten_rewards: bool = _f(False, "PPO: scale sequence scores to unit variance over the step's rollout (all ranks).")
+    whiten_advantages: bool = _f(True, "PPO: whiten advantages over the completion tokens of the step (all ranks).")
+    missing_eos_penalty: Optional[float] = _f(
+        None, "PPO: subtracted from the score of completions that hit max_completion_length without a stop token.", ge=0)
+    kl_target: Optional[float] = _f(None, "PPO: adaptive KL controller target (per-sequence KL); None = fixed kl_coef.", gt=0)
+    kl_horizon: float = _f(10000.0, "PPO: adaptive KL controller horizon in sequences (Ziegler et al. 2019).", gt=0)
 
     # --- validators ----------------------------------------------------------------------------------
     @field_validator("model_type")
@@ -252,6 +270,9 @@ class TrainingConfig(BaseModel):
             if len(self.reward_weights) != expected:
                 raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {expected} rewards "
                                  f"(reward_funcs{' + reward_model' if self.reward_model else ''})")
+        if self.stage == "ppo" and self.num_mini_batches > self.gradient_accumulation_steps:
+            raise ValueError(f"num_mini_batches={self.num_mini_batches} needs at least as many micro-batches per step "
+                             f"(gradient_accumulation_steps={self.gradient_accumulation_steps})")
         return self
 
     @model_validator(mode="before")

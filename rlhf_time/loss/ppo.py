@@ -64,6 +64,13 @@ def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([mask.sum().double(), kept.sum(), (kept**2).sum()])
 
 
+def mean_and_variance(moments: torch.Tensor) -> tuple[float, float]:
+    """(mean, Bessel-corrected variance) from masked_moments' (count, sum, sum of squares)."""
+    count, total, squares = moments.tolist()
+    mean = total / max(count, 1.0)
+    return mean, max(squares - count * mean**2, 0.0) / max(count - 1.0, 1.0)
+
+
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
                   moments: Optional[torch.Tensor] = None, eps: float = 1e-8) -> torch.Tensor:
     """Whitening over the unmasked entries only (masked entries neither count nor change; they come back 0):
@@ -73,24 +80,25 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool 
     over ranks) when given, else from these values.
     """
     mask = mask.bool()
-    count, total, squares = (moments if moments is not None else masked_moments(values, mask)).tolist()
-    mean = total / max(count, 1.0)
-    variance = max(squares - count * mean**2, 0.0) / max(count - 1.0, 1.0)
+    mean, variance = mean_and_variance(moments if moments is not None else masked_moments(values, mask))
     whitened = (values.float() - mean) / (variance + eps) ** 0.5
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask, whitened, 0.0)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+                       reduce=None) -> float:
     """1 - Var(returns - values) / Var(returns) over unmasked entries: 1 = the critic predicts the returns
-    perfectly, 0 = no better than their mean, < 0 = worse."""
-    mask = mask.bool()
-    returns, residual = returns.float()[mask], (returns.float() - values.float())[mask]
-    if returns.numel() < 2:
+    perfectly, 0 = no better than their mean, < 0 = worse. `reduce` (e.g. a sum over ranks) is applied to the
+    moments first, so every rank gets the value of the global batch."""
+    both = torch.stack([masked_moments(returns.float() - values.float(), mask), masked_moments(returns.float(), mask)])
+    if reduce is not None:
+        both = reduce(both)
+    (_, residual), (count, variance) = mean_and_variance(both[0]), (float(both[1][0]), mean_and_variance(both[1])[1])
+    if count < 2 or variance <= 0:
         return float("nan")
-    variance = returns.var()
-    return float(1 - residual.var() / variance) if variance > 0 else float("nan")
+    return 1.0 - residual / variance
 
 
 class AdaptiveKLController:

@@ -1,0 +1,113 @@
+"""PPO's critic: a value per token, trained with its own optimiser next to the policy.
+
+The critic is a 1-label sequence-classification model (the shape `stage: rm` trains) whose scalar head is applied
+at every position instead of only the last: V(s_t) = w . h_t (+ b), h_t the final hidden state at token t. It
+starts from a reward-model folder (`value_model: FOLDER`, the default when `reward_model` is set: InstructGPT and
+OpenRLHF initialise the value function from the reward model) or from the policy's own starting weights with a
+new head (`value_model: policy`). It is tuned as the policy is (full, LoRA with its own adapter and head, or
+frozen layers) with `critic_learning_rate`, and checkpointed through the stage's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf_time.config import TrainingConfig
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.models import apply_tuning, load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf_time.trainer.auxiliary import check_same_vocabulary
+from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
+
+log = logging.getLogger("rlhf_time")
+
+
+class ValueModel(nn.Module):
+    """Per-token values (B, T) float32 of a sequence-classification model: its score head on every final hidden
+    state (the model's own forward would pool the last token only)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def _parts(self) -> tuple[nn.Module, nn.Module]:
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft
+        return getattr(inner, inner.base_model_prefix), inner.score  # LoRA layers live inside the backbone
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        backbone, head = self._parts()
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # (B, T, H), after the final norm
+        return head(hidden).squeeze(-1).float()  # (B, T)
+
+
+def value_model_source(config: TrainingConfig) -> str:
+    """Where the critic starts: value_model, else the reward model, else the policy ("policy")."""
+    return config.value_model or config.reward_model or "policy"
+
+
+def build_critic(config: TrainingConfig, tokenizer, family, device: torch.device) -> ValueModel:
+    """The trainable critic on `device`, float32 master weights, tuned with the policy's strategy."""
+    source = value_model_source(config)
+    if source == "policy":
+        path = resolve_model_path(config.model_name)
+    else:
+        path = resolve_model_path(source)
+        if not Path(path).is_dir():
+            raise RlhfTimeError(f"value_model: {source} is not a folder (a model trained with stage rm, or 'policy')")
+        if (Path(path) / "adapter_config.json").is_file():
+            return _to_critic(_merged_reward_model(path, config), config, family, device)
+        check_same_vocabulary(tokenizer, load_tokenizer(config, path=path), config.model_name, source)
+    # Seeded so `value_model: policy`'s new head is the same on every rank and in a resumed run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        model = load_causal_lm(config, path=path, head="reward")
+    log.info("critic: %s", source if source != "policy" else f"{config.model_name} + a new value head")
+    return _to_critic(model, config, family, device)
+
+
+def _merged_reward_model(folder: str, config: TrainingConfig) -> nn.Module:
+    """A LoRA reward-model folder (adapter + score head) merged into its base: the critic's starting weights."""
+    from peft import PeftModel
+
+    base = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    model = load_causal_lm(config, path=resolve_model_path(base), head="reward")
+    log.info("critic: %s (LoRA reward model on %s, merged)", folder, base)
+    return PeftModel.from_pretrained(model, folder).merge_and_unload()
+
+
+def _to_critic(model: nn.Module, config: TrainingConfig, family, device: torch.device) -> ValueModel:
+    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    return ValueModel(apply_tuning(model, config, family, task_type="SEQ_CLS")).to(device)
+
+
+class CriticOptimizer:
+    """The critic's AdamW and schedule (the policy's schedule shape at critic_learning_rate) and its clipping."""
+
+    def __init__(self, critic: nn.Module, config: TrainingConfig, total_steps: int) -> None:
+        critic_config = config.model_copy(update={"learning_rate": config.critic_learning_rate})
+        self.parameters = [p for p in critic.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(critic, critic_config)
+        self.scheduler = build_scheduler(self.optimizer, critic_config, total_steps)
+        self.max_grad_norm = config.max_grad_norm
+
+    def step(self) -> float:
+        """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
