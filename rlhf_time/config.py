@@ -44,7 +44,7 @@ class TrainingConfig(BaseModel):
     # --- run -----------------------------------------------------------------------------------------
     experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name (non-SFT stages: <stage>_experiment).")
     output_dir: str = _f("outputs", "Folder that holds one sub-folder per experiment.")
-    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo, kd (distillation), grpo; see rlhf_time.stages.")
+    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo, kd (distillation), grpo, ppo; see rlhf_time.stages.")
     seed: int = _f(42, "Seed for weights init of new heads, data order and dropout.")
     device: Optional[str] = _f(None, "cuda, cuda:N or cpu; None picks cuda when available, else cpu.")
 

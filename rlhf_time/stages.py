@@ -10,4 +10,5 @@ STAGE_TRAINERS: dict[str, str] = {
     "dpo": "rlhf_time.trainer.dpo:DPOTrainer",
     "kd": "rlhf_time.trainer.kd:KDTrainer",
     "grpo": "rlhf_time.trainer.grpo:GRPOTrainer",
+    "ppo": "rlhf_time.trainer.ppo:PPOTrainer",
 }

@@ -17,6 +17,7 @@ def _import(target: str) -> type[Trainer]:
 TRAINERS: dict[str, type[Trainer]] = {stage: _import(target) for stage, target in STAGE_TRAINERS.items()}
 SFTrainer, RewardTrainer, DPOTrainer, KDTrainer = (TRAINERS[s] for s in ("sft", "rm", "dpo", "kd"))
 GRPOTrainer = TRAINERS["grpo"]
+PPOTrainer = TRAINERS["ppo"]
 
 
 def trainer_for(config) -> Trainer:
@@ -26,6 +27,6 @@ def trainer_for(config) -> Trainer:
     return TRAINERS[config.stage](config)
 
 
-__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "GRPOTrainer", "TrainerCallback",
-           "AuxiliaryModel",
+__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "GRPOTrainer", "PPOTrainer",
+           "TrainerCallback", "AuxiliaryModel",
            "TRAINERS", "trainer_for"]

