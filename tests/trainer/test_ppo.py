@@ -110,7 +110,8 @@ def test_critic_value_loss_falls_over_updates_on_a_fixed_rollout(tmp_path, tiny_
 
 
 def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8, kl_target=0.5, kl_horizon=10.0)
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8, kl_target=0.5, kl_horizon=10.0,
+                    gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4)
     full = PPOTrainer(ppo_config(tmp_path / "full", tiny_model_dir, **settings))
     full.train()
     interrupted = PPOTrainer(ppo_config(tmp_path / "resumed", tiny_model_dir, **settings))
@@ -137,3 +138,72 @@ def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
         rows[name] = {line["step"]: (line["train/loss"], line["train/score"], line["train/value/loss"])
                       for line in lines if "train/loss" in line}
     assert all(rows["resumed"][step] == rows["full"][step] for step in (3, 4))
+
+
+@pytest.fixture(scope="module")
+def half_trained(tmp_path_factory, tiny_model_dir):
+    """The quickstart model trained part-way with SFT: it writes some digits right (dense reward ~0.3-0.4)."""
+    from rlhf_time import SFTrainer
+
+    folder = tmp_path_factory.mktemp("half")
+    config = tiny_config(folder, tiny_model_dir, max_train_samples=None, batch_size=16, learning_rate=2e-3,
+                         max_steps=150, lr_scheduler_type="constant", weight_decay=0.0)
+    return SFTrainer(config).train()["final_model_dir"]
+
+
+def held_out_reward(trainer, seed=123, samples=8):
+    """Mean dense reward of sampled completions of the held-out prompts (fixed sampling seed, written-out reward),
+    and greedy exact match."""
+    from .ppo_helpers import char_share
+
+    dataset, config = trainer.eval_dataset, trainer.config
+    prompts = [ids for ids in dataset.input_ids for _ in range(samples)]
+    rollout = sample(trainer.model, prompts, max_new_tokens=config.max_completion_length,
+                     pad_token_id=trainer.tokenizer.pad_token_id, stop_token_ids=trainer.inference.stop_token_ids(),
+                     temperature=config.temperature, top_k=config.top_k, generator=torch.Generator().manual_seed(seed))
+    texts = trainer.tokenizer.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
+    answers = [a for a in dataset.columns["response"] for _ in range(samples)]
+    reward = sum(char_share(None, texts, answers)) / len(texts)
+    greedy = trainer.predict(dataset.prompts)
+    exact = sum(a == r for a, r in zip(greedy, dataset.columns["response"])) / len(dataset)
+    return reward, exact
+
+
+KL_BOUND = 1.0  # nats per completion (k1, sampled): the policy stays close to the SFT model
+
+
+def test_ppo_raises_the_sampled_reward_on_held_out_prompts_within_a_kl_bound(tmp_path, half_trained, capsys):
+    config = ppo_config(tmp_path, half_trained, max_train_samples=None, max_eval_samples=64, batch_size=8,
+                        gradient_accumulation_steps=2, num_mini_batches=2, ppo_epochs=2, max_completion_length=8,
+                        max_steps=30, learning_rate=1e-4, critic_learning_rate=3e-4, temperature=0.7, kl_coef=0.05,
+                        lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1)
+    trainer = PPOTrainer(config)
+    recorder = Recorder()
+    trainer.callbacks.append(recorder)
+    before, exact_before = held_out_reward(trainer)
+    trainer.train()
+    after, exact_after = held_out_reward(trainer)
+    kls = [m["train/kl"] for m in recorder.steps]
+    with capsys.disabled():
+        print(f"\nPPO held-out sampled reward {before:.3f} -> {after:.3f}; greedy exact match {exact_before:.3f} -> "
+              f"{exact_after:.3f}; KL max {max(kls):.3f}, last {kls[-1]:.3f}; explained variance last "
+              f"{recorder.steps[-1]['train/value/explained_variance']:.3f}")
+    assert after > before + 0.03
+    assert max(kls) < KL_BOUND
+
+
+def test_lora_policy_reference_is_the_adapter_free_policy_and_the_critic_has_its_own_adapter(tmp_path, tiny_model_dir):
+    config = ppo_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=1, ppo_epochs=1,
+                        gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4)
+    trainer = PPOTrainer(config)
+    assert "reference" not in trainer.aux  # no second copy: the adapters are disabled instead
+    recorder = Recorder()
+    trainer.callbacks.append(recorder)
+    policy_before, critic_before = weights(trainer.model), weights(trainer.critic)
+    trainer.train()
+    assert recorder.steps[0]["train/kl"] == 0.0
+    changed = {name for name, p in weights(trainer.model).items() if not torch.equal(p, policy_before[name])}
+    assert changed and all("lora_" in name for name in changed)
+    critic_changed = {name for name, p in weights(trainer.critic).items() if not torch.equal(p, critic_before[name])}
+    assert any("lora_" in name for name in critic_changed) and any("score" in name for name in critic_changed)
+    assert all("lora_" in name or "score" in name for name in critic_changed)
