@@ -26,7 +26,7 @@ from torch import nn
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.loss import (AdaptiveKLController, chunked_token_logps, clipped_tokens, create_loss,
+from rlhf_time.loss import (AdaptiveKLController, chunk_rows, chunked_token_logps, clipped_tokens, create_loss,
                             explained_variance, gae, k3_kl, masked_moments, masked_whiten, token_logps, token_rewards)
 from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
 from rlhf_time.rollout import Rollout, sample
@@ -118,13 +118,14 @@ class PPOTrainer(Trainer):
         """log softmax(logits / temperature) of the completion tokens (N, C) float32, 0 elsewhere: the policy that
         sampled them. Only completion positions are projected to the vocabulary."""
         width, temperature = batch["loss_mask"].shape[1], self.config.temperature
+        chunk = chunk_rows(len(self.tokenizer), self.config.loss_chunk_size, self.config.loss_chunk_bytes)
         hidden, lm_head = self.final_hidden_states(model, batch)
         if lm_head is None:  # logits (LoRA on lm_head, FSDP)
-            per_position = token_logps(hidden / temperature, batch["labels"], chunk_size=self.config.loss_chunk_size)
+            per_position = token_logps(hidden / temperature, batch["labels"], chunk_size=chunk)
         else:  # (h W^T + b) / T = h (W / T)^T + b / T
             bias = lm_head.bias / temperature if lm_head.bias is not None else None
             per_position = chunked_token_logps(hidden, lm_head.weight / temperature, batch["labels"], lm_head_bias=bias,
-                                               chunk_size=self.config.loss_chunk_size)  # (N, T-1)
+                                               chunk_size=chunk)  # (N, T-1)
         return per_position[:, -width:]  # the last C of the T-1 predictions are the completion's
 
     @torch.no_grad()
