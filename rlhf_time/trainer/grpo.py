@@ -21,14 +21,14 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
-from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
+from rlhf_time.data.prompts import PromptDataset
 from rlhf_time.loss import (aggregate_loss, chunk_rows, chunked_token_logps, clipped_tokens, create_loss, group_advantages, k3_kl,
                             loss_items, token_logps)
 from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
 from rlhf_time.rollout import Rollout, sample
 from rlhf_time.trainer.auxiliary import AuxiliaryModel
 from rlhf_time.trainer.distributed import all_reduce_sum
-from rlhf_time.trainer.loop import Trainer
+from rlhf_time.trainer.on_policy import PromptTrainer
 from rlhf_time.trainer import parallel
 
 SAMPLES_LOGGED = 4  # prompts/completions written to completions.jsonl every logging_steps
@@ -47,10 +47,9 @@ class ScoredRollout:
     texts: list[str]  # the completions as the reward functions saw them
 
 
-class GRPOTrainer(Trainer):
+class GRPOTrainer(PromptTrainer):
     """GRPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as in rlhf_time.rewards."""
 
-    data_kind = "prompt"
     model_head = "causal_lm"
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
@@ -63,7 +62,6 @@ class GRPOTrainer(Trainer):
         self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model)
         self.policy_loss = create_loss("policy", clip_eps=config.epsilon, clip_eps_high=config.epsilon_high,
                                        reduction="none")
-        self._datasets: list[PromptDataset] = []  # collate puts a dataset's index here into its batches
         self._step_tokens = 1.0  # completion tokens of the step being trained, all ranks (for per-token metrics)
 
     # ----------------------------------------------------------------------------------- what it needs
@@ -91,18 +89,6 @@ class GRPOTrainer(Trainer):
         model = self.aux["reward"]
         model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
         return RewardModelReward(InferenceModel(model, tokenizer, layout, head="reward"))
-
-    # -------------------------------------------------------------------------------------------- data
-    def load_dataset(self, path: str, max_samples: Optional[int]) -> PromptDataset:
-        return load_prompt_dataset(path, self.tokenizer, self.config, max_samples=max_samples)
-
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
-        """Prompt indices only: the completions, the tensors the loss trains on, are made in prepare_step."""
-        dataset = dataset if dataset is not None else self.train_dataset
-        if not any(known is dataset for known in self._datasets):
-            self._datasets.append(dataset)
-        key = next(i for i, known in enumerate(self._datasets) if known is dataset)
-        return {"prompt_index": torch.tensor(indices, dtype=torch.long), "dataset": torch.tensor(key)}
 
     # ------------------------------------------------------------------------------------- experience
     def stop_token_ids(self) -> list[int]:
@@ -137,7 +123,7 @@ class GRPOTrainer(Trainer):
     def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Sample, score, and turn each micro-batch of prompts into (sequences, old log-probs, advantages)."""
         config, group = self.config, self.config.num_generations
-        dataset = self._datasets[int(micro_batches[0]["dataset"])]
+        dataset = self.prompt_dataset(micro_batches[0])
         sampled = []
         for i, batch in enumerate(micro_batches):
             indices = batch["prompt_index"].tolist()
@@ -335,7 +321,7 @@ class GRPOTrainer(Trainer):
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rewards of greedy completions of the eval prompts, summed per function."""
-        dataset = self._datasets[int(batch["dataset"])]
+        dataset = self.prompt_dataset(batch)
         indices = batch["prompt_index"].tolist()
         rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], num_samples=1, greedy=True,
                                       generator=None)

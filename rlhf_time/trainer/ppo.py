@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
-from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
+from rlhf_time.data.prompts import PromptDataset
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import (AdaptiveKLController, chunk_rows, chunked_token_logps, clipped_tokens, create_loss,
                             explained_variance, gae, k3_kl, masked_moments, masked_whiten, token_logps, token_rewards)
@@ -34,17 +34,16 @@ from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel
 from rlhf_time.trainer.critic import CriticOptimizer, build_critic
 from rlhf_time.trainer.distributed import all_reduce_sum
-from rlhf_time.trainer.loop import Trainer
+from rlhf_time.trainer.on_policy import PromptTrainer
 
 SAMPLES_LOGGED = 4  # prompts/completions appended to completions.jsonl every logging_steps
 DEFAULT_KL_COEF = 0.05  # PPO's reward is KL-penalised by default (the shared kl_coef field defaults to GRPO's 0)
 
 
-class PPOTrainer(Trainer):
+class PPOTrainer(PromptTrainer):
     """PPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as GRPO's
     (rlhf_time.rewards), optional when reward_model is set."""
 
-    data_kind = "prompt"
     model_head = "causal_lm"
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
@@ -69,25 +68,12 @@ class PPOTrainer(Trainer):
         self.value_loss = create_loss("value", clip_eps=config.value_clip, reduction="sum")
         self.policy_loss = create_loss("policy", clip_eps=config.epsilon, clip_eps_high=config.epsilon_high,
                                        reduction="none")
-        self._datasets: list[PromptDataset] = []  # collate puts a dataset's index here into its batches
         self.update_history: list[dict[str, float]] = []  # each optimiser step of the last update (diagnostics)
 
     def auxiliary_models(self) -> list[AuxiliaryModel]:
         """The reference (the KL penalty and its metrics): a frozen copy of the initial policy; none under LoRA,
         where the reference is the policy with its adapters disabled."""
         return [] if self.config.use_lora else [AuxiliaryModel("reference")]
-
-    # -------------------------------------------------------------------------------------------- data
-    def load_dataset(self, path: str, max_samples: Optional[int]) -> PromptDataset:
-        return load_prompt_dataset(path, self.tokenizer, self.config, max_samples=max_samples)
-
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
-        """Prompt indices only: the tensors the loss trains on are made in prepare_step."""
-        dataset = dataset if dataset is not None else self.train_dataset
-        if not any(known is dataset for known in self._datasets):
-            self._datasets.append(dataset)
-        key = next(i for i, known in enumerate(self._datasets) if known is dataset)
-        return {"prompt_index": torch.tensor(indices, dtype=torch.long), "dataset": torch.tensor(key)}
 
     # -------------------------------------------------------------------------------- sampling, scoring
     def sample_rollout(self, prompt_ids: list[list[int]], *, greedy: bool,
@@ -145,7 +131,7 @@ class PPOTrainer(Trainer):
     def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Sample one completion per prompt, score it, and turn each micro-batch into PPO's experience."""
         config = self.config
-        dataset = self._datasets[int(micro_batches[0]["dataset"])]
+        dataset = self.prompt_dataset(micro_batches[0])
         prepared, scores, sampled = [], [], []
         for i, batch in enumerate(micro_batches):
             indices = batch["prompt_index"].tolist()
@@ -325,7 +311,7 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Rewards of greedy completions of the eval prompts, summed."""
-        dataset = self._datasets[int(batch["dataset"])]
+        dataset = self.prompt_dataset(batch)
         indices = batch["prompt_index"].tolist()
         rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], greedy=True, generator=None)
         rewards, _, _ = self.score(dataset, indices, rollout)
