@@ -44,20 +44,32 @@ class _Interrupt(Exception):
     pass
 
 
+def interrupted_then_resumed(build, stop_at_step: int):
+    """Train build(resume=False) until it reaches `stop_at_step` (raised out of its step-end callback, so that
+    step is never checkpointed), then build(resume=True) -- the same run with resume_from_checkpoint=latest -- and
+    train it to the end. Returns the resumed trainer."""
+    interrupted = build(resume=False)
+
+    def stop(trainer):
+        if trainer.global_step == stop_at_step:
+            raise _Interrupt
+
+    interrupted.callbacks.append(stop)
+    with pytest.raises(_Interrupt):
+        interrupted.train()
+    resumed = build(resume=True)
+    resumed.train()
+    return resumed
+
+
 def assert_resume_is_exact(full: SFTrainer, tmp_path: Path, model_dir: Path, **settings) -> None:
     """`full` has trained `settings` (max_steps=8, checkpoint at 4) uninterrupted; the same run stopped after step 4
     and resumed from its latest checkpoint must reach bit-identical weights and the same losses for steps 5-8."""
-    interrupted = SFTrainer(tiny_config(tmp_path / "resumed", model_dir, **settings))
+    def build(resume: bool) -> SFTrainer:
+        extra = {"resume_from_checkpoint": "latest"} if resume else {}
+        return SFTrainer(tiny_config(tmp_path / "resumed", model_dir, **extra, **settings))
 
-    def stop_after_four(trainer):
-        if trainer.global_step == 5:  # step 5 is never checkpointed: the resume starts from step 4
-            raise _Interrupt
-
-    interrupted.callbacks.append(stop_after_four)
-    with pytest.raises(_Interrupt):
-        interrupted.train()
-    resumed = SFTrainer(tiny_config(tmp_path / "resumed", model_dir, resume_from_checkpoint="latest", **settings))
-    resumed.train()
+    resumed = interrupted_then_resumed(build, stop_at_step=5)  # step 5 is never checkpointed: resume from step 4
     expected, got = weights(full.model), weights(resumed.model)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name

@@ -14,7 +14,7 @@ from rlhf_time.rewards import RewardFunctionError
 from rlhf_time.rollout import sample
 
 from .grpo_helpers import InjectedGRPOTrainer, char_share
-from .helpers import tiny_config, weights
+from .helpers import interrupted_then_resumed, tiny_config, weights
 
 
 class Recorder(TrainerCallback):
@@ -194,25 +194,13 @@ def test_reward_function_errors_stop_the_run_with_one_clear_line(tmp_path, tiny_
         trainer.train()
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
     settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8)
     full = GRPOTrainer(grpo_config(tmp_path / "full", tiny_model_dir, **settings))
     full.train()
-    interrupted = GRPOTrainer(grpo_config(tmp_path / "resumed", tiny_model_dir, **settings))
-
-    def stop(trainer):
-        if trainer.global_step == 3:
-            raise _Interrupt
-
-    interrupted.callbacks.append(stop)
-    with pytest.raises(_Interrupt):
-        interrupted.train()
-    resumed = GRPOTrainer(grpo_config(tmp_path / "resumed", tiny_model_dir, resume_from_checkpoint="latest", **settings))
-    resumed.train()
+    resumed = interrupted_then_resumed(lambda resume: GRPOTrainer(grpo_config(
+        tmp_path / "resumed", tiny_model_dir, **({"resume_from_checkpoint": "latest"} if resume else {}), **settings)),
+        stop_at_step=3)
     expected, got = weights(full.model), weights(resumed.model)
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     rows = {}
@@ -220,17 +208,6 @@ def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
         lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
         rows[name] = {line["step"]: (line["train/loss"], line["train/reward"]) for line in lines if "train/loss" in line}
     assert all(rows["resumed"][step] == rows["full"][step] for step in (3, 4))  # same samples, same rewards
-
-
-@pytest.fixture(scope="module")
-def half_trained(tmp_path_factory, tiny_model_dir):
-    """The quickstart model trained part-way with SFT: it writes some digits right (dense reward ~0.3-0.4)."""
-    from rlhf_time import SFTrainer
-
-    folder = tmp_path_factory.mktemp("half")
-    config = tiny_config(folder, tiny_model_dir, max_train_samples=None, batch_size=16, learning_rate=2e-3,
-                         max_steps=150, lr_scheduler_type="constant", weight_decay=0.0)
-    return SFTrainer(config).train()["final_model_dir"]
 
 
 def held_out_reward(trainer, seed=123, samples=8):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from rlhf_time import PPOTrainer, TrainerCallback
 from rlhf_time.rollout import sample
 
-from .helpers import tiny_config, weights
+from .helpers import interrupted_then_resumed, tiny_config, weights
 
 
 class Recorder(TrainerCallback):
@@ -114,20 +114,9 @@ def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
                     gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4)
     full = PPOTrainer(ppo_config(tmp_path / "full", tiny_model_dir, **settings))
     full.train()
-    interrupted = PPOTrainer(ppo_config(tmp_path / "resumed", tiny_model_dir, **settings))
-
-    class Stop(Exception):
-        pass
-
-    def stop(trainer):
-        if trainer.global_step == 3:
-            raise Stop
-
-    interrupted.callbacks.append(stop)
-    with pytest.raises(Stop):
-        interrupted.train()
-    resumed = PPOTrainer(ppo_config(tmp_path / "resumed", tiny_model_dir, resume_from_checkpoint="latest", **settings))
-    resumed.train()
+    resumed = interrupted_then_resumed(lambda resume: PPOTrainer(ppo_config(
+        tmp_path / "resumed", tiny_model_dir, **({"resume_from_checkpoint": "latest"} if resume else {}), **settings)),
+        stop_at_step=3)
     for a, b in ((full.model, resumed.model), (full.critic, resumed.critic)):
         expected, got = weights(a), weights(b)
         assert all(torch.equal(expected[name], got[name]) for name in expected)
@@ -138,17 +127,6 @@ def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
         rows[name] = {line["step"]: (line["train/loss"], line["train/score"], line["train/value/loss"])
                       for line in lines if "train/loss" in line}
     assert all(rows["resumed"][step] == rows["full"][step] for step in (3, 4))
-
-
-@pytest.fixture(scope="module")
-def half_trained(tmp_path_factory, tiny_model_dir):
-    """The quickstart model trained part-way with SFT: it writes some digits right (dense reward ~0.3-0.4)."""
-    from rlhf_time import SFTrainer
-
-    folder = tmp_path_factory.mktemp("half")
-    config = tiny_config(folder, tiny_model_dir, max_train_samples=None, batch_size=16, learning_rate=2e-3,
-                         max_steps=150, lr_scheduler_type="constant", weight_decay=0.0)
-    return SFTrainer(config).train()["final_model_dir"]
 
 
 def held_out_reward(trainer, seed=123, samples=8):
