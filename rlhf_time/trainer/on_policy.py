@@ -22,7 +22,7 @@ from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
-from rlhf_time.loss import chunk_rows, chunked_token_logps, token_logps
+from rlhf_time.loss import chunk_rows, chunked_token_logps, token_entropy, token_logps
 from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
 from rlhf_time.rollout import Rollout, sample
 from rlhf_time.trainer import parallel
@@ -144,20 +144,26 @@ class PromptTrainer(Trainer):
                 "old_logps": rollout.logps, "truncated": rollout.truncated, "entropies": rollout.entropies}
 
     # ------------------------------------------------------------------------------------------ log-probs
-    def completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False):
         """log softmax(logits / temperature) of the completion tokens (N, C) float32, 0 elsewhere: the log-probs
-        of the policy that sampled them, from final hidden states with only completion positions projected."""
+        of the policy that sampled them, from final hidden states with only completion positions projected.
+        with_entropy: also that distribution's entropy at each completion position (N, C), differentiable."""
         width, temperature = batch["loss_mask"].shape[1], self.config.temperature
         hidden, lm_head, labels = self._completion_states(model, batch)
         chunk = chunk_rows(len(self.tokenizer), self.config.loss_chunk_size, self.config.loss_chunk_bytes)
         if lm_head is None:  # logits (LoRA on lm_head, FSDP)
-            per_position = token_logps(hidden / temperature, labels, chunk_size=chunk)
+            states, weight, bias = hidden / temperature, None, None
+            per_position = token_logps(states, labels, chunk_size=chunk)
         else:  # (h W^T + b) / T = h (W / T)^T + b / T
-            weight, bias = lm_head.weight, lm_head.bias
+            states, weight, bias = hidden, lm_head.weight, lm_head.bias
             if temperature != 1.0:
                 weight, bias = weight / temperature, (bias / temperature if bias is not None else None)
             per_position = chunked_token_logps(hidden, weight, labels, lm_head_bias=bias, chunk_size=chunk)  # (N, T-1)
-        return per_position[:, -width:]  # completion positions: the last C of the T-1 predictions
+        logps = per_position[:, -width:]  # completion positions: the last C of the T-1 predictions
+        if not with_entropy:
+            return logps
+        entropy = token_entropy(states, labels, lm_head_weight=weight, lm_head_bias=bias, chunk_size=chunk)
+        return logps, entropy[:, -width:]
 
     def _completion_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         """(final hidden states, lm_head, labels) whose shifted positions predict the completion tokens -- or

@@ -40,13 +40,11 @@ class PPOTrainer(PromptTrainer):
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
         if not config.is_set("kl_coef"):
             config.kl_coef = DEFAULT_KL_COEF
-        if config.distributed == "fsdp":
-            raise RlhfTimeError("stage ppo runs under DDP (distributed: ddp); FSDP sharding of the critic is not supported yet")
         if not (reward_funcs or config.reward_funcs or config.reward_model):
             raise RlhfTimeError("stage ppo needs a reward: reward_model (a folder trained with stage rm) and/or reward_funcs")
         super().__init__(config, reward_funcs)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        self.critic = build_critic(config, self.tokenizer, self.family, self.device)
+        self.critic = build_critic(config, self.tokenizer, self.family, self.dist)
         self.train_critic = parallel.wrap_model(self.critic, config, self.dist) if self.dist.enabled else self.critic
         steps = (self.total_steps() if self.train_dataset is not None else 1) * self.optimizer_steps_per_update()
         self.critic_optimizer = CriticOptimizer(self.critic, config, steps)
@@ -151,10 +149,16 @@ class PPOTrainer(PromptTrainer):
         return int(batch["loss_mask"].sum())
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
-        """Clipped surrogate summed over completion tokens / the step's tokens (all micro-batches, all ranks)."""
-        mask = batch["loss_mask"]
-        logps = self.completion_logps(model, batch)  # (N, C)
+        """Clipped surrogate (minus entropy_coef x the policy's token entropy) summed over completion tokens / the
+        step's tokens (all micro-batches, all ranks)."""
+        mask, entropy_coef = batch["loss_mask"], self.config.entropy_coef
+        if entropy_coef > 0:
+            logps, entropy = self.completion_logps(model, batch, with_entropy=True)  # (N, C) each
+        else:
+            logps, entropy = self.completion_logps(model, batch), None
         per_token = self.policy_loss(logps, batch["old_logps"], batch["advantages"], mask)  # (N, C), 0 where masked
+        if entropy is not None:  # the entropy bonus: a higher entropy lowers the loss
+            per_token = per_token - entropy_coef * entropy * mask
         log_ratio = (logps.detach() - batch["old_logps"]) * mask
         ratio = torch.exp(log_ratio)
         low, high = clipped_tokens(ratio, batch["advantages"], mask, clip_eps=self.config.epsilon,
@@ -164,6 +168,8 @@ class PPOTrainer(PromptTrainer):
             "policy/approx_kl": (0.5 * log_ratio**2).sum(),  # E[(log rho)^2] / 2 (Schulman's k2) per token
             "policy/ratio_deviation": ((ratio - 1).abs() * mask).sum(),  # 0 exactly when every ratio is 1
         }
+        if entropy is not None:
+            metrics["policy/entropy"] = (entropy.detach() * mask).sum()
         return per_token.sum() / max(num_items, 1), metrics
 
     def critic_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -230,12 +236,13 @@ class PPOTrainer(PromptTrainer):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def stage_state(self) -> dict[str, Any]:
-        """The critic's weights and optimiser/schedule, and the KL coefficient (adaptive controller)."""
-        return {"critic": {k: v.detach().cpu() for k, v in self.critic.state_dict().items()},
-                "critic_optimizer": self.critic_optimizer.state_dict(), "kl_controller": self.kl_controller.state_dict()}
+        """The critic's full weights and optimiser/schedule, and the KL coefficient (adaptive controller); under
+        FSDP the shards are gathered (every rank calls this)."""
+        return {"critic": parallel.full_weights(self.critic), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "kl_controller": self.kl_controller.state_dict()}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
-        self.critic.load_state_dict(state["critic"])
+        parallel.load_full_state(self.critic, state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
 
