@@ -209,6 +209,7 @@ class TrainingConfig(BaseModel):
     vf_coef: float = _f(0.1, "PPO: weight of the clipped value loss in the critic's loss.", gt=0)
     value_clip: float = _f(0.2, "PPO: values move at most this far from their rollout values (clipped value loss).", gt=0)
     reward_clip: Optional[float] = _f(None, "PPO: clip sequence scores to [-reward_clip, reward_clip]; None = no clipping.", gt=0)
+    entropy_coef: float = _f(0.0, "PPO: weight of the entropy bonus: the policy loss minus entropy_coef x the policy's mean token entropy.", ge=0)
     whiten_rewards: bool = _f(False, "PPO: scale sequence scores to unit variance over the step's rollout (all ranks).")
     whiten_advantages: bool = _f(True, "PPO: whiten advantages over the completion tokens of the step (all ranks).")
     missing_eos_penalty: Optional[float] = _f(

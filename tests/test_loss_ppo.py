@@ -117,3 +117,29 @@ def test_adaptive_kl_controller_follows_ziegler_and_round_trips_its_state():
     fixed = AdaptiveKLController(0.1)
     assert fixed.update(100.0, 10) == 0.1
     assert math.isfinite(controller.value)
+
+
+@pytest.mark.parametrize("from_hidden", [False, True])
+def test_token_entropy_equals_categorical_entropy_and_its_gradient(from_hidden):
+    from rlhf_time.loss import token_entropy
+
+    torch.manual_seed(0)
+    batch, length, hidden_size, vocab = 2, 7, 5, 11
+    weight = torch.randn(vocab, hidden_size, requires_grad=True)
+    bias = torch.randn(vocab, requires_grad=True)
+    states = torch.randn(batch, length, hidden_size if from_hidden else vocab, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, length))
+    labels[0, :3] = -100  # a prompt: no entropy there
+    labels[1, -2:] = -100  # padding
+    kwargs = dict(lm_head_weight=weight, lm_head_bias=bias) if from_hidden else {}
+    got = token_entropy(states, labels, chunk_size=3, **kwargs)
+    logits = states @ weight.T + bias if from_hidden else states
+    expected = torch.distributions.Categorical(logits=logits[:, :-1]).entropy() * (labels[:, 1:] != -100)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(got[labels[:, 1:] == -100] == 0)
+    upstream = torch.randn_like(got)
+    inputs = (states, weight, bias) if from_hidden else (states,)
+    grads = torch.autograd.grad((got * upstream).sum(), inputs)
+    reference = torch.autograd.grad((expected * upstream).sum(), inputs)
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

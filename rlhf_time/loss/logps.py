@@ -247,3 +247,32 @@ def chunked_token_logps(hidden_states: torch.Tensor, lm_head_weight: torch.Tenso
     hidden, targets, mask = _targets(hidden_states, labels, ignore_index)  # (N, H), (N,), (B, T-1)
     per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)  # (N,)
     return per_target.new_zeros(mask.shape).masked_scatter(mask, per_target)
+
+
+def _entropy_rows(states: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    with _float32(states.device):
+        logits = _chunk_logits(states, weight.float(), bias) if weight is not None else states.float()  # (C, V)
+        log_probs = logits.log_softmax(-1)
+        return -(log_probs.exp() * log_probs).sum(-1)  # (C,)
+
+
+def token_entropy(states: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+                  lm_head_weight: Optional[torch.Tensor] = None, lm_head_bias: Optional[torch.Tensor] = None,
+                  chunk_size: Optional[int] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """Entropy of the next-token distribution, H_t = -sum_v p_v log p_v with p = softmax(z_t), at every position
+    that predicts a label: (B, T-1) float32, 0 where labels[:, t+1] is ignored. Differentiable (PPO's entropy bonus).
+
+    states: logits (B, T, V), or final hidden states (B, T, H) with the LM head `lm_head_weight` (V, H) (+ bias), so
+    z_t = h_t W^T + b. Each chunk's float32 logits are recomputed in backward (activation checkpointing): at most one
+    (chunk, V) block exists at a time.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    mask = labels[:, 1:] != ignore_index  # (B, T-1)
+    rows = states[:, :-1][mask]  # (N, H or V)
+    vocab = lm_head_weight.shape[0] if lm_head_weight is not None else states.shape[-1]
+    step = chunk_rows(vocab, chunk_size, chunk_bytes)
+    pieces = [checkpoint(_entropy_rows, rows[start : start + step], lm_head_weight, lm_head_bias, use_reentrant=False)
+              for start in range(0, rows.shape[0], step)]
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=states.device)
+    return out.masked_scatter(mask, torch.cat(pieces)) if pieces else out

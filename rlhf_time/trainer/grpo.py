@@ -10,28 +10,20 @@ rho_t = pi(y_t) / pi_old(y_t) and pi_old is the policy that sampled the batch; a
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset
-from rlhf_time.loss import (aggregate_loss, chunk_rows, chunked_token_logps, clipped_tokens, create_loss, group_advantages, k3_kl,
-                            loss_items, token_logps)
-from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
-from rlhf_time.rollout import Rollout, sample
-from rlhf_time.trainer.auxiliary import AuxiliaryModel
+from rlhf_time.loss import aggregate_loss, clipped_tokens, create_loss, group_advantages, k3_kl, loss_items
+from rlhf_time.rollout import Rollout
 from rlhf_time.trainer.distributed import all_reduce_sum
-from rlhf_time.trainer.on_policy import PromptTrainer
-from rlhf_time.trainer import parallel
+from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer
 
-SAMPLES_LOGGED = 4  # prompts/completions written to completions.jsonl every logging_steps
 # Train metrics that prepare_step already normalised by the step's completion tokens (not per loss item).
 _PER_TOKEN_METRICS = ("clip_ratio/low", "clip_ratio/high", "kl")
 
@@ -50,76 +42,16 @@ class ScoredRollout:
 class GRPOTrainer(PromptTrainer):
     """GRPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as in rlhf_time.rewards."""
 
-    model_head = "causal_lm"
-
-    def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
-        if not config.is_set("metric_for_best_model"):  # there is no eval loss: greedy completions' mean reward
-            config.metric_for_best_model = "eval_reward"
-        for spec in reward_funcs if reward_funcs is not None else config.reward_funcs:
-            load_reward_function(spec)  # a bad reward function fails before any model is loaded
-        super().__init__(config)
-        reward_model = self._reward_model_reward() if config.reward_model else None
-        self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model)
+    def __init__(self, config, reward_funcs=None) -> None:
+        super().__init__(config, reward_funcs)
         self.policy_loss = create_loss("policy", clip_eps=config.epsilon, clip_eps_high=config.epsilon_high,
                                        reduction="none")
         self._step_tokens = 1.0  # completion tokens of the step being trained, all ranks (for per-token metrics)
 
-    # ----------------------------------------------------------------------------------- what it needs
-    def auxiliary_models(self) -> list[AuxiliaryModel]:
-        config, models = self.config, []
-        if config.kl_coef > 0 and not config.use_lora:  # with LoRA the reference is the adapter-disabled policy
-            models.append(AuxiliaryModel("reference"))
-        if config.reward_model and not _is_adapter_folder(config.reward_model):
-            models.append(AuxiliaryModel("reward", source=config.reward_model, head="reward", cast_to_amp_dtype=True))
-        return models
-
-    def _reward_model_reward(self) -> RewardModelReward:
-        """The reward model as one more reward, scored with its own tokenizer and saved layout; a LoRA reward-model
-        folder (base + adapter + score head) is loaded whole by rlhf_time.inference."""
-        folder = self.config.reward_model
-        if "reward" not in self.aux:
-            return RewardModelReward.from_folder(folder, device=self.device)
-        from rlhf_time.config import TrainingConfig
-        from rlhf_time.inference import INFERENCE_KEYS, InferenceModel, saved_config
-        from rlhf_time.models import load_tokenizer
-
-        stored = saved_config(folder)
-        layout = TrainingConfig(**{k: stored[k] for k in INFERENCE_KEYS if k in stored}, model_name=folder)
-        tokenizer = load_tokenizer(layout)
-        model = self.aux["reward"]
-        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-        return RewardModelReward(InferenceModel(model, tokenizer, layout, head="reward"))
+    def needs_reference(self) -> bool:
+        return self.config.kl_coef > 0
 
     # ------------------------------------------------------------------------------------- experience
-    def stop_token_ids(self) -> list[int]:
-        return self.inference.stop_token_ids()
-
-    def sample_rollout(self, prompt_ids: list[list[int]], *, num_samples: int, greedy: bool,
-                       generator: Optional[torch.Generator]) -> Rollout:
-        """Completions of these prompts by the current policy (tests override this to inject completions)."""
-        config = self.config
-        with self._autocast():
-            return sample(self.model, prompt_ids, num_samples=num_samples, max_new_tokens=config.max_completion_length,
-                          pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=self.stop_token_ids(),
-                          do_sample=not greedy, temperature=config.temperature, top_p=config.top_p,
-                          top_k=config.top_k, generator=generator,
-                          stop_early=not parallel.is_fsdp(self.model))  # FSDP ranks must run the same forwards
-
-    def sampling_generator(self, micro_index: int) -> torch.Generator:
-        """The sampling RNG of one micro-batch: a pure function of (seed, step, rank, micro-batch), so a resumed run
-        samples exactly what the uninterrupted run sampled, and ranks sample independently."""
-        seed = np.random.SeedSequence([self.config.seed, self.global_step, self.dist.rank, micro_index])
-        return torch.Generator(device=self.device).manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
-
-    def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout, repeat: int):
-        """(weighted rewards (N,), each function's values, completion texts) of a rollout of dataset[indices]."""
-        completion_ids = rollout.completion_lists()
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [dataset.prompts[i] for i in indices for _ in range(repeat)]
-        columns = {**dataset.reward_columns(indices, repeat), "completion_ids": completion_ids}
-        totals, per_function = self.rewards(prompts, texts, columns)
-        return torch.tensor(totals, dtype=torch.float32), per_function, texts
-
     def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Sample, score, and turn each micro-batch of prompts into (sequences, old log-probs, advantages)."""
         config, group = self.config, self.config.num_generations
@@ -145,85 +77,15 @@ class GRPOTrainer(PromptTrainer):
         return prepared
 
     def _experience(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors one micro-batch trains on; labels mark the sampled tokens (the log-probs are taken there)."""
-        prompt_length = rollout.prompt_length
-        labels = rollout.input_ids.masked_fill(rollout.attention_mask == 0, IGNORE_INDEX)
-        labels[:, :prompt_length] = IGNORE_INDEX
-        loss_mask = rollout.completion_mask
+        """The tensors one micro-batch trains on (old log-probs: sampling's own, see compute_loss)."""
+        batch = self.rollout_batch(rollout)
         if self.config.mask_truncated_completions:
-            loss_mask = loss_mask & ~rollout.truncated[:, None]
-        batch = {
-            "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
-            "position_ids": rollout.position_ids, "labels": labels, "loss_mask": loss_mask,
-            "old_logps": rollout.logps, "advantages": advantages,
-            "truncated": rollout.truncated, "entropies": rollout.entropies,
-            "group_size": torch.tensor(self.config.num_generations),  # rows i*G .. i*G+G-1 share their prompt
-        }
+            batch["loss_mask"] = batch["loss_mask"] & ~rollout.truncated[:, None]
+        batch["advantages"] = advantages
+        batch["group_size"] = torch.tensor(self.config.num_generations)  # rows i*G .. i*G+G-1 share their prompt
         if self.config.kl_coef > 0:
             batch["ref_logps"] = self.reference_logps(batch)
         return batch
-
-    @torch.no_grad()
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Log-probs of the sampled tokens under the frozen initial policy (LoRA: the adapters disabled), (N, C)."""
-        with self._autocast():
-            if "reference" in self.aux:
-                return self.completion_logps(self.aux["reference"], batch)
-            with self.model.disable_adapter():
-                was_training = self.model.training
-                self.model.eval()
-                try:
-                    return self.completion_logps(self.model, batch)
-                finally:
-                    self.model.train(was_training)
-
-    def completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log softmax(logits / temperature) of the sampled tokens (N, C) float32, 0 elsewhere: the log-probs of
-        sampling, computed from final hidden states with only completion positions projected to the vocabulary."""
-        width = batch["old_logps"].shape[1]
-        temperature = self.config.temperature
-        hidden, lm_head, labels = self._completion_states(model, batch)
-        chunk = chunk_rows(len(self.tokenizer), self.config.loss_chunk_size, self.config.loss_chunk_bytes)
-        if lm_head is not None:
-            weight, bias = lm_head.weight, lm_head.bias
-            if temperature != 1.0:  # (h W^T + b) / T = h (W / T)^T + b / T
-                weight, bias = weight / temperature, (bias / temperature if bias is not None else None)
-            per_position = chunked_token_logps(hidden, weight, labels, lm_head_bias=bias, chunk_size=chunk)  # (N, T-1)
-        else:
-            per_position = token_logps(hidden / temperature, labels, chunk_size=chunk)
-        return per_position[:, -width:]  # completion positions: the last C of the T-1 predictions
-
-    def _completion_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        """(final hidden states, lm_head, labels) whose shifted positions predict the completion tokens -- or
-        (logits, None, labels) when the head cannot be used outside forward (see final_hidden_states).
-
-        The G completions of a prompt share it: its tokens go through the model once (with gradients), its
-        key/value cache is repeated to the G rows, and only the completion tokens go through for each row, so the
-        forward costs P + G*C tokens per prompt instead of G*(P + C) (exactly the same log-probs).
-        """
-        group = int(batch.get("group_size", 1))
-        core = getattr(model, "module", model)
-        lm_head = core.get_output_embeddings()
-        # Gradient checkpointing turns the cache off in training: those runs take the plain forward.
-        flag = "is_activation_checkpointing" if hasattr(core, "is_activation_checkpointing") else "is_gradient_checkpointing"
-        checkpointing = getattr(core, flag, False)
-        if group == 1 or type(lm_head) is not nn.Linear or parallel.is_fsdp(core) or checkpointing:
-            hidden, lm_head = self.final_hidden_states(model, batch)
-            return hidden, lm_head, batch["labels"]
-        width = batch["old_logps"].shape[1]
-        prompt_length = batch["input_ids"].shape[1] - width
-        prompt = {key: batch[key][::group, :prompt_length] for key in ("input_ids", "attention_mask", "position_ids")}
-        # The prompt pass runs outside a DDP wrapper: the gradients of both passes meet in each parameter's
-        # accumulator before DDP's hook fires, once per backward.
-        out = core(**prompt, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-        out.cache.batch_repeat_interleave(group)
-        last_prompt_state = out.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)  # (N, 1, H)
-        completion = model(input_ids=batch["input_ids"][:, prompt_length:], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"][:, prompt_length:], cache=out.cache, use_cache=True,
-                           output_hidden_states=True, logits_to_keep=1)
-        hidden = torch.cat([last_prompt_state, completion.hidden_states[-1]], dim=1)  # (N, 1 + C, H)
-        labels = batch["labels"][:, prompt_length - 1 :]  # (N, 1 + C): the first column predicts nothing
-        return hidden, lm_head, labels
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -298,57 +160,12 @@ class GRPOTrainer(PromptTrainer):
         self.record_metrics(metrics)
 
     def _log_samples(self, dataset: PromptDataset, scored: ScoredRollout) -> None:
-        """A few prompts, completions and rewards of this step: completions.jsonl in the run folder, TensorBoard text."""
+        """The first completion of a few prompts of this step, with its rewards (see log_samples)."""
         group, step = self.config.num_generations, self.global_step + 1
-        records = [{"step": step, "prompt": dataset.prompts[scored.indices[row // group]], "completion": scored.texts[row],
-                    "reward": float(scored.rewards[row]),
-                    **{name: scored.per_function[f][row] for f, name in enumerate(self.rewards.names)}}
-                   for row in range(0, min(len(scored.texts), SAMPLES_LOGGED * group), group)]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        if "tensorboard" in self.config.report_to:
-            if getattr(self, "_text_writer", None) is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._text_writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-            table = "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(
-                f"| {r['prompt']} | {r['completion']} | {r['reward']:.3f} |" for r in records)
-            self._text_writer.add_text("completions", table, step)
-            self._text_writer.flush()
-
-    # ------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rewards of greedy completions of the eval prompts, summed per function."""
-        dataset = self.prompt_dataset(batch)
-        indices = batch["prompt_index"].tolist()
-        rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], num_samples=1, greedy=True,
-                                      generator=None)
-        rewards, per_function, _ = self.score(dataset, indices, rollout, 1)
-        device = self.device
-        sums = {"reward_sum": rewards.sum().to(device), "prompts": torch.tensor(float(len(indices)), device=device),
-                "length_sum": rollout.completion_lengths.sum().float().to(device)}
-        for f, name in enumerate(self.rewards.names):
-            values = [v for v in per_function[f] if v is not None]
-            sums[f"{name}:sum"] = torch.tensor(float(sum(values)), device=device)
-            sums[f"{name}:n"] = torch.tensor(float(len(values)), device=device)
-        return sums
-
-    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        prompts = max(totals.get("prompts", 0.0), 1.0)
-        metrics = {"eval_reward": totals.get("reward_sum", 0.0) / prompts,
-                   "eval_completion_length": totals.get("length_sum", 0.0) / prompts}
-        for name in self.rewards.names:
-            if totals.get(f"{name}:n"):
-                metrics[f"eval_reward/{name}"] = totals[f"{name}:sum"] / totals[f"{name}:n"]
-        return metrics
-
-
-def _is_adapter_folder(folder: str) -> bool:
-    from pathlib import Path
-
-    return (Path(folder) / "adapter_config.json").is_file()
+        self.log_samples([{"step": step, "prompt": dataset.prompts[scored.indices[row // group]],
+                           "completion": scored.texts[row], "reward": float(scored.rewards[row]),
+                           **{name: scored.per_function[f][row] for f, name in enumerate(self.rewards.names)}}
+                          for row in range(0, min(len(scored.texts), SAMPLES_LOGGED * group), group)], "reward")
 
 
 def _global_std(values: torch.Tensor) -> torch.Tensor:

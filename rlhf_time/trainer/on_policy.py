@@ -1,21 +1,87 @@
-"""What the on-policy stages (GRPO, PPO) share: prompt-only data, and micro-batches of prompt indices that
-prepare_step turns into sampled, scored experience."""
+"""What the on-policy stages (GRPO, PPO) share: prompt-only data, micro-batches of prompt indices that prepare_step
+turns into sampled, scored experience, and the pieces that experience is made of:
+
+- sampling with a KV cache (rlhf_time.rollout), from an RNG that is a pure function of (seed, step, rank, micro-batch);
+- scoring with the reward functions and/or a reward-model folder (rlhf_time.rewards; the reward model lives in the
+  stage contract's model slot: device, AMP dtype, FSDP sharding);
+- the log-probs of the sampled tokens by the training forward (policy) and by the frozen initial policy
+  (reference; under LoRA the adapter-disabled policy), from final hidden states with only completion positions
+  projected to the vocabulary;
+- evaluation as the mean reward of greedy completions of the eval prompts, and samples in completions.jsonl.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
+from torch import nn
 
+from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
+from rlhf_time.loss import chunk_rows, chunked_token_logps, token_entropy, token_logps
+from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
+from rlhf_time.rollout import Rollout, sample
+from rlhf_time.trainer import parallel
+from rlhf_time.trainer.auxiliary import AuxiliaryModel
 from rlhf_time.trainer.loop import Trainer
+
+SAMPLES_LOGGED = 4  # prompts written to completions.jsonl every logging_steps
 
 
 class PromptTrainer(Trainer):
-    """Base of the stages that generate their own training sequences from prompts."""
+    """Base of the stages that generate their own training sequences from prompts.
+
+    Subclasses say whether they need the reference (`needs_reference`) and fill prepare_step / update /
+    compute_loss; `reward_funcs` are callables or specs as in rlhf_time.rewards.
+    """
 
     data_kind = "prompt"
+    model_head = "causal_lm"
 
+    def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
+        if not config.is_set("metric_for_best_model"):  # there is no eval loss: greedy completions' mean reward
+            config.metric_for_best_model = "eval_reward"
+        for spec in reward_funcs if reward_funcs is not None else config.reward_funcs:
+            load_reward_function(spec)  # a bad reward function fails before any model is loaded
+        super().__init__(config)
+        reward_model = self._reward_model_reward() if config.reward_model else None
+        self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model)
+
+    # ----------------------------------------------------------------------------------- what it needs
+    def needs_reference(self) -> bool:
+        """Whether the stage reads the reference's log-probs (GRPO: only with a KL term; PPO: always)."""
+        return True
+
+    def auxiliary_models(self) -> list[AuxiliaryModel]:
+        config, models = self.config, []
+        if self.needs_reference() and not config.use_lora:  # with LoRA the reference is the adapter-disabled policy
+            models.append(AuxiliaryModel("reference"))
+        if config.reward_model and not _is_adapter_folder(config.reward_model):
+            models.append(AuxiliaryModel("reward", source=config.reward_model, head="reward", cast_to_amp_dtype=True))
+        return models
+
+    def _reward_model_reward(self) -> RewardModelReward:
+        """The reward model as one more reward, scored with its own tokenizer and saved layout; a LoRA reward-model
+        folder (base + adapter + score head) is loaded whole by rlhf_time.inference."""
+        folder = self.config.reward_model
+        if "reward" not in self.aux:
+            return RewardModelReward.from_folder(folder, device=self.device)
+        from rlhf_time.config import TrainingConfig
+        from rlhf_time.inference import INFERENCE_KEYS, InferenceModel, saved_config
+        from rlhf_time.models import load_tokenizer
+
+        stored = saved_config(folder)
+        layout = TrainingConfig(**{k: stored[k] for k in INFERENCE_KEYS if k in stored}, model_name=folder)
+        tokenizer = load_tokenizer(layout)
+        model = self.aux["reward"]
+        model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+        return RewardModelReward(InferenceModel(model, tokenizer, layout, head="reward"))
+
+    # -------------------------------------------------------------------------------------------- data
     def load_dataset(self, path: str, max_samples: Optional[int]) -> PromptDataset:
         return load_prompt_dataset(path, self.tokenizer, self.config, max_samples=max_samples)
 
@@ -34,3 +100,161 @@ class PromptTrainer(Trainer):
 
     def prompt_dataset(self, batch: dict[str, torch.Tensor]) -> PromptDataset:
         return self.prompt_datasets[int(batch["dataset"])]
+
+    # ------------------------------------------------------------------------------- sampling, scoring
+    def stop_token_ids(self) -> list[int]:
+        return self.inference.stop_token_ids()
+
+    def sample_rollout(self, prompt_ids: list[list[int]], *, num_samples: int = 1, greedy: bool,
+                       generator: Optional[torch.Generator]) -> Rollout:
+        """num_samples completions of each prompt by the current policy, batched with a KV cache (tests override
+        this to inject completions)."""
+        config = self.config
+        with self._autocast():
+            return sample(self.model, prompt_ids, num_samples=num_samples, max_new_tokens=config.max_completion_length,
+                          pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=self.stop_token_ids(),
+                          do_sample=not greedy, temperature=config.temperature, top_p=config.top_p,
+                          top_k=config.top_k, generator=generator,
+                          stop_early=not parallel.is_fsdp(self.model))  # FSDP ranks must run the same forwards
+
+    def sampling_generator(self, micro_index: int) -> torch.Generator:
+        """The sampling RNG of one micro-batch, a pure function of (seed, step, rank, micro-batch): a resumed run
+        samples exactly what the uninterrupted run sampled, and ranks sample independently."""
+        seed = np.random.SeedSequence([self.config.seed, self.global_step, self.dist.rank, micro_index])
+        return torch.Generator(device=self.device).manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+    def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout, repeat: int = 1):
+        """(weighted rewards (N,), each function's values, completion texts) of a rollout of dataset[indices], each
+        prompt's `repeat` completions in consecutive rows."""
+        completion_ids = rollout.completion_lists()
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [dataset.prompts[i] for i in indices for _ in range(repeat)]
+        columns = {**dataset.reward_columns(indices, repeat), "completion_ids": completion_ids}
+        totals, per_function = self.rewards(prompts, texts, columns)
+        return torch.tensor(totals, dtype=torch.float32), per_function, texts
+
+    @staticmethod
+    def rollout_batch(rollout: Rollout) -> dict[str, torch.Tensor]:
+        """The tensors of a rollout a micro-batch trains on; labels mark the sampled tokens (log-probs are taken
+        there), loss_mask the completion tokens (N, C), old_logps sampling's own log-probs."""
+        labels = rollout.input_ids.masked_fill(rollout.attention_mask == 0, IGNORE_INDEX)
+        labels[:, : rollout.prompt_length] = IGNORE_INDEX
+        return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+                "position_ids": rollout.position_ids, "labels": labels, "loss_mask": rollout.completion_mask,
+                "old_logps": rollout.logps, "truncated": rollout.truncated, "entropies": rollout.entropies}
+
+    # ------------------------------------------------------------------------------------------ log-probs
+    def completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False):
+        """log softmax(logits / temperature) of the completion tokens (N, C) float32, 0 elsewhere: the log-probs
+        of the policy that sampled them, from final hidden states with only completion positions projected.
+        with_entropy: also that distribution's entropy at each completion position (N, C), differentiable."""
+        width, temperature = batch["loss_mask"].shape[1], self.config.temperature
+        hidden, lm_head, labels = self._completion_states(model, batch)
+        chunk = chunk_rows(len(self.tokenizer), self.config.loss_chunk_size, self.config.loss_chunk_bytes)
+        if lm_head is None:  # logits (LoRA on lm_head, FSDP)
+            states, weight, bias = hidden / temperature, None, None
+            per_position = token_logps(states, labels, chunk_size=chunk)
+        else:  # (h W^T + b) / T = h (W / T)^T + b / T
+            states, weight, bias = hidden, lm_head.weight, lm_head.bias
+            if temperature != 1.0:
+                weight, bias = weight / temperature, (bias / temperature if bias is not None else None)
+            per_position = chunked_token_logps(hidden, weight, labels, lm_head_bias=bias, chunk_size=chunk)  # (N, T-1)
+        logps = per_position[:, -width:]  # completion positions: the last C of the T-1 predictions
+        if not with_entropy:
+            return logps
+        entropy = token_entropy(states, labels, lm_head_weight=weight, lm_head_bias=bias, chunk_size=chunk)
+        return logps, entropy[:, -width:]
+
+    def _completion_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """(final hidden states, lm_head, labels) whose shifted positions predict the completion tokens -- or
+        (logits, None, labels) when the head cannot be used outside forward (see final_hidden_states).
+
+        When `group_size` G > 1 completions share each prompt (GRPO), its tokens go through the model once (with
+        gradients), its key/value cache is repeated to the G rows, and only the completion tokens go through for
+        each row: P + G*C tokens per prompt instead of G*(P + C), exactly the same log-probs.
+        """
+        group = int(batch.get("group_size", 1))
+        core = getattr(model, "module", model)
+        lm_head = core.get_output_embeddings()
+        # Gradient checkpointing turns the cache off in training: those runs take the plain forward.
+        flag = "is_activation_checkpointing" if hasattr(core, "is_activation_checkpointing") else "is_gradient_checkpointing"
+        checkpointing = getattr(core, flag, False)
+        if group == 1 or type(lm_head) is not nn.Linear or parallel.is_fsdp(core) or checkpointing:
+            hidden, lm_head = self.final_hidden_states(model, batch)
+            return hidden, lm_head, batch["labels"]
+        width = batch["loss_mask"].shape[1]
+        prompt_length = batch["input_ids"].shape[1] - width
+        prompt = {key: batch[key][::group, :prompt_length] for key in ("input_ids", "attention_mask", "position_ids")}
+        # The prompt pass runs outside a DDP wrapper: the gradients of both passes meet in each parameter's
+        # accumulator before DDP's hook fires, once per backward.
+        out = core(**prompt, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+        out.cache.batch_repeat_interleave(group)
+        last_prompt_state = out.hidden_states[-1][:, -1:].repeat_interleave(group, dim=0)  # (N, 1, H)
+        completion = model(input_ids=batch["input_ids"][:, prompt_length:], attention_mask=batch["attention_mask"],
+                           position_ids=batch["position_ids"][:, prompt_length:], cache=out.cache, use_cache=True,
+                           output_hidden_states=True, logits_to_keep=1)
+        hidden = torch.cat([last_prompt_state, completion.hidden_states[-1]], dim=1)  # (N, 1 + C, H)
+        labels = batch["labels"][:, prompt_length - 1 :]  # (N, 1 + C): the first column predicts nothing
+        return hidden, lm_head, labels
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The sampled tokens' log-probs under the frozen initial policy (LoRA: the adapters disabled), (N, C)."""
+        with self._autocast():
+            if "reference" in self.aux:
+                return self.completion_logps(self.aux["reference"], batch)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with self.model.disable_adapter():
+                    return self.completion_logps(self.model, batch)
+            finally:
+                self.model.train(was_training)
+
+    # ------------------------------------------------------------------------------------------ samples
+    def log_samples(self, records: list[dict[str, Any]], value_key: str) -> None:
+        """A few prompts, completions and their reward (`value_key`) of this step: appended to completions.jsonl in
+        the run folder, and a TensorBoard text table when TensorBoard is on."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        if "tensorboard" in self.config.report_to and records:
+            if getattr(self, "_text_writer", None) is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._text_writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            table = f"| prompt | completion | {value_key} |\n|---|---|---|\n" + "\n".join(
+                f"| {r['prompt']} | {r['completion']} | {r[value_key]:.3f} |" for r in records)
+            self._text_writer.add_text("completions", table, records[0]["step"])
+            self._text_writer.flush()
+
+    # --------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rewards of greedy completions of the eval prompts, summed (in total and per reward function)."""
+        dataset = self.prompt_dataset(batch)
+        indices = batch["prompt_index"].tolist()
+        rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], num_samples=1, greedy=True,
+                                      generator=None)
+        rewards, per_function, _ = self.score(dataset, indices, rollout)
+        device = self.device
+        sums = {"reward_sum": rewards.sum().to(device), "prompts": torch.tensor(float(len(indices)), device=device),
+                "length_sum": rollout.completion_lengths.sum().float().to(device)}
+        for f, name in enumerate(self.rewards.names):
+            values = [v for v in per_function[f] if v is not None]
+            sums[f"{name}:sum"] = torch.tensor(float(sum(values)), device=device)
+            sums[f"{name}:n"] = torch.tensor(float(len(values)), device=device)
+        return sums
+
+    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        prompts = max(totals.get("prompts", 0.0), 1.0)
+        metrics = {"eval_reward": totals.get("reward_sum", 0.0) / prompts,
+                   "eval_completion_length": totals.get("length_sum", 0.0) / prompts}
+        for name in self.rewards.names:
+            if totals.get(f"{name}:n"):
+                metrics[f"eval_reward/{name}"] = totals[f"{name}:sum"] / totals[f"{name}:n"]
+        return metrics
+
+
+def _is_adapter_folder(folder: str) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()

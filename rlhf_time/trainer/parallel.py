@@ -177,6 +177,22 @@ class FullStateOptimizer:
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) weights on the CPU, keyed by parameter name; under FSDP gathered from every rank (a
+    collective: call it on every rank)."""
+    if is_fsdp(model):
+        return get_model_state_dict(model, options=_FULL)
+    return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full weights saved by full_weights (every rank passes all of them; under FSDP each keeps its shard)."""
+    if is_fsdp(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
 def load_full_weights(model: nn.Module, folder: Path) -> None:
     """FSDP: load a checkpoint's full weights (model or LoRA adapter) into the sharded parameters.
 

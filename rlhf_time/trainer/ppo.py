@@ -9,34 +9,27 @@ One loop step = one rollout:
   -> update: ppo_epochs passes x num_mini_batches groups of micro-batches, each one policy step of the loop
     (clipped surrogate, create_loss("policy")) and one critic step (clipped value loss x vf_coef, own AdamW)
   -> stage metrics.
-Prompt data (rlhf_time.data.prompts), sampling (rlhf_time.rollout) and reward functions (rlhf_time.rewards) are
-the pieces GRPO uses; evaluation is the mean reward of greedy completions of the eval prompts.
+Prompt data, sampling, scoring, log-probs and evaluation (the mean reward of greedy completions of the eval
+prompts) are GRPO's: rlhf_time.trainer.on_policy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from rlhf_time.constants import IGNORE_INDEX
-from rlhf_time.data.prompts import PromptDataset
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.loss import (AdaptiveKLController, chunk_rows, chunked_token_logps, clipped_tokens, create_loss,
-                            explained_variance, gae, k3_kl, masked_moments, masked_whiten, token_logps, token_rewards)
-from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
-from rlhf_time.rollout import Rollout, sample
+from rlhf_time.loss import (AdaptiveKLController, clipped_tokens, create_loss, explained_variance, gae, k3_kl,
+                            masked_moments, masked_whiten, token_rewards)
+from rlhf_time.rollout import Rollout
 from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import AuxiliaryModel
 from rlhf_time.trainer.critic import CriticOptimizer, build_critic
 from rlhf_time.trainer.distributed import all_reduce_sum
-from rlhf_time.trainer.on_policy import PromptTrainer
-
-SAMPLES_LOGGED = 4  # prompts/completions appended to completions.jsonl every logging_steps
+from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer
 DEFAULT_KL_COEF = 0.05  # PPO's reward is KL-penalised by default (the shared kl_coef field defaults to GRPO's 0)
 
 
@@ -44,24 +37,14 @@ class PPOTrainer(PromptTrainer):
     """PPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as GRPO's
     (rlhf_time.rewards), optional when reward_model is set."""
 
-    model_head = "causal_lm"
-
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
         if not config.is_set("kl_coef"):
             config.kl_coef = DEFAULT_KL_COEF
-        if not config.is_set("metric_for_best_model"):  # there is no eval loss: greedy completions' mean reward
-            config.metric_for_best_model = "eval_reward"
-        if config.distributed == "fsdp":
-            raise RlhfTimeError("stage ppo runs under DDP (distributed: ddp); FSDP sharding of the critic is not supported yet")
-        for spec in reward_funcs if reward_funcs is not None else config.reward_funcs:
-            load_reward_function(spec)  # a bad reward function fails before any model is loaded
         if not (reward_funcs or config.reward_funcs or config.reward_model):
             raise RlhfTimeError("stage ppo needs a reward: reward_model (a folder trained with stage rm) and/or reward_funcs")
-        super().__init__(config)
-        reward_model = RewardModelReward.from_folder(config.reward_model, device=self.device) if config.reward_model else None
-        self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model)
+        super().__init__(config, reward_funcs)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-        self.critic = build_critic(config, self.tokenizer, self.family, self.device)
+        self.critic = build_critic(config, self.tokenizer, self.family, self.dist)
         self.train_critic = parallel.wrap_model(self.critic, config, self.dist) if self.dist.enabled else self.critic
         steps = (self.total_steps() if self.train_dataset is not None else 1) * self.optimizer_steps_per_update()
         self.critic_optimizer = CriticOptimizer(self.critic, config, steps)
@@ -69,63 +52,6 @@ class PPOTrainer(PromptTrainer):
         self.policy_loss = create_loss("policy", clip_eps=config.epsilon, clip_eps_high=config.epsilon_high,
                                        reduction="none")
         self.update_history: list[dict[str, float]] = []  # each optimiser step of the last update (diagnostics)
-
-    def auxiliary_models(self) -> list[AuxiliaryModel]:
-        """The reference (the KL penalty and its metrics): a frozen copy of the initial policy; none under LoRA,
-        where the reference is the policy with its adapters disabled."""
-        return [] if self.config.use_lora else [AuxiliaryModel("reference")]
-
-    # -------------------------------------------------------------------------------- sampling, scoring
-    def sample_rollout(self, prompt_ids: list[list[int]], *, greedy: bool,
-                       generator: Optional[torch.Generator]) -> Rollout:
-        """One completion of each prompt by the current policy, batched with a KV cache (rlhf_time.rollout)."""
-        config = self.config
-        with self._autocast():
-            return sample(self.model, prompt_ids, max_new_tokens=config.max_completion_length,
-                          pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=self.inference.stop_token_ids(),
-                          do_sample=not greedy, temperature=config.temperature, top_p=config.top_p,
-                          top_k=config.top_k, generator=generator)
-
-    def sampling_generator(self, micro_index: int) -> torch.Generator:
-        """The sampling RNG of one micro-batch, a pure function of (seed, step, rank, micro-batch): a resumed run
-        samples what the uninterrupted run sampled, and ranks sample independently."""
-        seed = np.random.SeedSequence([self.config.seed, self.global_step, self.dist.rank, micro_index])
-        return torch.Generator(device=self.device).manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
-
-    def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout):
-        """(weighted rewards (N,), each function's values, completion texts) of one completion per prompt."""
-        completion_ids = rollout.completion_lists()
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        columns = {**dataset.reward_columns(indices), "completion_ids": completion_ids}
-        totals, per_function = self.rewards([dataset.prompts[i] for i in indices], texts, columns)
-        return torch.tensor(totals, dtype=torch.float32), per_function, texts
-
-    def completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log softmax(logits / temperature) of the completion tokens (N, C) float32, 0 elsewhere: the policy that
-        sampled them. Only completion positions are projected to the vocabulary."""
-        width, temperature = batch["loss_mask"].shape[1], self.config.temperature
-        chunk = chunk_rows(len(self.tokenizer), self.config.loss_chunk_size, self.config.loss_chunk_bytes)
-        hidden, lm_head = self.final_hidden_states(model, batch)
-        if lm_head is None:  # logits (LoRA on lm_head, FSDP)
-            per_position = token_logps(hidden / temperature, batch["labels"], chunk_size=chunk)
-        else:  # (h W^T + b) / T = h (W / T)^T + b / T
-            bias = lm_head.bias / temperature if lm_head.bias is not None else None
-            per_position = chunked_token_logps(hidden, lm_head.weight / temperature, batch["labels"], lm_head_bias=bias,
-                                               chunk_size=chunk)  # (N, T-1)
-        return per_position[:, -width:]  # the last C of the T-1 predictions are the completion's
-
-    @torch.no_grad()
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The sampled tokens' log-probs under the frozen initial policy (LoRA: the adapters disabled), (N, C)."""
-        if "reference" in self.aux:
-            return self.completion_logps(self.aux["reference"], batch)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                return self.completion_logps(self.model, batch)
-        finally:
-            self.model.train(was_training)
 
     # ------------------------------------------------------------------------------------- experience
     def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -141,16 +67,19 @@ class PPOTrainer(PromptTrainer):
             sampled.append((indices, rewards, texts))
             scores.append(self._adjusted_scores(rewards.to(self.device), rollout.truncated))
             prepared.append(self._forward_experience(rollout))
-        if config.whiten_rewards:  # scale only (Ziegler et al.): the sign of a score keeps its meaning
+        scaled = scores
+        if config.whiten_rewards:  # unit spread, mean kept (Ziegler et al.): the sign of a score keeps its meaning
             flat = torch.cat(scores)
             moments = all_reduce_sum(masked_moments(flat, torch.ones_like(flat, dtype=torch.bool)))
-            scores = [masked_whiten(s, torch.ones_like(s, dtype=torch.bool), shift_mean=False, moments=moments)
+            scaled = [masked_whiten(s, torch.ones_like(s, dtype=torch.bool), shift_mean=False, moments=moments)
                       for s in scores]
         kl_coef = self.kl_controller.value
-        for batch, score in zip(prepared, scores):
+        for batch, score, reward_score in zip(prepared, scores, scaled):
             mask = batch["loss_mask"]
-            rewards, non_score = token_rewards(batch["old_logps"], batch["ref_logps"], score, mask, kl_coef=kl_coef)
+            rewards, non_score = token_rewards(batch["old_logps"], batch["ref_logps"], reward_score, mask,
+                                               kl_coef=kl_coef)
             advantages, returns = gae(rewards, batch["values"], mask, gamma=config.gamma, lam=config.lam)
+            # scores: as the reward gave them (the logged train/score), before whitening
             batch.update(scores=score, non_score_rewards=non_score, advantages=advantages, returns=returns)
         if config.whiten_advantages:
             moments = all_reduce_sum(sum(masked_moments(b["advantages"], b["loss_mask"]) for b in prepared))
@@ -174,19 +103,12 @@ class PPOTrainer(PromptTrainer):
     def _forward_experience(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """The tensors a micro-batch trains on. old_logps are recomputed by the forward the loss uses, so the first
         mini-batch of the first epoch has ratio exactly 1; sampling's own log-probs are kept to report the gap."""
-        prompt_length = rollout.prompt_length
-        labels = rollout.input_ids.masked_fill(rollout.attention_mask == 0, IGNORE_INDEX)
-        labels[:, :prompt_length] = IGNORE_INDEX
-        batch = {
-            "input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
-            "position_ids": rollout.position_ids, "labels": labels, "loss_mask": rollout.completion_mask,
-            "old_logps": rollout.logps, "sampled_logps": rollout.logps, "truncated": rollout.truncated,
-            "entropies": rollout.entropies,
-        }
+        batch = self.rollout_batch(rollout)
+        batch["sampled_logps"] = batch["old_logps"]
         with self._autocast():
             batch["old_logps"] = self.completion_logps(self.model, batch) * batch["loss_mask"]
-            batch["ref_logps"] = self.reference_logps(batch) * batch["loss_mask"]
             batch["values"] = self.completion_values(self.critic, batch) * batch["loss_mask"]
+        batch["ref_logps"] = self.reference_logps(batch) * batch["loss_mask"]
         return batch
 
     def completion_values(self, critic: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -227,10 +149,16 @@ class PPOTrainer(PromptTrainer):
         return int(batch["loss_mask"].sum())
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
-        """Clipped surrogate summed over completion tokens / the step's tokens (all micro-batches, all ranks)."""
-        mask = batch["loss_mask"]
-        logps = self.completion_logps(model, batch)  # (N, C)
+        """Clipped surrogate (minus entropy_coef x the policy's token entropy) summed over completion tokens / the
+        step's tokens (all micro-batches, all ranks)."""
+        mask, entropy_coef = batch["loss_mask"], self.config.entropy_coef
+        if entropy_coef > 0:
+            logps, entropy = self.completion_logps(model, batch, with_entropy=True)  # (N, C) each
+        else:
+            logps, entropy = self.completion_logps(model, batch), None
         per_token = self.policy_loss(logps, batch["old_logps"], batch["advantages"], mask)  # (N, C), 0 where masked
+        if entropy is not None:  # the entropy bonus: a higher entropy lowers the loss
+            per_token = per_token - entropy_coef * entropy * mask
         log_ratio = (logps.detach() - batch["old_logps"]) * mask
         ratio = torch.exp(log_ratio)
         low, high = clipped_tokens(ratio, batch["advantages"], mask, clip_eps=self.config.epsilon,
@@ -240,6 +168,8 @@ class PPOTrainer(PromptTrainer):
             "policy/approx_kl": (0.5 * log_ratio**2).sum(),  # E[(log rho)^2] / 2 (Schulman's k2) per token
             "policy/ratio_deviation": ((ratio - 1).abs() * mask).sum(),  # 0 exactly when every ratio is 1
         }
+        if entropy is not None:
+            metrics["policy/entropy"] = (entropy.detach() * mask).sum()
         return per_token.sum() / max(num_items, 1), metrics
 
     def critic_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -298,39 +228,21 @@ class PPOTrainer(PromptTrainer):
         self.record_metrics(metrics)
         self.kl_controller.update(k1 / max(n, 1.0), int(n))
 
-    def _log_completions(self, dataset, indices: list[int], rewards: torch.Tensor, texts: list[str]) -> None:
-        """A few prompts, completions and scores of this step, appended to completions.jsonl in the run folder."""
+    def _log_completions(self, dataset, indices: list[int], scores: torch.Tensor, texts: list[str]) -> None:
+        """A few prompts, completions and scores of this step (see log_samples)."""
         step = self.global_step + 1
-        records = [{"step": step, "prompt": dataset.prompts[index], "completion": text, "score": float(reward)}
-                   for index, text, reward in list(zip(indices, texts, rewards.tolist()))[:SAMPLES_LOGGED]]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-
-    # ------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Rewards of greedy completions of the eval prompts, summed."""
-        dataset = self.prompt_dataset(batch)
-        indices = batch["prompt_index"].tolist()
-        rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], greedy=True, generator=None)
-        rewards, _, _ = self.score(dataset, indices, rollout)
-        return {"reward_sum": rewards.sum().to(self.device), "prompts": torch.tensor(float(len(indices)), device=self.device),
-                "length_sum": rollout.completion_lengths.sum().float().to(self.device)}
-
-    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        prompts = max(totals.get("prompts", 0.0), 1.0)
-        return {"eval_reward": totals.get("reward_sum", 0.0) / prompts,
-                "eval_completion_length": totals.get("length_sum", 0.0) / prompts}
+        self.log_samples([{"step": step, "prompt": dataset.prompts[index], "completion": text, "score": float(score)}
+                          for index, text, score in list(zip(indices, texts, scores.tolist()))[:SAMPLES_LOGGED]], "score")
 
     # ------------------------------------------------------------------------------------ checkpoints
     def stage_state(self) -> dict[str, Any]:
-        """The critic's weights and optimiser/schedule, and the KL coefficient (adaptive controller)."""
-        return {"critic": {k: v.detach().cpu() for k, v in self.critic.state_dict().items()},
-                "critic_optimizer": self.critic_optimizer.state_dict(), "kl_controller": self.kl_controller.state_dict()}
+        """The critic's full weights and optimiser/schedule, and the KL coefficient (adaptive controller); under
+        FSDP the shards are gathered (every rank calls this)."""
+        return {"critic": parallel.full_weights(self.critic), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "kl_controller": self.kl_controller.state_dict()}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
-        self.critic.load_state_dict(state["critic"])
+        parallel.load_full_state(self.critic, state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
 

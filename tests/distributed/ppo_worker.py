@@ -1,6 +1,8 @@
-"""Run under torchrun by tests/distributed/test_ppo_ddp.py: `ppo_worker.py MODEL_DIR OUT_DIR`.
+"""Run under torchrun by tests/distributed/test_ppo_ddp.py: `ppo_worker.py MODEL_DIR OUT_DIR SCENARIO...`.
 
-Two PPO steps under DDP; each rank writes a checksum of its policy and critic weights and its logged metrics."""
+ddp, fsdp: two PPO steps with a checkpoint after each; fsdp_resume: the fsdp run resumed from its first checkpoint.
+Each rank writes digests of its full policy and critic weights (FSDP: gathered), its logged metrics' path and the
+KL coefficient."""
 
 import json
 import sys
@@ -9,25 +11,32 @@ from pathlib import Path
 import torch
 
 from rlhf_time import PPOTrainer
+from tests.distributed.grpo_worker import weights_digest
 from tests.trainer.helpers import tiny_config
 
 torch.set_num_threads(1)
 
 
-def main(model_dir: str, out_dir: str) -> None:
-    config = tiny_config(Path(out_dir), Path(model_dir), stage="ppo", max_train_samples=8, batch_size=2,
-                         gradient_accumulation_steps=2, num_mini_batches=2, ppo_epochs=2, max_completion_length=4,
-                         max_steps=2, critic_learning_rate=1e-3, logging_steps=1,
-                         reward_funcs=["tests.trainer.ppo_helpers:char_share"])
-    trainer = PPOTrainer(config)
-    steps = []
-    trainer.callbacks.append(lambda t: steps.append(t.global_step))
-    trainer.train()
-    state = {"policy": [p.detach().double().sum().item() for p in trainer.model.parameters()],
-             "critic": [p.detach().double().sum().item() for p in trainer.critic.parameters()],
-             "kl_coef": trainer.kl_controller.value}
-    Path(out_dir, f"rank{trainer.dist.rank}.json").write_text(json.dumps(state), encoding="utf-8")
+def ppo_distributed_config(out_dir: Path, model_dir: Path, scenario: str):
+    values = dict(stage="ppo", max_train_samples=8, batch_size=2, gradient_accumulation_steps=2, num_mini_batches=2,
+                  ppo_epochs=2, max_completion_length=4, max_steps=2, critic_learning_rate=1e-3, logging_steps=1,
+                  save_strategy="steps", save_steps=1, kl_target=0.5, kl_horizon=10.0,
+                  reward_funcs=["tests.trainer.ppo_helpers:char_share"])
+    if scenario.startswith("fsdp"):
+        values["distributed"] = "fsdp"
+    if scenario == "fsdp_resume":
+        values["resume_from_checkpoint"] = str(out_dir.parent / "fsdp" / "outputs" / "run" / "checkpoint-1")
+    return tiny_config(out_dir, model_dir, **values)
+
+
+def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
+    for scenario in scenarios:
+        trainer = PPOTrainer(ppo_distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario))
+        trainer.train()
+        state = {"policy": weights_digest(trainer.model), "critic": weights_digest(trainer.critic),
+                 "kl_coef": trainer.kl_controller.value}
+        Path(out_dir, scenario, f"rank{trainer.dist.rank}.json").write_text(json.dumps(state), encoding="utf-8")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

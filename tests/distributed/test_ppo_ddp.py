@@ -1,24 +1,61 @@
-"""PPO under 2-process gloo DDP: the ranks sample different completions but stay identical (policy and critic)."""
+"""PPO under 2-process gloo DDP and FSDP2: the ranks sample different completions but stay identical (policy and
+critic); after the first step FSDP holds DDP's weights (policy, critic, critic optimiser) to float rounding (later
+steps sample from policies that differ by that rounding, so their completions may differ); an FSDP run resumed
+from its checkpoint ends bit-identical to the uninterrupted one."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .settings import WORLD_SIZE
+from .test_data_parallel import torchrun
+
 WORKER = Path(__file__).with_name("ppo_worker.py")
+SCENARIOS = ("ddp", "fsdp", "fsdp_resume")
 
 
-def test_ranks_stay_identical_under_ddp(tmp_path, tiny_model_dir):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-               str(tiny_model_dir), str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]
-    start = json.loads((tmp_path / "rank0.json").read_text())
-    assert start["policy"] and start["critic"]
-    metrics = [json.loads(line) for line in (tmp_path / "outputs" / "run" / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("torchrun-ppo")
+    result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=480)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def _ranks(launched: Path, scenario: str) -> list[dict]:
+    return [json.loads((launched / scenario / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+
+
+def test_ranks_stay_identical_under_ddp_and_fsdp(launched):
+    for scenario in SCENARIOS:
+        ranks = _ranks(launched, scenario)
+        assert ranks[0] == ranks[1], scenario
+    metrics = [json.loads(line) for line in (launched / "fsdp" / "outputs" / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("train/value/loss" in row for row in metrics)
+
+
+def test_fsdp_first_step_equals_ddp_for_policy_critic_and_critic_optimizer(launched, tiny_model_dir):
+    first = {s: launched / s / "outputs" / "run" / "checkpoint-1" for s in ("ddp", "fsdp")}
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    ddp, fsdp = (load_file(first[s] / "model.safetensors") for s in ("ddp", "fsdp"))
+    assert any(not torch.equal(ddp[name], initial[name]) for name in ddp)  # the policy trained
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    states = {s: torch.load(first[s] / "stage_state.pt", weights_only=True) for s in ("ddp", "fsdp")}
+    critic_ddp, critic_fsdp = states["ddp"]["critic"], states["fsdp"]["critic"]
+    assert critic_fsdp.keys() == critic_ddp.keys()  # full, unsharded tensors under the same names
+    later = torch.load(launched / "ddp" / "outputs" / "run" / "checkpoint-2" / "stage_state.pt", weights_only=True)
+    assert any(not torch.equal(later["critic"][name], critic_ddp[name]) for name in critic_ddp)  # the critic trains
+    for name in critic_ddp:
+        torch.testing.assert_close(critic_fsdp[name], critic_ddp[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    moments = {s: states[s]["critic_optimizer"]["optimizer"]["state"] for s in ("ddp", "fsdp")}
+    assert moments["fsdp"].keys() == moments["ddp"].keys() and moments["ddp"]
+    for name in moments["ddp"]:
+        torch.testing.assert_close(moments["fsdp"][name]["exp_avg"], moments["ddp"][name]["exp_avg"], rtol=1e-3, atol=1e-6)
+
+
+def test_fsdp_resume_is_exact(launched):
+    assert _ranks(launched, "fsdp_resume")[0] == _ranks(launched, "fsdp")[0]

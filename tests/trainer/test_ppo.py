@@ -100,6 +100,25 @@ def test_experience_equals_written_out_formulas(tmp_path, tiny_model_dir):
         assert ((batch["scores"] <= 1.0 - batch["truncated"].float()) | ~batch["truncated"]).all(), raw
 
 
+def test_entropy_bonus_subtracts_entropy_coef_times_the_policys_token_entropy(tmp_path, tiny_model_dir):
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, temperature=0.7))
+    batch = first_rollout(trainer)[0]
+    mask, items = batch["loss_mask"], int(batch["loss_mask"].sum())
+    plain, _ = trainer.compute_loss(trainer.model, batch, items)
+    trainer.config.entropy_coef = 0.3
+    with_bonus, metrics = trainer.compute_loss(trainer.model, batch, items)
+    width = mask.shape[1]
+    with torch.no_grad():  # written out: the entropy of softmax(logits / T) at each completion position
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"]).logits.float()[:, -width - 1 : -1] / 0.7
+        log_probs = F.log_softmax(logits, -1)
+        entropy = (-(log_probs.exp() * log_probs).sum(-1) * mask).sum()
+    torch.testing.assert_close(with_bonus, plain - 0.3 * entropy / items, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["policy/entropy"], entropy, rtol=1e-5, atol=1e-5)
+    with_bonus.backward()  # differentiable through the policy
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.parameters())
+
+
 def test_critic_value_loss_falls_over_updates_on_a_fixed_rollout(tmp_path, tiny_model_dir):
     trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, critic_learning_rate=1e-4, value_clip=10.0,
                                     reward_funcs=["tests.trainer.ppo_helpers:one"]))
