@@ -33,7 +33,7 @@ def test_sft_rm_ppo_pipeline_raises_the_learned_reward(tmp_path, monkeypatch, ca
         assert main(["train", str(PIPELINE / f"{step}.yaml"), *QUIET]) == 0, step
     outputs = tmp_path / "outputs"
     rm_eval = [json.loads(line) for line in (outputs / "rlhf_rm" / "metrics.jsonl").read_text().splitlines()]
-    assert [row for row in rm_eval if "eval_accuracy" in row][-1]["eval_accuracy"] >= 0.8  # the RM learned the task
+    assert [row for row in rm_eval if "eval/accuracy" in row][-1]["eval/accuracy"] >= 0.8  # the RM learned the task
     ppo_config = yaml.safe_load((outputs / "rlhf_ppo" / "final" / "rlhf_time_config.yaml").read_text())
     assert Path(ppo_config["reward_model"]).resolve() == (outputs / "rlhf_rm" / "final").resolve()  # the learned reward
     assert ppo_config["reward_funcs"] == []  # and nothing hand-written
