@@ -89,7 +89,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         # Before any update and before sharding, so a copy of the policy is the initial policy, whole.
         self.aux: dict[str, nn.Module] = {
-            spec.name: build_auxiliary_model(spec, self.model, self.tokenizer, config, self.device, self.amp_dtype)
+            spec.name: build_auxiliary_model(spec, self.model, self.tokenizer, config, self.dist, self.amp_dtype)
             for spec in self.auxiliary_models()
         }
 
