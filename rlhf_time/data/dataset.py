@@ -98,6 +98,10 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
     if kind == "prompt":  # on-policy stages: prompt-only records (rlhf_time.data.prompts)
         return validate_prompt_file(path, config)
     spec = as_spec(path)
+    if getattr(config, "streaming", False) and spec.role == "train":  # a stream is checked as it is read
+        from rlhf_time.data.streaming import check_stream_sources
+
+        return check_stream_sources(spec, config, kind)
     marker = _validation_marker(spec, config, kind, Path(cache_dir)) if cache_dir is not None else None
     if marker is not None and marker.is_file():
         return
@@ -105,11 +109,8 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
         _, chunks = record_chunks(source, config, spec.role)
         first = next(chunks)
         fmt = detect_format(first[0], config.data_format)
+        check_format_fits_kind(first[0], fmt, kind, config)
         wants_pairs = kind == "preference"
-        if fmt != "text" and wants_pairs != (fmt == "preference"):
-            need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
-            raise RlhfTimeError(f"{first[0].location}: stage {config.stage!r} needs {need}; this file has "
-                                f"fields {field_list(first[0].data)}")
         for record in (r for chunk in itertools.chain([first], chunks) for r in chunk):
             if fmt == "text":
                 text_of(record)
@@ -118,6 +119,15 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
+
+
+def check_format_fits_kind(first: Record, fmt: str, kind: str, config) -> None:
+    """A source's format (of its first record) must be what the stage trains on: pairs or conversations."""
+    wants_pairs = kind == "preference"
+    if fmt != "text" and wants_pairs != (fmt == "preference"):
+        need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
+        raise RlhfTimeError(f"{first.location}: stage {config.stage!r} needs {need}; this file has "
+                            f"fields {field_list(first.data)}")
 
 
 def _validation_marker(spec: DataSpec, config, kind: str, cache_dir: Path) -> Path:
@@ -360,6 +370,10 @@ def num_processes(config, records: int) -> int:
         return config.num_proc
     return 1 if records < AUTO_PARALLEL_RECORDS else max(1, min(8, os.cpu_count() or 1))
 
+
+# How records become examples, and the data set class, of each tokenised data kind (streaming.py uses them too).
+BUILDERS: dict[str, Callable] = {"conversation": _build_sft, "preference": _build_preference}
+DATA_CLASSES: dict[str, type[TokenizedDataset]] = {"conversation": TokenizedDataset, "preference": PreferenceDataset}
 
 # The loader of each data kind a stage can declare.
 DATA_KINDS: dict[str, Callable[..., TokenizedDataset]] = {
