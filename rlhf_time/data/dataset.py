@@ -21,7 +21,8 @@ from rlhf_time.data.prompts import load_prompt_dataset, validate_prompt_file
 from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
 from rlhf_time.data.text import encode_documents, text_of
-from rlhf_time.data.tokenize import (IGNORE_INDEX, ConversationEncoder, has_target, tokenize_preference_pairs,
+from rlhf_time.data.token_store import GatheredRows, TokenRows, map_npz, row_lengths, targets_per_row
+from rlhf_time.data.tokenize import (ConversationEncoder, has_target, tokenize_preference_pairs,
                                      truncate)
 from rlhf_time.errors import RlhfTimeError
 
@@ -56,15 +57,17 @@ class DataStats:
 
 
 class TokenizedDataset:
-    """SFT examples {"input_ids", "labels"} (lists of ints), their lengths, and the statistics of how they were made."""
+    """SFT examples {"input_ids", "labels"} (lists of ints), their lengths, and the statistics of how they were made.
+
+    A column is a list of rows, or rows memory-mapped from the cache (token_store.py): read as lists either way.
+    """
 
     length_of: tuple[str, ...] = ("input_ids",)
 
     def __init__(self, columns: dict[str, list], stats: DataStats) -> None:
         self.columns = columns
         self.stats = stats
-        rows = zip(*(columns[key] for key in self.length_of))
-        self.lengths = [max(map(len, row)) for row in rows]
+        self.lengths = np.maximum.reduce([row_lengths(columns[key]) for key in self.length_of]).tolist()
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -269,10 +272,8 @@ def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[T
     picks = (mixture_indices([len(columns[dataset_class.length_of[0]]) for columns, _ in parts], spec.weights,
                              config.seed)
              if spec.weights else [range(len(columns[dataset_class.length_of[0]])) for columns, _ in parts])
-    columns: dict[str, list] = {key: [] for key in parts[0][0]}
-    for (part, _), indices in zip(parts, picks):
-        for key, values in columns.items():
-            values += [part[key][i] for i in indices]
+    # The picked rows of each source, not copies: memory-mapped sources stay on disk.
+    columns: dict[str, Any] = {key: GatheredRows([part[key] for part, _ in parts], picks) for key in parts[0][0]}
     stats = DataStats(records=sum(s.records for _, s in parts), truncated=sum(s.truncated for _, s in parts),
                       dropped=sum(s.dropped for _, s in parts),
                       identical_pairs_dropped=sum(s.identical_pairs_dropped for _, s in parts))
@@ -302,6 +303,7 @@ def _load_source(source: str, role: str, tokenizer, config, cache_dir, max_sampl
                             f"raise max_seq_length or check the data")
     if cache_file is not None:
         _write_cache(cache_file, columns, stats)
+        return _read_cache(cache_file) or (columns, stats)  # memory-mapped from now on: the lists are freed
     return columns, stats
 
 
@@ -309,8 +311,8 @@ def _count_tokens(columns: dict[str, list], stats: DataStats, dataset_class: typ
     stats.total_tokens = stats.target_tokens = 0
     for ids_key in dataset_class.length_of:
         labels_key = ids_key.replace("input_ids", "labels")
-        stats.total_tokens += sum(map(len, columns[ids_key]))
-        stats.target_tokens += sum(len(labels) - 1 - labels[1:].count(IGNORE_INDEX) for labels in columns[labels_key])
+        stats.total_tokens += int(row_lengths(columns[ids_key]).sum())
+        stats.target_tokens += int(targets_per_row(columns[labels_key]).sum())
     stats.examples = len(columns[dataset_class.length_of[0]])
 
 
@@ -420,21 +422,23 @@ def _write_cache(cache_file: Path, columns: dict[str, list], stats: DataStats) -
         raise
 
 
-def _read_cache(cache_file: Path) -> Optional[tuple[dict[str, list], DataStats]]:
-    """The cached columns and stats, or None when absent or unreadable (then it is rebuilt and rewritten)."""
+def _read_cache(cache_file: Path) -> Optional[tuple[dict[str, Any], DataStats]]:
+    """The cached columns (token rows memory-mapped, token_store.py) and stats, or None when absent or unreadable
+    (then it is rebuilt and rewritten)."""
     if not cache_file.is_file():
         return None
     try:
         with np.load(cache_file, allow_pickle=False) as data:
             stats = DataStats(**json.loads(str(data["stats"])))
-            columns: dict[str, list] = {}
-            for name in data.files:
-                if name.endswith(".flat"):
-                    base = name[: -len(".flat")]
-                    flat, offsets = data[name].tolist(), data[f"{base}.offsets"].tolist()
-                    columns[base] = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-                elif name == "margin":
-                    columns[name] = data[name].tolist()
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+            names = [name.removesuffix(".flat") for name in data.files if name.endswith(".flat")]
+            offsets = {name: data[f"{name}.offsets"] for name in names}
+            margin = data["margin"].tolist() if "margin" in data.files else None
+        flat = map_npz(cache_file, [f"{name}.flat" for name in names])
+        columns: dict[str, Any] = {name: TokenRows(flat[f"{name}.flat"], offsets[name]) for name in names}
+        if any(len(rows.flat) != rows.offsets[-1] for rows in columns.values()):
+            return None
+        if margin is not None:
+            columns["margin"] = margin
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile):
         return None
     return columns, stats
