@@ -7,7 +7,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from rlhf_time.data.prompts import load_prompt_dataset, validate_prompt_file
 from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
 from rlhf_time.data.text import encode_documents, text_of
-from rlhf_time.data.token_store import GatheredRows, TokenRows, map_npz, row_lengths, targets_per_row
+from rlhf_time.data.token_store import (GatheredRows, TokenCacheWriter, TokenRows, map_npz, row_lengths,
+                                        targets_per_row)
 from rlhf_time.data.tokenize import (ConversationEncoder, has_target, tokenize_preference_pairs,
                                      truncate)
 from rlhf_time.errors import RlhfTimeError
@@ -296,15 +296,31 @@ def _load_source(source: str, role: str, tokenizer, config, cache_dir, max_sampl
     first = next(chunks)
     # The format is the source's (its first record's), not each chunk's.
     config = config.model_copy(update={"data_format": detect_format(first[0], config.data_format)})
-    columns, stats = _build_in_chunks(itertools.chain([first], chunks), total, tokenizer, config, build, source)
-    _count_tokens(columns, stats, dataset_class)
+    records = itertools.chain([first], chunks)
+    if cache_file is None:  # rows held as lists
+        columns: dict[str, list] = {}
+        stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class,
+                                 lambda part: [columns.setdefault(key, []).extend(rows) for key, rows in part.items()])
+        _require_examples(source, stats)
+        return columns, stats
+    # Each chunk's rows go straight to the cache file, which is then memory-mapped: never all as Python lists.
+    writer = TokenCacheWriter(cache_file)
+    try:
+        stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class, writer.add)
+        _require_examples(source, stats)
+        writer.finish(json.dumps(asdict(stats)))
+    finally:
+        writer.abort()
+    cached = _read_cache(cache_file)
+    if cached is None:
+        raise RlhfTimeError(f"{cache_file}: the tokenised data just written cannot be read back (disk full?)")
+    return cached
+
+
+def _require_examples(source: str, stats: DataStats) -> None:
     if stats.examples == 0:
         raise RlhfTimeError(f"{source}: empty data set after tokenisation ({stats.summary()}); "
                             f"raise max_seq_length or check the data")
-    if cache_file is not None:
-        _write_cache(cache_file, columns, stats)
-        return _read_cache(cache_file) or (columns, stats)  # memory-mapped from now on: the lists are freed
-    return columns, stats
 
 
 def _count_tokens(columns: dict[str, list], stats: DataStats, dataset_class: type[TokenizedDataset]) -> None:
@@ -325,20 +341,33 @@ def _build_chunk(records: list[Record]) -> tuple[dict[str, list], DataStats]:
     return build(records, tokenizer, config)
 
 
-def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, config, build: Callable,
-                     source: str) -> tuple[dict[str, list], DataStats]:
-    """build() over consecutive chunks of records, in order, in num_proc processes, with a progress bar; the
-    result equals build(all records) because every record is tokenised on its own."""
+def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, config, build: Callable, source: str,
+                     dataset_class: type[TokenizedDataset], add: Callable[[dict[str, list]], Any]) -> DataStats:
+    """build() over consecutive chunks of records, in order, in num_proc processes, with a progress bar; each
+    chunk's columns are passed to add() in order, so together they equal build(all records) (every record is
+    tokenised on its own). Returns the statistics of the whole."""
     global _worker_job
     from tqdm.auto import tqdm
 
     processes = num_processes(config, total) if total > RECORDS_PER_CHUNK else 1
     progress = tqdm(total=total, desc="tokenize", postfix=source, unit=" records", dynamic_ncols=True,
                     disable=config.disable_progress_bar or total <= RECORDS_PER_CHUNK)
-    results = []
+    stats = DataStats(records=total)
+
+    def take(columns: dict[str, list], part: DataStats) -> None:
+        add(columns)
+        counted = DataStats()
+        _count_tokens(columns, counted, dataset_class)
+        stats.examples += counted.examples
+        stats.total_tokens += counted.total_tokens
+        stats.target_tokens += counted.target_tokens
+        stats.truncated += part.truncated
+        stats.dropped += part.dropped
+        stats.identical_pairs_dropped += part.identical_pairs_dropped
+
     if processes <= 1:
         for chunk in chunks:
-            results.append(build(chunk, tokenizer, config))
+            take(*build(chunk, tokenizer, config))
             progress.update(len(chunk))
     else:
         # fork: workers inherit the tokenizer and config instead of unpickling them; one Rust thread pool each.
@@ -348,7 +377,8 @@ def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, conf
             with multiprocessing.get_context("fork").Pool(processes) as pool:
                 # A few chunks per process at a time, so the records are not all read (and queued) at once.
                 while window := list(itertools.islice(chunks, 4 * processes)):
-                    results += pool.map(_build_chunk, window)
+                    for result in pool.map(_build_chunk, window):
+                        take(*result)
                     progress.update(sum(map(len, window)))
         finally:
             _worker_job = None
@@ -357,13 +387,7 @@ def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, conf
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = previous
     progress.close()
-    columns = {key: [row for part, _ in results for row in part[key]] for key in results[0][0]}
-    stats = DataStats(records=total)
-    for _, part in results:
-        stats.truncated += part.truncated
-        stats.dropped += part.dropped
-        stats.identical_pairs_dropped += part.identical_pairs_dropped
-    return columns, stats
+    return stats
 
 
 def num_processes(config, records: int) -> int:
@@ -400,26 +424,6 @@ def _cache_key(source: str, role: str, tokenizer, config, max_samples, kind) -> 
                     max_seq_length=config.max_seq_length, columns=config.columns)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
-
-
-def _write_cache(cache_file: Path, columns: dict[str, list], stats: DataStats) -> None:
-    """Flat int32 token arrays + int64 offsets per column, in an .npz written to a temp file then renamed."""
-    arrays: dict[str, np.ndarray] = {"stats": np.array(json.dumps(asdict(stats)))}
-    for name, rows in columns.items():
-        if name == "margin":
-            arrays[name] = np.asarray(rows, dtype=np.float64)
-            continue
-        arrays[f"{name}.flat"] = np.fromiter((t for row in rows for t in row), dtype=np.int32)
-        arrays[f"{name}.offsets"] = np.cumsum([0, *map(len, rows)], dtype=np.int64)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{cache_file.stem}-", suffix=".tmp", dir=cache_file.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temp, cache_file)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _read_cache(cache_file: Path) -> Optional[tuple[dict[str, Any], DataStats]]:

@@ -11,10 +11,13 @@ mapped directly at their offset (after the zip member's local header and the .np
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -127,3 +130,61 @@ def map_npz(path: Path, names: Sequence[str]) -> dict[str, np.ndarray]:
             else:
                 arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=start, shape=shape)
     return arrays
+
+
+class TokenCacheWriter:
+    """Writes the .npz cache a chunk of rows at a time: token rows go straight to temp files on disk, only their
+    lengths stay in memory, so tokenising a large data set never holds all of it as Python lists. finish()
+    assembles the same .npz np.savez would write (uncompressed members, int32 rows, int64 offsets) and renames
+    it into place; abort() leaves nothing behind."""
+
+    def __init__(self, cache_file: Path) -> None:
+        self.cache_file = cache_file
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".{cache_file.stem}-", dir=cache_file.parent))
+        self.streams: dict[str, Any] = {}
+        self.lengths: dict[str, list[np.ndarray]] = {}
+        self.margin: Optional[list[float]] = None
+
+    def add(self, columns: dict[str, list]) -> None:
+        for name, rows in columns.items():
+            if name == "margin":
+                self.margin = (self.margin or []) + list(rows)
+                continue
+            if name not in self.streams:
+                self.streams[name] = open(self.folder / f"{name}.raw", "wb")  # noqa: SIM115 - closed in finish/abort
+                self.lengths[name] = []
+            np.fromiter((token for row in rows for token in row), dtype=np.int32).tofile(self.streams[name])
+            self.lengths[name].append(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+
+    def finish(self, stats_json: str) -> None:
+        temp = self.folder / "cache.npz"
+        try:
+            with zipfile.ZipFile(temp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                _write_array(archive, "stats", np.array(stats_json))
+                for name, stream in self.streams.items():
+                    stream.close()
+                    raw = self.folder / f"{name}.raw"
+                    with archive.open(f"{name}.flat.npy", "w", force_zip64=True) as member, raw.open("rb") as source:
+                        header = {"descr": np.dtype(np.int32).str, "fortran_order": False,
+                                  "shape": (raw.stat().st_size // 4,)}
+                        np.lib.format.write_array_header_1_0(member, header)
+                        shutil.copyfileobj(source, member, 1 << 22)
+                    raw.unlink()
+                    lengths = np.concatenate(self.lengths[name]) if self.lengths[name] else np.zeros(0, np.int64)
+                    _write_array(archive, f"{name}.offsets", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                if self.margin is not None:
+                    _write_array(archive, "margin", np.asarray(self.margin, dtype=np.float64))
+            os.replace(temp, self.cache_file)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _write_array(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
+    with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, array, allow_pickle=False)
