@@ -118,18 +118,22 @@ def _starts_with_object(path: Path) -> bool:
     return char == "{"
 
 
-def _as_record(row: dict[str, Any], location: str, columns: dict[str, str]) -> Record:
+def _as_record(row: dict[str, Any], location: str, columns: dict[str, str], csv_header: bool = False) -> Record:
     # Arrow gives every row every column, null where a record had no such field: drop those, so a row means
     # what the same record means in JSONL (as sources.record_chunks does). CSV headers are stripped as readers.py does.
-    data = {str(name).strip(): value for name, value in row.items() if value is not None}
+    data = {(name.strip() if csv_header else name): value for name, value in row.items() if value is not None}
     return Record(location, apply_columns(data, columns, location))
+
+
+def _is_csv(source: str) -> bool:
+    return source_kind(source) == "file" and Path(source).suffix.lower() == ".csv"
 
 
 def first_record(source: str, config) -> Record:
     """The first record of a source (its format is detected from it, as for in-memory data)."""
     dataset, label = open_stream(source, config)
     for row in dataset:
-        return _as_record(row, f"{label} record 1", config.columns or {})
+        return _as_record(row, f"{label} record 1", config.columns or {}, _is_csv(source))
     raise RlhfTimeError(f"{label}: empty data set (no records)")
 
 
@@ -149,7 +153,7 @@ class SourceStream:
 
     def __init__(self, source: str, config, rank: int, world_size: int, limit: Optional[int]) -> None:
         self.source, self.config, self.rank, self.world_size, self.limit = source, config, rank, world_size, limit
-        self.columns = config.columns or {}
+        self.columns, self.csv_header = config.columns or {}, _is_csv(source)
         self.passes = 0  # completed passes
         self.read = 0  # records read in this pass
         self._open(None)
@@ -185,7 +189,7 @@ class SourceStream:
                                 f"({type(error).__name__}: {message})") from None
         self.read += 1
         where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
-        return _as_record(row, f"{self.label} record {self.read}{where}", self.columns)
+        return _as_record(row, f"{self.label} record {self.read}{where}", self.columns, self.csv_header)
 
     def state_dict(self) -> dict[str, Any]:
         # Before the first record of a pass `datasets` has no position yet: the pass starts from the beginning.
