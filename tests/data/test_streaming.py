@@ -182,3 +182,17 @@ def test_streaming_settings_are_validated(tmp_path):
     config = TrainingConfig(model_name="tiny", train_file="x.jsonl", eval_file="y.jsonl", streaming=True, max_steps=2)
     assert config.eval_strategy == "steps"
     assert TrainingConfig(**config.to_dict()).streaming  # a saved config reloads
+
+
+def test_validation_reads_only_the_first_record_and_checks_it_suits_the_stage(tmp_path):
+    from rlhf_time.data import validate_data_file
+
+    records = RECORDS[:3] + [{"prompt": "p", "answer": "no response"}]  # bad, but only met while training
+    source = _write("jsonl", tmp_path, records)
+    validate_data_file(train_spec(_config(source)), _config(source))  # passes: the first record is fine
+    with pytest.raises(RlhfTimeError, match="missing field 'response'"):
+        validate_data_file(train_spec(_config(source)), _config(source, streaming=False))  # reads them all
+    with pytest.raises(RlhfTimeError, match=r"record 1: stage 'dpo' needs preference pairs"):
+        validate_data_file(train_spec(_config(source, stage="dpo")), _config(source, stage="dpo"), kind="preference")
+    with pytest.raises(RlhfTimeError, match=r"missing\.jsonl: data file not found"):
+        validate_data_file(train_spec(_config(str(tmp_path / "missing.jsonl"))), _config(str(tmp_path / "missing.jsonl")))
