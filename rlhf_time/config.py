@@ -217,6 +217,10 @@ class TrainingConfig(BaseModel):
     kl_target: Optional[float] = _f(None, "PPO: adaptive KL controller target (per-sequence KL); None = fixed kl_coef.", gt=0)
     kl_horizon: float = _f(10000.0, "PPO: adaptive KL controller horizon in sequences (Ziegler et al. 2019).", gt=0)
 
+    # --- streaming (data larger than memory / disk) ---------------------------------------------------
+    streaming: bool = _f(False, "Read train_file as a stream through datasets (streaming=True), tokenised on the fly, resumed exactly; needs max_steps (see Data sources, Streaming).")
+    shuffle_buffer_size: int = _f(1000, "Streaming: records held by the seeded shuffle buffer (saved with each checkpoint).", gt=0)
+
     # --- validators ----------------------------------------------------------------------------------
     @field_validator("model_type")
     @classmethod
@@ -369,6 +373,32 @@ class TrainingConfig(BaseModel):
             if asked:
                 raise ValueError(f"{', '.join(asked)} need eval_file (or eval_split), which is not set: nothing "
                                  f"would be evaluated")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _streaming_saves_by_steps(cls, data: Any) -> Any:
+        # A stream has no epochs the ranks agree on: save (and evaluate) every N steps unless told otherwise.
+        if isinstance(data, dict) and data.get("streaming") in (True, "true", "True"):
+            evaluates = data.get("eval_file") or data.get("eval_split")
+            data = {"save_strategy": "steps", "eval_strategy": "steps" if evaluates else "no", **data}
+        return data
+
+    @model_validator(mode="after")
+    def _streaming_consistent(self) -> "TrainingConfig":
+        if not self.streaming or not self.train_file:
+            return self
+        if not self.max_steps:
+            raise ValueError("streaming: true needs max_steps (a stream has no length to count epochs in)")
+        if self.stage in ("grpo", "ppo"):
+            raise ValueError(f"streaming feeds the stages sft, rm, dpo and kd; {self.stage} reads its prompts whole: "
+                             f"set streaming: false")
+        if self.precompute_ref_logps:
+            raise ValueError("precompute_ref_logps needs the whole train set up front; with streaming: true set it "
+                             "to false (the reference model scores each batch)")
+        for name in ("eval_strategy", "save_strategy"):
+            if getattr(self, name) == "epoch":
+                raise ValueError(f"{name}: epoch has no meaning with streaming: true; use steps (or no)")
         return self
 
     # --- construction with clear errors --------------------------------------------------------------

@@ -7,7 +7,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,9 @@ from rlhf_time.data.prompts import load_prompt_dataset, validate_prompt_file
 from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
 from rlhf_time.data.text import encode_documents, text_of
-from rlhf_time.data.tokenize import (IGNORE_INDEX, ConversationEncoder, has_target, tokenize_preference_pairs,
+from rlhf_time.data.token_store import (GatheredRows, TokenCacheWriter, TokenRows, map_npz, row_lengths,
+                                        targets_per_row)
+from rlhf_time.data.tokenize import (ConversationEncoder, has_target, tokenize_preference_pairs,
                                      truncate)
 from rlhf_time.errors import RlhfTimeError
 
@@ -56,15 +57,17 @@ class DataStats:
 
 
 class TokenizedDataset:
-    """SFT examples {"input_ids", "labels"} (lists of ints), their lengths, and the statistics of how they were made."""
+    """SFT examples {"input_ids", "labels"} (lists of ints), their lengths, and the statistics of how they were made.
+
+    A column is a list of rows, or rows memory-mapped from the cache (token_store.py): read as lists either way.
+    """
 
     length_of: tuple[str, ...] = ("input_ids",)
 
     def __init__(self, columns: dict[str, list], stats: DataStats) -> None:
         self.columns = columns
         self.stats = stats
-        rows = zip(*(columns[key] for key in self.length_of))
-        self.lengths = [max(map(len, row)) for row in rows]
+        self.lengths = np.maximum.reduce([row_lengths(columns[key]) for key in self.length_of]).tolist()
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -98,6 +101,10 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
     if kind == "prompt":  # on-policy stages: prompt-only records (rlhf_time.data.prompts)
         return validate_prompt_file(path, config)
     spec = as_spec(path)
+    if getattr(config, "streaming", False) and spec.role == "train":  # a stream is checked as it is read
+        from rlhf_time.data.streaming import check_stream_sources
+
+        return check_stream_sources(spec, config, kind)
     marker = _validation_marker(spec, config, kind, Path(cache_dir)) if cache_dir is not None else None
     if marker is not None and marker.is_file():
         return
@@ -105,11 +112,8 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
         _, chunks = record_chunks(source, config, spec.role)
         first = next(chunks)
         fmt = detect_format(first[0], config.data_format)
+        check_format_fits_kind(first[0], fmt, kind, config)
         wants_pairs = kind == "preference"
-        if fmt != "text" and wants_pairs != (fmt == "preference"):
-            need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
-            raise RlhfTimeError(f"{first[0].location}: stage {config.stage!r} needs {need}; this file has "
-                                f"fields {field_list(first[0].data)}")
         for record in (r for chunk in itertools.chain([first], chunks) for r in chunk):
             if fmt == "text":
                 text_of(record)
@@ -118,6 +122,15 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
+
+
+def check_format_fits_kind(first: Record, fmt: str, kind: str, config) -> None:
+    """A source's format (of its first record) must be what the stage trains on: pairs or conversations."""
+    wants_pairs = kind == "preference"
+    if fmt != "text" and wants_pairs != (fmt == "preference"):
+        need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
+        raise RlhfTimeError(f"{first.location}: stage {config.stage!r} needs {need}; this file has "
+                            f"fields {field_list(first.data)}")
 
 
 def _validation_marker(spec: DataSpec, config, kind: str, cache_dir: Path) -> Path:
@@ -259,10 +272,8 @@ def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[T
     picks = (mixture_indices([len(columns[dataset_class.length_of[0]]) for columns, _ in parts], spec.weights,
                              config.seed)
              if spec.weights else [range(len(columns[dataset_class.length_of[0]])) for columns, _ in parts])
-    columns: dict[str, list] = {key: [] for key in parts[0][0]}
-    for (part, _), indices in zip(parts, picks):
-        for key, values in columns.items():
-            values += [part[key][i] for i in indices]
+    # The picked rows of each source, not copies: memory-mapped sources stay on disk.
+    columns: dict[str, Any] = {key: GatheredRows([part[key] for part, _ in parts], picks) for key in parts[0][0]}
     stats = DataStats(records=sum(s.records for _, s in parts), truncated=sum(s.truncated for _, s in parts),
                       dropped=sum(s.dropped for _, s in parts),
                       identical_pairs_dropped=sum(s.identical_pairs_dropped for _, s in parts))
@@ -285,22 +296,39 @@ def _load_source(source: str, role: str, tokenizer, config, cache_dir, max_sampl
     first = next(chunks)
     # The format is the source's (its first record's), not each chunk's.
     config = config.model_copy(update={"data_format": detect_format(first[0], config.data_format)})
-    columns, stats = _build_in_chunks(itertools.chain([first], chunks), total, tokenizer, config, build, source)
-    _count_tokens(columns, stats, dataset_class)
+    records = itertools.chain([first], chunks)
+    if cache_file is None:  # rows held as lists
+        columns: dict[str, list] = {}
+        stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class,
+                                 lambda part: [columns.setdefault(key, []).extend(rows) for key, rows in part.items()])
+        _require_examples(source, stats)
+        return columns, stats
+    # Each chunk's rows go straight to the cache file, which is then memory-mapped: never all as Python lists.
+    writer = TokenCacheWriter(cache_file)
+    try:
+        stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class, writer.add)
+        _require_examples(source, stats)
+        writer.finish(json.dumps(asdict(stats)))
+    finally:
+        writer.abort()
+    cached = _read_cache(cache_file)
+    if cached is None:
+        raise RlhfTimeError(f"{cache_file}: the tokenised data just written cannot be read back (disk full?)")
+    return cached
+
+
+def _require_examples(source: str, stats: DataStats) -> None:
     if stats.examples == 0:
         raise RlhfTimeError(f"{source}: empty data set after tokenisation ({stats.summary()}); "
                             f"raise max_seq_length or check the data")
-    if cache_file is not None:
-        _write_cache(cache_file, columns, stats)
-    return columns, stats
 
 
 def _count_tokens(columns: dict[str, list], stats: DataStats, dataset_class: type[TokenizedDataset]) -> None:
     stats.total_tokens = stats.target_tokens = 0
     for ids_key in dataset_class.length_of:
         labels_key = ids_key.replace("input_ids", "labels")
-        stats.total_tokens += sum(map(len, columns[ids_key]))
-        stats.target_tokens += sum(len(labels) - 1 - labels[1:].count(IGNORE_INDEX) for labels in columns[labels_key])
+        stats.total_tokens += int(row_lengths(columns[ids_key]).sum())
+        stats.target_tokens += int(targets_per_row(columns[labels_key]).sum())
     stats.examples = len(columns[dataset_class.length_of[0]])
 
 
@@ -313,20 +341,33 @@ def _build_chunk(records: list[Record]) -> tuple[dict[str, list], DataStats]:
     return build(records, tokenizer, config)
 
 
-def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, config, build: Callable,
-                     source: str) -> tuple[dict[str, list], DataStats]:
-    """build() over consecutive chunks of records, in order, in num_proc processes, with a progress bar; the
-    result equals build(all records) because every record is tokenised on its own."""
+def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, config, build: Callable, source: str,
+                     dataset_class: type[TokenizedDataset], add: Callable[[dict[str, list]], Any]) -> DataStats:
+    """build() over consecutive chunks of records, in order, in num_proc processes, with a progress bar; each
+    chunk's columns are passed to add() in order, so together they equal build(all records) (every record is
+    tokenised on its own). Returns the statistics of the whole."""
     global _worker_job
     from tqdm.auto import tqdm
 
     processes = num_processes(config, total) if total > RECORDS_PER_CHUNK else 1
     progress = tqdm(total=total, desc="tokenize", postfix=source, unit=" records", dynamic_ncols=True,
                     disable=config.disable_progress_bar or total <= RECORDS_PER_CHUNK)
-    results = []
+    stats = DataStats(records=total)
+
+    def take(columns: dict[str, list], part: DataStats) -> None:
+        add(columns)
+        counted = DataStats()
+        _count_tokens(columns, counted, dataset_class)
+        stats.examples += counted.examples
+        stats.total_tokens += counted.total_tokens
+        stats.target_tokens += counted.target_tokens
+        stats.truncated += part.truncated
+        stats.dropped += part.dropped
+        stats.identical_pairs_dropped += part.identical_pairs_dropped
+
     if processes <= 1:
         for chunk in chunks:
-            results.append(build(chunk, tokenizer, config))
+            take(*build(chunk, tokenizer, config))
             progress.update(len(chunk))
     else:
         # fork: workers inherit the tokenizer and config instead of unpickling them; one Rust thread pool each.
@@ -336,7 +377,8 @@ def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, conf
             with multiprocessing.get_context("fork").Pool(processes) as pool:
                 # A few chunks per process at a time, so the records are not all read (and queued) at once.
                 while window := list(itertools.islice(chunks, 4 * processes)):
-                    results += pool.map(_build_chunk, window)
+                    for result in pool.map(_build_chunk, window):
+                        take(*result)
                     progress.update(sum(map(len, window)))
         finally:
             _worker_job = None
@@ -345,13 +387,7 @@ def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, conf
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = previous
     progress.close()
-    columns = {key: [row for part, _ in results for row in part[key]] for key in results[0][0]}
-    stats = DataStats(records=total)
-    for _, part in results:
-        stats.truncated += part.truncated
-        stats.dropped += part.dropped
-        stats.identical_pairs_dropped += part.identical_pairs_dropped
-    return columns, stats
+    return stats
 
 
 def num_processes(config, records: int) -> int:
@@ -360,6 +396,10 @@ def num_processes(config, records: int) -> int:
         return config.num_proc
     return 1 if records < AUTO_PARALLEL_RECORDS else max(1, min(8, os.cpu_count() or 1))
 
+
+# How records become examples, and the data set class, of each tokenised data kind (streaming.py uses them too).
+BUILDERS: dict[str, Callable] = {"conversation": _build_sft, "preference": _build_preference}
+DATA_CLASSES: dict[str, type[TokenizedDataset]] = {"conversation": TokenizedDataset, "preference": PreferenceDataset}
 
 # The loader of each data kind a stage can declare.
 DATA_KINDS: dict[str, Callable[..., TokenizedDataset]] = {
@@ -386,41 +426,23 @@ def _cache_key(source: str, role: str, tokenizer, config, max_samples, kind) -> 
     return digest.hexdigest()[:20]
 
 
-def _write_cache(cache_file: Path, columns: dict[str, list], stats: DataStats) -> None:
-    """Flat int32 token arrays + int64 offsets per column, in an .npz written to a temp file then renamed."""
-    arrays: dict[str, np.ndarray] = {"stats": np.array(json.dumps(asdict(stats)))}
-    for name, rows in columns.items():
-        if name == "margin":
-            arrays[name] = np.asarray(rows, dtype=np.float64)
-            continue
-        arrays[f"{name}.flat"] = np.fromiter((t for row in rows for t in row), dtype=np.int32)
-        arrays[f"{name}.offsets"] = np.cumsum([0, *map(len, rows)], dtype=np.int64)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{cache_file.stem}-", suffix=".tmp", dir=cache_file.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temp, cache_file)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _read_cache(cache_file: Path) -> Optional[tuple[dict[str, list], DataStats]]:
-    """The cached columns and stats, or None when absent or unreadable (then it is rebuilt and rewritten)."""
+def _read_cache(cache_file: Path) -> Optional[tuple[dict[str, Any], DataStats]]:
+    """The cached columns (token rows memory-mapped, token_store.py) and stats, or None when absent or unreadable
+    (then it is rebuilt and rewritten)."""
     if not cache_file.is_file():
         return None
     try:
         with np.load(cache_file, allow_pickle=False) as data:
             stats = DataStats(**json.loads(str(data["stats"])))
-            columns: dict[str, list] = {}
-            for name in data.files:
-                if name.endswith(".flat"):
-                    base = name[: -len(".flat")]
-                    flat, offsets = data[name].tolist(), data[f"{base}.offsets"].tolist()
-                    columns[base] = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
-                elif name == "margin":
-                    columns[name] = data[name].tolist()
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+            names = [name.removesuffix(".flat") for name in data.files if name.endswith(".flat")]
+            offsets = {name: data[f"{name}.offsets"] for name in names}
+            margin = data["margin"].tolist() if "margin" in data.files else None
+        flat = map_npz(cache_file, [f"{name}.flat" for name in names])
+        columns: dict[str, Any] = {name: TokenRows(flat[f"{name}.flat"], offsets[name]) for name in names}
+        if any(len(rows.flat) != rows.offsets[-1] for rows in columns.values()):
+            return None
+        if margin is not None:
+            columns["margin"] = margin
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile):
         return None
     return columns, stats

@@ -7,7 +7,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rlhf_time.errors import RlhfTimeError
 
@@ -54,17 +54,47 @@ def read_records(path: str | Path) -> list[Record]:
 
 
 def _jsonl(path: Path, text: str) -> list[Record]:
-    records = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks on.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise RlhfTimeError(f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno})") from None
-        records.append(_as_record(value, f"{path} line {number}"))
-    return records
+    return [_jsonl_record(path, number, line) for number, line in enumerate(text.split("\n"), start=1)
+            if line.strip()]
+
+
+def _jsonl_record(path: Path, number: int, line: str) -> Record:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise RlhfTimeError(f"{path} line {number}: malformed JSON ({error.msg} at column {error.colno})") from None
+    return _as_record(value, f"{path} line {number}")
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line, read a line at a time: the lines and numbers of
+    text.split("\n") in read_records, so records, locations and errors are the same."""
+    offset = 0
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):  # binary lines end at b"\n" only, as split("\n") does
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise RlhfTimeError(f"{path}: not UTF-8 text ({error.reason} at byte {offset + error.start})") from None
+            offset += len(raw)
+            if line.strip():
+                yield number, line
+
+
+def count_jsonl_records(path: str | Path) -> int:
+    """The number of records of a .jsonl file (its non-blank lines), checking it is UTF-8 and not empty."""
+    path = check_data_path(path)
+    count = sum(1 for _ in _jsonl_lines(path))
+    if not count:
+        raise RlhfTimeError(f"{path}: empty data set (no records)")
+    return count
+
+
+def iter_jsonl_records(path: str | Path) -> Iterator[Record]:
+    """The records of a .jsonl file one at a time (the records read_records gives, without holding them all)."""
+    path = check_data_path(path)
+    return (_jsonl_record(path, number, line) for number, line in _jsonl_lines(path))
 
 
 def _json(path: Path, text: str) -> list[Record]:

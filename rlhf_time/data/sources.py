@@ -12,12 +12,13 @@ Every record then passes through the `columns` mapping, so the rest of the pipel
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from rlhf_time.data.readers import Record, field_list, read_records
+from rlhf_time.data.readers import Record, count_jsonl_records, field_list, iter_jsonl_records, read_records
 from rlhf_time.downloads import download_progress
 from rlhf_time.errors import RlhfTimeError
 
@@ -102,11 +103,19 @@ def record_chunks(source: str, config, role: str = "train", *, limit: Optional[i
                   size: int = _ROWS_PER_BATCH) -> tuple[int, Iterator[list[Record]]]:
     """(number of records, the records in consecutive lists of `size`), `columns` applied, at most `limit`.
 
-    A `datasets` source is read from its memory-mapped Arrow table one chunk at a time, so a large data set is
-    never held as Python objects all at once.
+    A `datasets` source is read from its memory-mapped Arrow table one chunk at a time, and a .jsonl file a line
+    at a time (after one pass that counts its records), so a large data set is never held as Python objects all
+    at once. .json and .csv files are parsed whole.
     """
     kind = source_kind(source)
     columns = getattr(config, "columns", None) or {}
+    if kind == "file" and Path(source).suffix.lower() == ".jsonl":
+        _check_eval_split_applies(source, config, role)
+        total = count_jsonl_records(source)
+        total = min(total, limit) if limit else total
+        records = (Record(r.location, apply_columns(r.data, columns, r.location))
+                   for r in itertools.islice(iter_jsonl_records(source), total))
+        return total, iter(lambda: list(itertools.islice(records, size)), [])
     if kind == "file":
         _check_eval_split_applies(source, config, role)
         records = [Record(r.location, apply_columns(r.data, columns, r.location)) for r in read_records(source)]

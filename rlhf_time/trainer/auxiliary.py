@@ -3,7 +3,9 @@
 A stage declares what it needs with `AuxiliaryModel`s; the loop builds them once, in one place and one way:
 loaded (or copied from the still-untrained policy), checked against the policy's vocabulary when asked, moved to
 the device, cast to the AMP dtype when asked, frozen (eval mode, no gradients, never in the optimizer), and sharded
-under FSDP exactly as the policy is.
+under FSDP exactly as the policy is. A model loaded from a path under FSDP is loaded as the policy is
+(parallel.load_model): rank 0 reads it into host memory, every other rank builds a meta-device skeleton and only
+ever receives its own shards when the loop shards it, so no rank but 0 holds a full copy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from torch import nn
 from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf_time.trainer import parallel
+from rlhf_time.trainer.distributed import DistributedContext
 
 log = logging.getLogger("rlhf_time")
 
@@ -48,23 +52,32 @@ class AuxiliaryModel:
 
 
 def build_auxiliary_model(spec: AuxiliaryModel, policy: nn.Module, tokenizer, config: TrainingConfig,
-                          device: torch.device, amp_dtype: Optional[torch.dtype]) -> nn.Module:
-    """The frozen model `spec` declares, on `device` (the loop shards it under FSDP when it shards the policy)."""
+                          dist: DistributedContext, amp_dtype: Optional[torch.dtype]) -> nn.Module:
+    """The frozen model `spec` declares, on this rank's device, or -- under FSDP -- a meta skeleton that the loop's
+    parallel.shard_model fills with this rank's shards (as it does the policy)."""
     if spec.source is None:
-        model = copy.deepcopy(policy)
+        model = copy.deepcopy(policy)  # under FSDP a skeleton sharing the policy's rank-0 weights
     else:
         if spec.same_vocabulary:
             check_same_vocabulary(tokenizer, load_tokenizer(config, path=resolve_model_path(spec.source)),
                                   config.model_name, spec.source)
-        model = load_causal_lm(config, path=resolve_model_path(spec.source), head=spec.head)
-        if spec.adapter:
-            model = _merge_adapter(model, spec.adapter)
+        # Cast while loading, so rank 0's weights and the skeletons agree on the dtype the shards travel in.
+        model = parallel.load_model(lambda meta: _load(spec, config, meta, amp_dtype), config, dist)
         log.info("%s model: %s%s", spec.name, spec.source, f" + adapter {spec.adapter}" if spec.adapter else "")
     if not any(p.is_meta for p in model.parameters()):  # an FSDP meta skeleton gets its shards when sharded
-        model = model.to(device)
+        model = model.to(dist.device)
     if spec.cast_to_amp_dtype and amp_dtype is not None:
         model = model.to(amp_dtype)
     return model.eval().requires_grad_(False)
+
+
+def _load(spec: AuxiliaryModel, config: TrainingConfig, meta: bool, amp_dtype: Optional[torch.dtype]) -> nn.Module:
+    """The model at spec.source (+ its adapter merged), or with meta=True the same modules on the meta device
+    (a merged adapter leaves the architecture unchanged, so the skeleton needs no adapter)."""
+    model = load_causal_lm(config, path=resolve_model_path(spec.source), head=spec.head, meta=meta)
+    if spec.adapter and not meta:
+        model = _merge_adapter(model, spec.adapter)
+    return model.to(amp_dtype) if spec.cast_to_amp_dtype and amp_dtype is not None else model
 
 
 def check_same_vocabulary(policy_tokenizer, other_tokenizer, policy_name: str, other_name: str) -> None:

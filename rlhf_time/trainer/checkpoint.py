@@ -21,6 +21,7 @@ from rlhf_time.storage import disk_full_is_an_error, tensor_bytes
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 STAGE_STATE_FILE = "stage_state.pt"
+DATA_STATE_FILE = "data_state.json"  # streamed train data: where each rank's stream continues
 # atomic_directory stages `<target>` as `.<target>-<random>` next to it.
 STAGING_PATTERN = re.compile(r"^\.(checkpoint-\d+|final)-.+$")
 
@@ -36,6 +37,7 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config_yaml: str,
     stage_state: dict[str, Any] | None = None,
+    data_state: str | None = None,
 ) -> Path:
     """Write everything needed to resume into `folder`, via a temp folder renamed at the end."""
     needed = lambda: tensor_bytes(_state_of(model), optimizer.state_dict())  # noqa: E731 - only on a full disk
@@ -52,6 +54,8 @@ def save_checkpoint(
         (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
         if stage_state is not None:  # a stage's own trained state (e.g. a critic and its optimizer)
             torch.save(stage_state, staging / STAGE_STATE_FILE)
+        if data_state is not None:
+            (staging / DATA_STATE_FILE).write_text(data_state, encoding="utf-8")
     return folder
 
 
@@ -88,6 +92,12 @@ def load_stage_state(folder: Path) -> dict[str, Any] | None:
     """What the stage saved with the checkpoint (tensors and plain values, no pickle), or None."""
     path = folder / STAGE_STATE_FILE
     return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+def load_data_state(folder: Path) -> str | None:
+    """The streamed data's saved state (JSON text), or None when the run did not stream."""
+    path = folder / DATA_STATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def restore_rng(folder: Path, state: dict[str, Any]) -> None:

@@ -55,6 +55,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's `value` (picklable), in rank order, on every rank; [value] in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rlhf_time.config import TrainingConfig
 from rlhf_time.data import eval_spec, load_dataset_of_kind, plan_batches, shard_batches, train_spec, validate_data_file
+from rlhf_time.data.streaming import StreamedBatches, dumps_states, loads_states
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.report import RunReport
 from rlhf_time.templates import apply_training_template
@@ -32,7 +33,7 @@ from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
 from rlhf_time.trainer.callbacks import fire
-from rlhf_time.trainer.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
+from rlhf_time.trainer.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, main_rank_first
 from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
 from rlhf_time.trainer.reporting import RunReporter, drop_metrics_after
@@ -89,7 +90,7 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         # Before any update and before sharding, so a copy of the policy is the initial policy, whole.
         self.aux: dict[str, nn.Module] = {
-            spec.name: build_auxiliary_model(spec, self.model, self.tokenizer, config, self.device, self.amp_dtype)
+            spec.name: build_auxiliary_model(spec, self.model, self.tokenizer, config, self.dist, self.amp_dtype)
             for spec in self.auxiliary_models()
         }
 
@@ -195,18 +196,24 @@ class Trainer:
         plan_epoch, plan = -1, []
 
         while self.global_step < total_steps and not stop_early:
-            if plan_epoch != self.epoch:
-                plan_epoch, plan = self.epoch, self.epoch_plan(self.epoch)
-            if self.batch_index >= len(plan):  # epoch finished: move on
-                self.epoch, self.batch_index = self.epoch + 1, 0
-                continue
-            group = plan[self.batch_index : self.batch_index + config.gradient_accumulation_steps]
             self._stage_metrics = {}
-            micro_batches = self.prepare_step([self.collate(indices) for indices in group])
+            if self.streamed:  # the stream's next micro-batches (lists of examples); its epochs run on
+                group = self.train_dataset.next_micro_batches(config.gradient_accumulation_steps)
+                self.epoch = self.train_dataset.epoch
+                collated = [self.collate(list(range(len(examples))), examples) for examples in group]
+            else:
+                if plan_epoch != self.epoch:
+                    plan_epoch, plan = self.epoch, self.epoch_plan(self.epoch)
+                if self.batch_index >= len(plan):  # epoch finished: move on
+                    self.epoch, self.batch_index = self.epoch + 1, 0
+                    continue
+                group = plan[self.batch_index : self.batch_index + config.gradient_accumulation_steps]
+                collated = [self.collate(indices) for indices in group]
+            micro_batches = self.prepare_step(collated)
             step_metrics = {**self.update(micro_batches), **self._stage_metrics}
             self.batch_index += len(group)
             self.global_step += 1
-            epoch_ended = self.batch_index >= len(plan)
+            epoch_ended = not self.streamed and self.batch_index >= len(plan)
             losses.append(step_metrics["train/loss"])
 
             progress.update(1)
@@ -323,7 +330,14 @@ class Trainer:
         return strategy == "epoch" and (epoch_ended or is_last)
 
     def _epoch_progress(self, plan: list) -> float:
+        if self.streamed:  # passes the stream's reader has completed (no length to divide by)
+            return float(self.train_dataset.epoch)
         return self.epoch + self.batch_index / max(1, len(plan))
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the train data is streamed (data/streaming.py) rather than held as a tokenised data set."""
+        return isinstance(getattr(self, "train_dataset", None), StreamedBatches)
 
     # ---------------------------------------------------------------------- evaluation, early stopping
     @torch.no_grad()
@@ -398,11 +412,13 @@ class Trainer:
         require_finite_weights(self.model, folder, self.global_step, self.run_dir)
         model, optimizer = self._gather_for_save(), self._optimizer_for_checkpoint().gather()
         stage_state = self.stage_state()  # on every rank: a stage may gather shards
+        # Every rank's stream position (collective), so each rank continues exactly where it stopped.
+        data_state = dumps_states(all_gather_objects(self.train_dataset.state_dict())) if self.streamed else None
         if self.dist.is_main:
             ckpt.save_checkpoint(
                 folder, model=model, tokenizer=self.tokenizer, optimizer=optimizer, scheduler=self.scheduler,
                 scaler=self.scaler, trainer_state=self.trainer_state(), config_yaml=_config_yaml(self.config),
-                stage_state=stage_state,
+                stage_state=stage_state, data_state=data_state,
             )
             best = Path(self.best_checkpoint) if self.best_checkpoint else None
             ckpt.rotate_checkpoints(self.run_dir, self.config.save_total_limit, keep=best)
@@ -444,6 +460,12 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             # The data plan is sharded per rank; re-map the position to the same point in the global plan.
             self.batch_index = state["batch_index"] * state["world_size"] // self.dist.world_size
+        data_state = ckpt.load_data_state(folder)
+        if self.train_dataset is not None and self.streamed != (data_state is not None):
+            raise RlhfTimeError(f"{folder}: saved with streaming: {str(data_state is not None).lower()}; resume it with "
+                                f"the same setting")
+        if self.streamed:
+            self.train_dataset.load_state_dict(loads_states(data_state))
         stage_state = ckpt.load_stage_state(folder)
         if stage_state is not None:
             self.load_stage_state(stage_state)
@@ -498,7 +520,11 @@ class Trainer:
         return []
 
     def load_dataset(self, path: str, max_samples: Optional[int]):
-        """The tokenised data set of `path`, of this stage's data_kind (cached under data_cache_dir)."""
+        """The tokenised data set of `path`, of this stage's data_kind (cached under data_cache_dir); with
+        streaming, the train data as this rank's endless stream of micro-batches."""
+        if self.config.streaming and path.role == "train":
+            return StreamedBatches(self.data_kind, path, self.tokenizer, self.config, rank=self.dist.rank,
+                                   world_size=self.dist.world_size, max_samples=max_samples)
         return load_dataset_of_kind(self.data_kind, path, self.tokenizer, self.config, cache_dir=self.data_cache_dir(),
                                     max_samples=max_samples)
 

@@ -72,3 +72,26 @@ def test_jsonl_lines_are_split_on_newlines_only(tmp_path):
     crlf = tmp_path / "crlf.jsonl"
     crlf.write_bytes(b'{"prompt": "a", "response": "b"}\r\n\r\n{"prompt": "c", "response": "d"}\r\n')
     assert [r.location for r in read_records(crlf)] == [f"{crlf} line 1", f"{crlf} line 3"]
+
+
+def test_jsonl_read_a_line_at_a_time_gives_the_records_of_the_whole_file(tmp_path):
+    import pytest
+
+    from rlhf_time.data.readers import count_jsonl_records, iter_jsonl_records
+    from rlhf_time.errors import RlhfTimeError
+
+    lines = ['{"prompt": "a\u2028b", "response": "c"}', "", "  ", '{"prompt": "问", "response": "答"}\r', '{"prompt": "x"}']
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode("utf-8-sig"))
+    assert list(iter_jsonl_records(path)) == read_records(path) and count_jsonl_records(path) == 3
+    assert [r.location for r in iter_jsonl_records(path)] == [f"{path} line {n}" for n in (1, 4, 5)]
+    path.write_text('{"prompt": "a"}\n{"prompt": \n', encoding="utf-8")
+    with pytest.raises(RlhfTimeError, match=r"t.jsonl line 2: malformed JSON"):
+        list(iter_jsonl_records(path))
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(RlhfTimeError) as whole_file:
+        read_records(path)
+    assert f"at byte {path.read_bytes().index(0xE9)})" in str(whole_file.value)
+    with pytest.raises(RlhfTimeError) as line_by_line:
+        count_jsonl_records(path)
+    assert str(line_by_line.value) == str(whole_file.value)

@@ -2,6 +2,9 @@
 
 MODE `today`: every rank loads the full model, then FSDP shards it (the loading before rank-0 loading existed).
 MODE `rank0`: parallel.load_model (rank 0 loads, the others build on the meta device) then shard_model.
+MODE `aux_today`: a frozen auxiliary model (a KD teacher, cast to bf16) loaded as it was before rank-0 loading:
+every rank loads it fully, moves and casts it, then FSDP shards it.
+MODE `aux`: the same teacher through auxiliary.build_auxiliary_model, then shard_model (as the loop does).
 Each rank writes its peak-RSS growth during loading + sharding and its random state; rank 0 writes the
 gathered full weights.
 """
@@ -18,7 +21,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from rlhf_time.config import TrainingConfig, parse_overrides
 from rlhf_time.models import apply_tuning, load_causal_lm, model_family
+from rlhf_time.models import load_tokenizer
 from rlhf_time.trainer import parallel
+from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
 from rlhf_time.trainer.distributed import init_distributed
 
 torch.set_num_threads(1)
@@ -40,7 +45,15 @@ def main(model_dir: str, out_dir: str, mode: str, overrides: list[str]) -> None:
     torch.manual_seed(config.seed)
     before = peak_rss_bytes()
 
-    model = build(False).to(dist.device) if mode == "today" else parallel.load_model(build, config, dist)
+    if mode == "today":
+        model = build(False).to(dist.device)
+    elif mode == "rank0":
+        model = parallel.load_model(build, config, dist)
+    elif mode == "aux_today":
+        model = load_causal_lm(config, path=model_dir).to(dist.device).to(torch.bfloat16).eval().requires_grad_(False)
+    else:
+        teacher = AuxiliaryModel("teacher", source=model_dir, same_vocabulary=True, cast_to_amp_dtype=True)
+        model = build_auxiliary_model(teacher, None, load_tokenizer(config), config, dist, torch.bfloat16)
     parallel.shard_model(model, config)
     grown = peak_rss_bytes() - before
     out = Path(out_dir)

@@ -39,6 +39,8 @@ def distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides
     if scenario in ("kd_ddp", "kd_fsdp"):  # distillation from a smaller teacher, both sharded under FSDP
         values.update(stage="kd", distributed=scenario.split("_")[1], max_steps=2, teacher_model=str(teacher_dir(model_dir)),
                       kd_alpha=0.3, kd_loss_type="jsd", kd_temperature=2.0)
+    if scenario == "stream_ddp":  # streamed data: each rank reads its half of the records (every other one)
+        values.update(distributed="ddp", streaming=True, shuffle_buffer_size=8)
     if scenario == "fail":
         values.update(save_strategy="no")
     values.update(overrides)

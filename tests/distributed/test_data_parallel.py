@@ -26,7 +26,7 @@ from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, single_process_config, t
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 SCENARIOS = ("ddp", "fsdp", "lora", "fsdp_resume", "fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp",
-             "rm_fsdp", "kd_ddp", "kd_fsdp")
+             "rm_fsdp", "kd_ddp", "kd_fsdp", "stream_ddp", "stream_ddp_resume")
 
 
 def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -202,3 +202,15 @@ def test_an_error_on_one_rank_ends_every_rank(tmp_path, tiny_model_dir):
     assert result.returncode != 0
     assert "rank 1 failed on purpose" in result.stderr
     assert time.monotonic() - start < 90
+
+
+def test_streamed_data_on_two_ranks_resumes_exactly(launched):
+    """Streaming under DDP: each rank reads its own records, and both ranks' stream positions are saved, so the
+    run resumed from step 2 reaches the uninterrupted run's losses and weights exactly."""
+    full, resumed = _run_dir(launched, "stream_ddp"), _run_dir(launched, "stream_ddp_resume")
+    states = json.loads((full / "checkpoint-2" / "data_state.json").read_text())["ranks"]
+    assert [(state["rank"], state["world_size"]) for state in states] == [(0, 2), (1, 2)]
+    losses = train_losses(full / "metrics.jsonl")
+    assert train_losses(resumed / "metrics.jsonl") == {step: losses[step] for step in (3, 4)}
+    expected, got = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)

@@ -53,3 +53,18 @@ def test_rank0_loading_same_weights_and_random_state_and_less_memory_on_other_ra
     print(f"model {size / 2**20:.0f} MiB; peak memory growth per rank (MiB): {growth}")
     assert today[1]["peak_growth"] >= 0.9 * size  # every rank used to hold a full copy
     assert rank0[1]["peak_growth"] < 0.75 * size  # now: its half of the shards plus one tensor in flight
+
+
+def test_auxiliary_model_by_path_loads_on_rank0_only_same_weights_less_memory(tmp_path, model_of_known_size):
+    """A KD teacher / DPO reference / reward model given by path: rank 0 loads it, the others receive their shards
+    (in the AMP dtype it is cast to). Reference: every rank loading, casting and sharding it itself (before)."""
+    model_dir, size = model_of_known_size
+    today = _launch(model_dir, tmp_path, "aux_today")
+    aux = _launch(model_dir, tmp_path, "aux")
+    expected, got = load_file(str(tmp_path / "aux_today.safetensors")), load_file(str(tmp_path / "aux.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    growth = {mode: [r["peak_growth"] / 2**20 for r in runs] for mode, runs in (("today", today), ("aux", aux))}
+    print(f"model {size / 2**20:.0f} MiB in float32; peak memory growth per rank (MiB): {growth}")
+    assert today[1]["peak_growth"] >= 0.9 * size  # every rank used to load the full float32 copy
+    assert aux[1]["peak_growth"] < 0.5 * size  # now: half of the bf16 shards (size / 4) plus one tensor in flight

@@ -30,6 +30,10 @@ def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
             checkpoint = Path(out_dir) / "fsdp" / "outputs" / "run" / "checkpoint-2"
             config = distributed_config(Path(out_dir) / scenario, Path(model_dir), "fsdp", save_strategy="no",
                                         resume_from_checkpoint=str(checkpoint))
+        elif scenario == "stream_ddp_resume":  # the streamed DDP run resumed from its step-2 checkpoint
+            checkpoint = Path(out_dir) / "stream_ddp" / "outputs" / "run" / "checkpoint-2"
+            config = distributed_config(Path(out_dir) / scenario, Path(model_dir), "stream_ddp", save_strategy="no",
+                                        resume_from_checkpoint=str(checkpoint))
         else:
             config = distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario)
         trainer = trainer_for(config)
