@@ -48,6 +48,7 @@ class PromptTrainer(Trainer):
         for spec in reward_funcs if reward_funcs is not None else config.reward_funcs:
             load_reward_function(spec)  # a bad reward function fails before any model is loaded
         super().__init__(config)
+        disable_dropout(self.model)
         reward_model = self._reward_model_reward() if config.reward_model else None
         self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model)
 
@@ -254,6 +255,17 @@ class PromptTrainer(Trainer):
             if totals.get(f"{name}:n"):
                 metrics[f"eval_reward/{name}"] = totals[f"{name}:sum"] / totals[f"{name}:n"]
         return metrics
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in every layer (LoRA's lora_dropout included, and attention dropout): with it on, the training
+    forward would score the sampled tokens with a different random network than the one that sampled them, so
+    the log-probs of sampling and training would differ and PPO's first ratio would not be 1 (TRL does the same)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def _is_adapter_folder(folder: str) -> bool:

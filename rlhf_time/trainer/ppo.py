@@ -16,20 +16,23 @@ prompts) are GRPO's: rlhf_time.trainer.on_policy.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import (AdaptiveKLController, clipped_tokens, create_loss, explained_variance, gae, k3_kl,
                             masked_moments, masked_whiten, token_rewards)
 from rlhf_time.rollout import Rollout
+from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.critic import CriticOptimizer, build_critic
-from rlhf_time.trainer.distributed import all_reduce_sum
-from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer
+from rlhf_time.trainer.distributed import all_reduce_sum, barrier
+from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer, disable_dropout
 DEFAULT_KL_COEF = 0.05  # PPO's reward is KL-penalised by default (the shared kl_coef field defaults to GRPO's 0)
 
 
@@ -45,6 +48,7 @@ class PPOTrainer(PromptTrainer):
         super().__init__(config, reward_funcs)
         self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.critic = build_critic(config, self.tokenizer, self.family, self.dist)
+        disable_dropout(self.critic)  # values at rollout time and in the update come from the same network
         self.train_critic = parallel.wrap_model(self.critic, config, self.dist) if self.dist.enabled else self.critic
         steps = (self.total_steps() if self.train_dataset is not None else 1) * self.optimizer_steps_per_update()
         self.critic_optimizer = CriticOptimizer(self.critic, config, steps)
@@ -235,6 +239,24 @@ class PPOTrainer(PromptTrainer):
                           for index, text, score in list(zip(indices, texts, scores.tolist()))[:SAMPLES_LOGGED]], "score")
 
     # ------------------------------------------------------------------------------------ checkpoints
+    def train(self) -> dict[str, Any]:
+        """The loop's train(), then the trained critic saved next to final/ as `critic/` (see save_critic)."""
+        results = super().train()
+        results["critic_dir"] = str(self.save_critic(self.run_dir / "critic"))
+        return results
+
+    def save_critic(self, folder: Path) -> Path:
+        """The critic as a model folder: a 1-label sequence-classification model (or its LoRA adapter and head) with
+        the tokenizer, so `value_model: FOLDER` starts a later PPO run from it. Under FSDP the shards are gathered
+        (every rank calls this)."""
+        state = {name.removeprefix("model."): tensor for name, tensor in parallel.full_weights(self.critic).items()}
+        if self.dist.is_main:
+            ckpt.save_model(folder, model=_WithState(self.critic.model, state), tokenizer=self.tokenizer,
+                            config_yaml=yaml.safe_dump({**self.config.to_dict(), "value_model": None}, sort_keys=False,
+                                                       allow_unicode=True))
+        barrier()
+        return folder
+
     def stage_state(self) -> dict[str, Any]:
         """The critic's full weights and optimiser/schedule, and the KL coefficient (adaptive controller); under
         FSDP the shards are gathered (every rank calls this)."""
@@ -245,6 +267,17 @@ class PPOTrainer(PromptTrainer):
         parallel.load_full_state(self.critic, state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
+
+
+class _WithState:
+    """save_pretrained of `model` with the given (gathered) weights, as checkpoint.save_model expects (like
+    parallel.GatheredModel, whose root here would be the ValueModel wrapper, which has no save_pretrained)."""
+
+    def __init__(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model, self.state_dict = model, state_dict
+
+    def save_pretrained(self, folder: Path, **kwargs: Any) -> None:
+        self.model.save_pretrained(folder, state_dict=self.state_dict, **kwargs)
 
 
 __all__ = ["PPOTrainer"]

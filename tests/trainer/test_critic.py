@@ -10,6 +10,9 @@ from rlhf_time import TrainingConfig
 from rlhf_time.loss import create_loss
 from rlhf_time.models import load_tokenizer, model_family
 from rlhf_time.trainer.critic import CriticOptimizer, build_critic, value_model_source
+from rlhf_time.trainer.distributed import DistributedContext
+
+CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # one process
 
 
 def _config(tmp_path, model_dir, **overrides):
@@ -37,7 +40,7 @@ def test_critic_from_a_reward_model_reads_its_score_at_every_token(tmp_path, tin
     folder = _rm_folder(tmp_path, tiny_model_dir)
     config = _config(tmp_path, tiny_model_dir, value_model=str(folder))
     tokenizer = load_tokenizer(config)
-    critic = build_critic(config, tokenizer, model_family(config), torch.device("cpu")).eval()
+    critic = build_critic(config, tokenizer, model_family(config), CPU).eval()
     reference = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     reference.config.pad_token_id = tokenizer.pad_token_id
     ids = torch.tensor([tokenizer("把数字写成中文：12 十二").input_ids])
@@ -52,8 +55,8 @@ def test_critic_from_a_reward_model_reads_its_score_at_every_token(tmp_path, tin
 def test_policy_critic_is_the_policy_backbone_with_a_seeded_new_head(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir)
     tokenizer = load_tokenizer(config)
-    first = build_critic(config, tokenizer, model_family(config), torch.device("cpu"))
-    second = build_critic(config, tokenizer, model_family(config), torch.device("cpu"))
+    first = build_critic(config, tokenizer, model_family(config), CPU)
+    second = build_critic(config, tokenizer, model_family(config), CPU)
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name  # the same new head every time (ranks, resumed runs)
     from transformers import AutoModelForCausalLM
@@ -65,7 +68,7 @@ def test_policy_critic_is_the_policy_backbone_with_a_seeded_new_head(tmp_path, t
 
 def test_critic_optimizer_lowers_the_value_loss_on_a_fixed_batch(tmp_path, tiny_model_dir):
     config = _config(tmp_path, tiny_model_dir, critic_learning_rate=3e-3, warmup_steps_ratio=0.0)
-    critic = build_critic(config, load_tokenizer(config), model_family(config), torch.device("cpu"))
+    critic = build_critic(config, load_tokenizer(config), model_family(config), CPU)
     optimizer = CriticOptimizer(critic, config, total_steps=10)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 200, (4, 12), generator=generator)

@@ -192,17 +192,45 @@ def test_ppo_raises_the_sampled_reward_on_held_out_prompts_within_a_kl_bound(tmp
 
 
 def test_lora_policy_reference_is_the_adapter_free_policy_and_the_critic_has_its_own_adapter(tmp_path, tiny_model_dir):
-    config = ppo_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=1, ppo_epochs=1,
+    config = ppo_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=2, ppo_epochs=1,
                         gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4)
     trainer = PPOTrainer(config)
     assert "reference" not in trainer.aux  # no second copy: the adapters are disabled instead
     recorder = Recorder()
     trainer.callbacks.append(recorder)
     policy_before, critic_before = weights(trainer.model), weights(trainer.critic)
+    second_step_history = []
+    trainer.callbacks.append(lambda t: second_step_history.extend(t.update_history) if t.global_step == 2 else None)
     trainer.train()
     assert recorder.steps[0]["train/kl"] == 0.0
+    # lora_dropout (0.1 by default) is switched off: once the adapters are non-zero (step 2), the update still scores
+    # the sampled tokens with the network that sampled them
+    assert trainer.config.lora_dropout > 0 and second_step_history[0]["train/policy/ratio_deviation"] == 0.0
+    assert recorder.steps[1]["train/logps_sampling_gap"] < 1e-4
     changed = {name for name, p in weights(trainer.model).items() if not torch.equal(p, policy_before[name])}
     assert changed and all("lora_" in name for name in changed)
     critic_changed = {name for name, p in weights(trainer.critic).items() if not torch.equal(p, critic_before[name])}
     assert any("lora_" in name for name in critic_changed) and any("score" in name for name in critic_changed)
     assert all("lora_" in name or "score" in name for name in critic_changed)
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_the_trained_critic_is_saved_as_a_model_folder_a_later_run_starts_from(tmp_path, tiny_model_dir, use_lora):
+    from transformers import AutoModelForSequenceClassification
+
+    lora = dict(use_lora=True, lora_target_modules=None) if use_lora else {}
+    trainer = PPOTrainer(ppo_config(tmp_path / "first", tiny_model_dir, max_steps=1, ppo_epochs=1,
+                                    gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4, **lora))
+    folder = trainer.train()["critic_dir"]
+    batch = first_rollout(trainer)[0]
+    expected = trainer.completion_values(trainer.critic, batch)
+    if not use_lora:  # a plain transformers folder: its score head at every position is the critic's value
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"]).last_hidden_state
+            width = batch["loss_mask"].shape[1]
+            values = model.score(hidden).squeeze(-1)[:, -width - 1 : -1]
+        torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
+    later = PPOTrainer(ppo_config(tmp_path / "later", tiny_model_dir, value_model=folder, max_steps=1, **lora))
+    torch.testing.assert_close(later.completion_values(later.critic, batch), expected, rtol=1e-5, atol=1e-5)
