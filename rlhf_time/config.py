@@ -485,17 +485,31 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
-YAML_RELATIVE_FIELDS = ("train_file", "eval_file", "model_name")
+YAML_RELATIVE_FIELDS = ("train_file", "eval_file", "model_name", "reward_model", "value_model", "ref_model",
+                        "teacher_model")
 
 
 def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Relative data/model paths written in a YAML file name files next to that YAML (so examples run from any
-    working directory); a path that does not exist there is left as written (relative to the working directory)."""
+    working directory), as do reward-function files (`rewards.py:function` in reward_funcs); a path that does not
+    exist there is left as written (relative to the working directory)."""
+
+    def resolve(path: Any) -> Any:
+        if isinstance(path, str) and path and not Path(path).is_absolute() and (folder / path).exists():
+            return os.path.normpath(folder / path)
+        return path
+
+    def resolve_function_file(spec: Any) -> Any:
+        file, colon, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", spec)
+        return f"{resolve(file)}:{name}" if colon and file.endswith(".py") else spec
+
     values = dict(values)
     for key in YAML_RELATIVE_FIELDS:
-        value = values.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and (folder / value).exists():
-            values[key] = os.path.normpath(folder / value)
+        if key in values:
+            value = values[key]
+            values[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
+    if isinstance(values.get("reward_funcs"), list):
+        values["reward_funcs"] = [resolve_function_file(spec) for spec in values["reward_funcs"]]
     return values
 
 

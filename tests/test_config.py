@@ -105,3 +105,21 @@ def test_override_syntax_errors():
         parse_overrides(["batch_size"])
     with pytest.raises(ConfigError, match="unknown config key 'btach_size'"):
         parse_overrides(["btach_size=3"])
+
+
+def test_paths_in_a_yaml_name_files_next_to_it_when_they_exist_there(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    (folder / "data").mkdir(parents=True)
+    for name in ("data/a.jsonl", "data/b.jsonl", "rewards.py"):
+        (folder / name).write_text("", encoding="utf-8")
+    (folder / "rm").mkdir()
+    (folder / "run.yaml").write_text(
+        "model_name: tiny\nstage: grpo\ntrain_file: [data/a.jsonl, data/b.jsonl]\nmix_weights: [0.5, 0.5]\n"
+        "reward_model: rm\nreward_funcs: [rewards.py:score, exact_match, my_pkg.rewards:fn, other.py:f]\n",
+        encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the YAML's own folder decides
+    config = TrainingConfig.from_yaml(folder / "run.yaml")
+    assert config.train_file == [str(folder / "data/a.jsonl"), str(folder / "data/b.jsonl")]
+    assert config.reward_model == str(folder / "rm")
+    assert config.reward_funcs == [f"{folder / 'rewards.py'}:score", "exact_match", "my_pkg.rewards:fn", "other.py:f"]
+    assert not config.is_set("value_model") and config.value_model is None  # absent keys stay absent
