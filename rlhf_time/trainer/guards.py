@@ -53,6 +53,14 @@ class NonFiniteGuard:
                     self.consecutive_skips)
         return False
 
+    def state_dict(self) -> dict[str, int]:
+        """The skip counts, checkpointed so a resumed run stops after the same number of consecutive skips."""
+        return {"consecutive_skips": self.consecutive_skips, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
 
 def describe_non_finite(loss: float, grad_norm: Optional[float]) -> Optional[str]:
     """'non-finite loss (nan)' / 'non-finite gradient norm (inf)', or None when both are finite."""

@@ -404,6 +404,7 @@ class Trainer:
             "best_checkpoint": self.best_checkpoint,
             "evals_without_improvement": self.evals_without_improvement,
             "world_size": self.dist.world_size,
+            "non_finite_skips": self.nan_guard.state_dict(),
         }
 
     def save_checkpoint(self) -> Path:
@@ -457,6 +458,7 @@ class Trainer:
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
         self.best_metric, self.best_checkpoint = state["best_metric"], state["best_checkpoint"]
         self.evals_without_improvement = state["evals_without_improvement"]
+        self.nan_guard.load_state_dict(state.get("non_finite_skips", {}))  # absent in older checkpoints: none
         if state.get("world_size", 1) != self.dist.world_size:
             # The data plan is sharded per rank; re-map the position to the same point in the global plan.
             self.batch_index = state["batch_index"] * state["world_size"] // self.dist.world_size

@@ -86,3 +86,20 @@ def test_infinite_learning_rate_is_a_config_error(tmp_path, tiny_model_dir, caps
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "learning_rate: must be a finite number" in err and "Traceback" not in err
+
+
+def test_consecutive_skips_are_counted_across_a_resume(tmp_path, tiny_model_dir):
+    """Steps 3 and 4 skipped, checkpoint after each step; resumed from checkpoint-3 (one skip so far), a second
+    consecutive skip at step 4 must still reach nan_max_consecutive_skips=2 (a counter restarting at 0 would not)."""
+    settings = dict(**SMALL, max_steps=8, nan_policy="skip_step", nan_max_consecutive_skips=2, save_strategy="steps",
+                    save_steps=1)
+    first = SFTrainer(tiny_config(tmp_path, tiny_model_dir, **settings))
+    _poison_gradient_at(first, {3, 4})
+    with pytest.raises(RlhfTimeError, match=r"at step 4: 2 consecutive steps skipped"):
+        first.train()
+    state = json.loads((first.run_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["non_finite_skips"] == {"consecutive_skips": 1, "skipped_steps": 1}
+    resumed = SFTrainer(tiny_config(tmp_path, tiny_model_dir, **settings, resume_from_checkpoint=str(first.run_dir / "checkpoint-3")))
+    _poison_gradient_at(resumed, {4})
+    with pytest.raises(RlhfTimeError, match=r"at step 4: 2 consecutive steps skipped"):
+        resumed.train()
