@@ -70,7 +70,7 @@ def disk_full_is_an_error(target: Path, what: str, needed_bytes: Optional[Callab
         if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise RlhfTimeError(f"{target}: cannot write {what} ({error.strerror})") from None
         raise
-    except (RuntimeError, ValueError, SafetensorError) as error:
+    except (RuntimeError, ValueError, SafetensorError):
         # Writers in C++/Rust (torch's zip writer, safetensors) report a full disk as their own error type;
         # it is a full disk when the file system has less room left than the write needs.
         needed = needed_bytes() if needed_bytes else None

@@ -14,7 +14,7 @@ How attention is kept inside examples depends on the kernel:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

@@ -50,7 +50,7 @@ def test_parquet_disk_and_hub_folders_give_the_tokens_of_the_jsonl(tmp_path, tin
     table.to_parquet(str(tmp_path / "d.parquet"))
     table.save_to_disk(str(tmp_path / "saved"))
     datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "saved_dict"))
-    hub = _hub_folder(tmp_path / "hub", {"train": records, "test": records[:1]})
+    _hub_folder(tmp_path / "hub", {"train": records, "test": records[:1]})
     for source in ("d.parquet", "saved", "saved_dict", "hub"):
         assert _rows(_sft(str(tmp_path / source), tiny_tokenizer, tmp_path)) == expected, source
 

@@ -13,7 +13,7 @@ from rlhf_time import GRPOTrainer, TrainerCallback
 from rlhf_time.rewards import RewardFunctionError
 from rlhf_time.rollout import sample
 
-from .grpo_helpers import InjectedGRPOTrainer, char_share
+from .grpo_helpers import InjectedGRPOTrainer
 from .helpers import interrupted_then_resumed, tiny_config, weights
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_time import SFTrainer, TrainingConfig
-from rlhf_time.data import PaddingCollator
+from rlhf_time import SFTrainer
 
 from .helpers import assert_resume_is_exact, tiny_config, weights
 
