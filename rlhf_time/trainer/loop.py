@@ -247,6 +247,9 @@ class Trainer:
 
         if config.early_stopping_patience and self.best_checkpoint:
             self._load_model_weights(Path(self.best_checkpoint))
+            best_stage_state = ckpt.load_stage_state(Path(self.best_checkpoint))
+            if best_stage_state is not None:  # e.g. PPO's critic: the one trained with the best policy
+                self.load_stage_state(best_stage_state)
             self._log(f"loaded the best model ({config.metric_for_best_model}={self.best_metric:.4f}) from {self.best_checkpoint}")
         final_dir = self.run_dir / "final"
         self._save_model(final_dir)

@@ -234,3 +234,19 @@ def test_the_trained_critic_is_saved_as_a_model_folder_a_later_run_starts_from(t
         torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
     later = PPOTrainer(ppo_config(tmp_path / "later", tiny_model_dir, value_model=folder, max_steps=1, **lora))
     torch.testing.assert_close(later.completion_values(later.critic, batch), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_early_stopping_restores_the_best_checkpoints_critic_with_its_policy(tmp_path, tiny_model_dir):
+    """A constant reward makes every eval_reward equal, so the first evaluation stays the best: after training both
+    the policy and the critic are those of checkpoint-1, not of the last step."""
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, reward_funcs=["tests.trainer.ppo_helpers:one"],
+                                    max_steps=3, ppo_epochs=1, gradient_accumulation_steps=1, num_mini_batches=1,
+                                    max_completion_length=4, eval_strategy="steps", eval_steps=1,
+                                    save_strategy="steps", save_steps=1, early_stopping_patience=10))
+    results = trainer.train()
+    assert results["best_checkpoint"].endswith("checkpoint-1")
+    best = torch.load(trainer.run_dir / "checkpoint-1" / "stage_state.pt", weights_only=True)["critic"]
+    last = torch.load(trainer.run_dir / "checkpoint-3" / "stage_state.pt", weights_only=True)["critic"]
+    state = trainer.critic.state_dict()
+    assert any(not torch.equal(best[name], last[name]) for name in best)  # the critic moved after checkpoint-1
+    assert all(torch.equal(state[name], best[name]) for name in best)
