@@ -34,6 +34,12 @@ def model_of_known_size(tmp_path_factory):
 
 def _launch(model_dir, out, mode, *overrides):
     result = torchrun(WORKER, str(model_dir), str(out), mode, *overrides, timeout=300)
+    if result.returncode != 0 and "(SIGABRT)" in result.stderr and f'{Path(WORKER).name}", line' not in result.stderr:
+        # Seen once in ~10 runs (a clean-clone CI run): a rank aborted inside gloo's C++ threads ("terminate called
+        # without an active exception") with no Python error. A crash of the CPU test transport, not a result:
+        # launch once more; any Python-level failure, or a second abort, still fails the test.
+        print(f"torchrun {mode}: a rank aborted without a Python error; relaunching once:\n{result.stderr[-1500:]}")
+        result = torchrun(WORKER, str(model_dir), str(out), mode, *overrides, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
 
