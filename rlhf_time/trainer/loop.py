@@ -247,9 +247,7 @@ class Trainer:
 
         if config.early_stopping_patience and self.best_checkpoint:
             self._load_model_weights(Path(self.best_checkpoint))
-            best_stage_state = ckpt.load_stage_state(Path(self.best_checkpoint))
-            if best_stage_state is not None:  # e.g. PPO's critic: the one trained with the best policy
-                self.load_stage_state(best_stage_state)
+            self._restore_stage_state(Path(self.best_checkpoint))  # e.g. PPO's critic: trained with the best policy
             self._log(f"loaded the best model ({config.metric_for_best_model}={self.best_metric:.4f}) from {self.best_checkpoint}")
         final_dir = self.run_dir / "final"
         self._save_model(final_dir)
@@ -439,6 +437,12 @@ class Trainer:
         """The optimizer as checkpoints see it: full state keyed by parameter name, so N ranks resume on M."""
         return parallel.FullStateOptimizer(self.model, self.optimizer)
 
+    def _restore_stage_state(self, folder: Path) -> None:
+        """The stage's own state saved in checkpoint `folder` (stage_state.pt), when it saved one."""
+        stage_state = ckpt.load_stage_state(folder)
+        if stage_state is not None:
+            self.load_stage_state(stage_state)
+
     def _load_model_weights(self, folder: Path) -> None:
         if parallel.is_fsdp(self.model):
             parallel.load_full_weights(self.model, folder)
@@ -471,9 +475,7 @@ class Trainer:
                                 f"the same setting")
         if self.streamed:
             self.train_dataset.load_state_dict(loads_states(data_state))
-        stage_state = ckpt.load_stage_state(folder)
-        if stage_state is not None:
-            self.load_stage_state(stage_state)
+        self._restore_stage_state(folder)
         self._resume_from = folder
         self._log(f"resumed from {folder} at step {self.global_step} (epoch {self.epoch}, batch {self.batch_index})")
         if self.optimizer is not None:

@@ -145,11 +145,13 @@ def _fsdp_no_sync(model: FSDPModule):
 
 # ----------------------------------------------------------------------------------- FSDP checkpoints
 class GatheredModel:
-    """What checkpoint.py saves under FSDP: `save_pretrained` writes the full weights gathered from every rank."""
+    """What checkpoint.py saves under FSDP: `save_pretrained` writes the full weights gathered from every rank
+    (or `state_dict`, full weights already gathered, e.g. of a module inside the sharded root)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         self.model = model
-        self.state_dict = get_model_state_dict(model, options=_FULL)  # collective: call on every rank
+        # Gathering is a collective: call on every rank.
+        self.state_dict = state_dict if state_dict is not None else get_model_state_dict(model, options=_FULL)
 
     def save_pretrained(self, folder: Path, **kwargs: Any) -> None:
         self.model.save_pretrained(folder, state_dict=self.state_dict, **kwargs)

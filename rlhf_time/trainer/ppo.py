@@ -251,7 +251,7 @@ class PPOTrainer(PromptTrainer):
         (every rank calls this)."""
         state = {name.removeprefix("model."): tensor for name, tensor in parallel.full_weights(self.critic).items()}
         if self.dist.is_main:
-            ckpt.save_model(folder, model=_WithState(self.critic.model, state), tokenizer=self.tokenizer,
+            ckpt.save_model(folder, model=parallel.GatheredModel(self.critic.model, state), tokenizer=self.tokenizer,
                             config_yaml=yaml.safe_dump({**self.config.to_dict(), "value_model": None}, sort_keys=False,
                                                        allow_unicode=True))
         barrier()
@@ -267,17 +267,6 @@ class PPOTrainer(PromptTrainer):
         parallel.load_full_state(self.critic, state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
-
-
-class _WithState:
-    """save_pretrained of `model` with the given (gathered) weights, as checkpoint.save_model expects (like
-    parallel.GatheredModel, whose root here would be the ValueModel wrapper, which has no save_pretrained)."""
-
-    def __init__(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model, self.state_dict = model, state_dict
-
-    def save_pretrained(self, folder: Path, **kwargs: Any) -> None:
-        self.model.save_pretrained(folder, state_dict=self.state_dict, **kwargs)
 
 
 __all__ = ["PPOTrainer"]

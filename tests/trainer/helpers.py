@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_time import SFTrainer, TrainingConfig
+from rlhf_time import SFTrainer, TrainerCallback, TrainingConfig
 from rlhf_time.data.quickstart import EVAL_FILE, TRAIN_FILE
 
 
@@ -22,6 +22,16 @@ def tiny_config(tmp_path: Path, model_dir: Path, **overrides) -> TrainingConfig:
     )
     values.update(overrides)
     return TrainingConfig(**values)
+
+
+class Recorder(TrainerCallback):
+    """Keeps the logged metrics of every training step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, trainer, metrics):
+        self.steps.append(metrics)
 
 
 def approx_metrics(expected, rel: float = 1e-5, abs: float = 1e-6):

@@ -8,18 +8,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from rlhf_time import DPOTrainer, RlhfTimeError, TrainerCallback
+from rlhf_time import DPOTrainer, RlhfTimeError
 
-from .helpers import tiny_config, weights
+from .helpers import Recorder, tiny_config, weights
 from .test_reward import preference_files
-
-
-class Recorder(TrainerCallback):
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, trainer, metrics):
-        self.steps.append(metrics)
 
 
 def independent_logps(model, input_ids, labels):

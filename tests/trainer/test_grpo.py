@@ -9,20 +9,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from rlhf_time import GRPOTrainer, TrainerCallback
+from rlhf_time import GRPOTrainer
 from rlhf_time.rewards import RewardFunctionError
 from rlhf_time.rollout import sample
 
 from .grpo_helpers import InjectedGRPOTrainer
-from .helpers import interrupted_then_resumed, tiny_config, weights
-
-
-class Recorder(TrainerCallback):
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, trainer, metrics):
-        self.steps.append(metrics)
+from .helpers import Recorder, interrupted_then_resumed, tiny_config, weights
 
 
 def grpo_config(tmp_path, model_dir, **overrides):

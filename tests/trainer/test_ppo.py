@@ -10,18 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_time import PPOTrainer, TrainerCallback
+from rlhf_time import PPOTrainer
 from rlhf_time.rollout import sample
 
-from .helpers import interrupted_then_resumed, tiny_config, weights
-
-
-class Recorder(TrainerCallback):
-    def __init__(self):
-        self.steps = []
-
-    def on_step_end(self, trainer, metrics):
-        self.steps.append(metrics)
+from .helpers import Recorder, interrupted_then_resumed, tiny_config, weights
 
 
 def ppo_config(tmp_path, model_dir, **overrides):
