@@ -96,7 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- handlers
 def _train(args: argparse.Namespace) -> int:
-    from rlhf_time.config import TrainingConfig, describe_fields
+    from rlhf_time.config import TrainingConfig, describe_fields, parse_overrides
 
     if args.help_config:
         print(describe_fields())
@@ -107,12 +107,15 @@ def _train(args: argparse.Namespace) -> int:
         raise RlhfTimeError(f"--nproc must be at least 1 (got {args.nproc})")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _exec_torchrun(args)
-    if args.config is None:
+    if args.config is None and not any(o.partition("=")[0].strip() == "train_file" for o in args.overrides):
         from rlhf_time.quickstart import run_quickstart
 
-        run_quickstart(args.overrides)
+        run_quickstart(args.overrides)  # no YAML and no data of the user's: the documented demo
         return 0
-    config = TrainingConfig.from_yaml(args.config, args.overrides)  # bad configs fail before torch is imported
+    if args.config is None:  # key=value only, with the user's own data: an ordinary run on the library's defaults
+        config = TrainingConfig(**parse_overrides(args.overrides))
+    else:
+        config = TrainingConfig.from_yaml(args.config, args.overrides)  # bad configs fail before torch is imported
     from rlhf_time.trainer import trainer_for
     from rlhf_time.trainer.run_folder import refuse_occupied_run_folder
 

@@ -429,10 +429,11 @@ class TrainingConfig(BaseModel):
         """Whether the user gave this field (as opposed to it holding its default)."""
         return name in self.model_fields_set
 
-    def metric_greater_is_better(self) -> bool:
+    def metric_greater_is_better(self, metric: Optional[str] = None) -> bool:
+        """Whether a larger value of `metric` (default: metric_for_best_model) is better."""
         if self.greater_is_better is not None:
             return self.greater_is_better
-        return not any(word in self.metric_for_best_model for word in ("loss", "perplexity"))
+        return not any(word in (metric or self.metric_for_best_model) for word in ("loss", "perplexity"))
 
     # --- YAML ----------------------------------------------------------------------------------------
     @classmethod

@@ -79,12 +79,16 @@ class InferenceModel:
         return self.generate([messages], **generation)[0]
 
     def generate(self, conversations: list[Messages], **overrides: Any) -> list[str]:
+        """The assistant's reply to each conversation, laid out as in training."""
+        return self.complete([self.encoder.generation_prompt(messages) for messages in conversations], **overrides)
+
+    def complete(self, texts: list[str], **overrides: Any) -> list[str]:
+        """The continuation of each text as given (already rendered, or plain text for a pre-trained LM)."""
         from rlhf_time.generation import generate
 
         if self.head != "causal_lm":
             raise RlhfTimeError(f"predict/chat need a causal LM; this is a {self.head} model (use score)")
         config = self.config
-        texts = [self.encoder.generation_prompt(messages) for messages in conversations]
         settings = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample, temperature=config.temperature,
                         top_p=config.top_p, top_k=config.top_k, batch_size=config.eval_batch_size or config.batch_size)
         unknown = set(overrides) - set(settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,23 +21,59 @@ log = logging.getLogger("rlhf_time")
 SAMPLE_MAX_NEW_TOKENS = 64  # enough to see the answer; an untrained model would otherwise babble for 512 tokens
 
 
-def sample_prompts(path: str, config, count: int) -> list[tuple[list[dict[str, str]], str]]:
-    """(prompt messages, reference answer) of the first `count` records of a data file (SFT or preference)."""
-    from rlhf_time.data.formats import detect_format, to_messages, to_preference
-    from rlhf_time.data.readers import read_records
+TEXT_PROMPT_TOKENS = 32  # text data: the first tokens of a document are the prompt, the rest its reference
 
-    records = read_records(path)[:count]
+
+@dataclass
+class ReportSample:
+    """One row of report.md's sample table: what the model is given (`text`, already rendered), the prompt as the
+    table shows it, and the reference answer (None: the data has none, e.g. prompt-only records without `answer`)."""
+
+    text: str
+    shown_prompt: str
+    reference: Optional[str]
+
+
+def sample_prompts(config, data_kind: str, inference, count: int) -> list[ReportSample]:
+    """The first `count` records of the eval data (else the train data) as report samples, for every data kind:
+    conversations (the reference is the last reply), preference pairs (the chosen reply), prompt-only records (the
+    `answer` field when there is one) and text (the first tokens are the prompt, the rest the reference)."""
+    from rlhf_time.data.formats import detect_format, to_messages, to_preference
+    from rlhf_time.data.prompts import to_prompt_messages
+    from rlhf_time.data.sources import eval_spec, record_chunks, train_spec
+    from rlhf_time.data.text import text_of
+
+    spec = eval_spec(config) or train_spec(config)
+    _, chunks = record_chunks(spec.sources[0], config, spec.role, limit=count)
+    records = next(chunks, [])[:count]
     samples = []
     for record in records:
-        fmt = detect_format(record, config.data_format)
-        if fmt == "preference":
+        if config.data_format == "text":
+            samples.append(_text_sample(text_of(record), inference.tokenizer))
+            continue
+        if data_kind == "prompt":
+            messages, answer = to_prompt_messages(record), record.data.get("answer")
+            reference = None if answer is None else str(answer)
+        elif detect_format(record, config.data_format) == "preference":
             pair = to_preference(record)
-            samples.append((pair.prompt_messages, pair.chosen))
+            messages, reference = pair.prompt_messages, pair.chosen
         else:
-            messages = to_messages(record, fmt)
-            last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
-            samples.append((messages[:last], messages[last]["content"]))
+            conversation = to_messages(record, detect_format(record, config.data_format))
+            last = max(i for i, message in enumerate(conversation) if message["role"] == "assistant")
+            messages, reference = conversation[:last], conversation[last]["content"]
+        shown = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        samples.append(ReportSample(inference.encoder.generation_prompt(messages), shown, reference))
     return samples
+
+
+def _text_sample(text: str, tokenizer) -> ReportSample:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = max(1, min(TEXT_PROMPT_TOKENS, len(ids) // 2))  # a short document still keeps half as its reference
+    # Byte-level tokens may split a character: move the cut back to where both halves decode cleanly.
+    while cut > 1 and tokenizer.decode(ids[:cut]) + tokenizer.decode(ids[cut:]) != tokenizer.decode(ids):
+        cut -= 1
+    prompt = tokenizer.decode(ids[:cut])
+    return ReportSample(prompt, prompt, tokenizer.decode(ids[cut:]))
 
 
 class RunReport:
@@ -49,6 +86,7 @@ class RunReport:
         self.start_step = 0
 
     def start(self, trainer) -> "RunReport":
+        """Generate the "before" answers; a failure is logged in one line and leaves the report without samples."""
         config = trainer.config
         self.start_step = trainer.global_step
         if not (self.enabled and config.plot_metrics and config.report_samples and trainer.model_head == "causal_lm"):
@@ -56,14 +94,26 @@ class RunReport:
         if trainer.dist.enabled:  # generation on one rank would deadlock a sharded (FSDP) model
             log.info("report.md: sample generations are skipped under data parallelism")
             return self
-        self.samples = sample_prompts(config.eval_file or config.train_file, config, config.report_samples)
-        self.before = self._generate(trainer)
+        try:
+            self.samples = sample_prompts(config, trainer.data_kind, trainer.inference, config.report_samples)
+            self.before = self._generate(trainer)
+        except Exception as error:  # the report is a by-product: it never stops a run
+            log.warning(f"report.md: no sample generations ({_one_line(error)})")
+            self.samples, self.before = [], []
         return self
 
     def finish(self, trainer, results: dict[str, Any]) -> Optional[Path]:
-        config, run_dir = trainer.config, Path(trainer.run_dir)
-        if not (self.enabled and config.plot_metrics):
+        """Draw the charts and write report.md; a failure is logged in one line and never fails the finished run."""
+        if not (self.enabled and trainer.config.plot_metrics):
             return None
+        try:
+            return self._write(trainer, results)
+        except Exception as error:
+            log.warning(f"report.md not written ({_one_line(error)}); the trained model and metrics.jsonl are saved")
+            return None
+
+    def _write(self, trainer, results: dict[str, Any]) -> Path:
+        config, run_dir = trainer.config, Path(trainer.run_dir)
         rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
         charts = chart_data({config.experiment_name: rows})
         try:
@@ -80,8 +130,12 @@ class RunReport:
 
     def _generate(self, trainer) -> list[str]:
         new_tokens = min(trainer.config.max_new_tokens, SAMPLE_MAX_NEW_TOKENS)
-        return trainer.inference.generate([messages for messages, _ in self.samples], max_new_tokens=new_tokens,
+        return trainer.inference.complete([sample.text for sample in self.samples], max_new_tokens=new_tokens,
                                           do_sample=False)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -106,13 +160,15 @@ def render_report(config, trainer, results: dict[str, Any], rows: list[dict], ch
         lines += [f"![{chart_title(path.stem)}](plots/{path.name})" for path in charts]
     if samples:
         label = "before training" if start_step == 0 else f"at step {start_step} (resumed)"
+        with_reference = any(sample.reference is not None for sample in samples)
+        header = ["prompt", *(["reference"] if with_reference else []), label, "after training"]
         lines += ["", "## Sample generations", "",
                   f"Greedy, at most {min(config.max_new_tokens, SAMPLE_MAX_NEW_TOKENS)} new tokens, on the first "
                   f"{len(samples)} records of `{config.eval_file or config.train_file}`.", "",
-                  f"| prompt | reference | {label} | after training |", "|---|---|---|---|"]
-        for (messages, reference), old, new in zip(samples, before, after):
-            prompt = messages[-1]["content"] if messages else ""
-            lines.append(f"| {_cell(prompt)} | {_cell(reference)} | {_cell(old)} | {_cell(new)} |")
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for sample, old, new in zip(samples, before, after):
+            cells = [sample.shown_prompt, *([sample.reference or ""] if with_reference else []), old, new]
+            lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     lines += ["", "## Config", "", "Fields that differ from the defaults:", "", "| field | value |", "|---|---|"]
     defaults = type(config)().to_dict() if _builds_default(config) else {}
     for key, value in config.to_dict().items():

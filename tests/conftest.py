@@ -74,7 +74,7 @@ def quickstart_run(tmp_path_factory) -> dict:
     previous = os.environ.get("RLHF_TIME_CACHE")
     os.environ["RLHF_TIME_CACHE"] = str(folder / "cache")
     try:
-        return run_quickstart([f"output_dir={folder / 'out'}", "disable_progress_bar=true", "report_to=none"])
+        return run_quickstart([f"output_dir={folder / 'out'}"])  # the user's defaults: progress, TensorBoard, report
     finally:
         if previous is None:
             os.environ.pop("RLHF_TIME_CACHE")

@@ -110,3 +110,38 @@ def test_chat_repl(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
     assert main(["chat", str(tiny_model_dir), "max_new_tokens=3"]) == 0
     assert capsys.readouterr().out.count("assistant>") == 2
+
+
+def test_train_without_yaml_or_train_file_is_the_quickstart(monkeypatch):
+    import rlhf_time.quickstart
+
+    calls = []
+    monkeypatch.setattr(rlhf_time.quickstart, "run_quickstart", lambda overrides: calls.append(overrides))
+    assert main(["train", "max_steps=1"]) == 0
+    assert calls == [["max_steps=1"]]
+
+
+def test_train_with_train_file_and_no_yaml_is_an_ordinary_run(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """key=value with the user's own data: the library's defaults (not the demo's), no quickstart numbers, and an
+    occupied run folder is refused as for a YAML run."""
+    import rlhf_time.quickstart
+
+    monkeypatch.setattr(rlhf_time.quickstart, "run_quickstart", lambda overrides: pytest.fail("ran the quickstart"))
+    data = _write(tmp_path / "train.jsonl", "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n"
+                                                     for i in range(8)))
+    argv = ["train", f"model_name={tiny_model_dir}", f"train_file={data}", f"output_dir={tmp_path / 'out'}",
+            "max_steps=1", "batch_size=4", "max_seq_length=64", f"data_cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    results = json.loads(out[out.index("{"):])
+    assert results["global_step"] == 1 and "exact match" not in out
+    run_dir = tmp_path / "out" / "sft_experiment"  # the library's default experiment name, not "quickstart"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["learning_rate"] == 2e-5 and saved["overwrite_output_dir"] is False
+    assert (run_dir / "final" / "config.json").is_file()
+    # Again into the same folder: refused in one line, and the first run's model is untouched.
+    before = (run_dir / "final" / "model.safetensors").read_bytes()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "Traceback" not in err
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == before

@@ -50,6 +50,7 @@ class Trainer:
 
     data_kind = "conversation"  # what its data files hold: "conversation" (SFT records) or "preference" (pairs)
     model_head = "causal_lm"  # the policy's head: "causal_lm" or "reward" (1-label sequence classification)
+    default_metric_for_best_model = "eval_loss"  # the eval metric that picks the best model unless the user names one
 
     # ------------------------------------------------------------------------------------------ set-up
     def __init__(self, config: TrainingConfig) -> None:
@@ -60,11 +61,15 @@ class Trainer:
         self.epoch = 0  # epoch of the next batch
         self.batch_index = 0  # index of the next batch within that epoch's plan
         self.best_metric: Optional[float] = None
-        self.best_checkpoint: Optional[str] = None
+        self.best_checkpoint: Optional[str] = None  # a checkpoint folder that exists and holds the best weights
+        self.best_step: Optional[int] = None  # the step of the best evaluation (saved or not)
         self.evals_without_improvement = 0
         self.dist = init_distributed(config.device)
         self.device = self.dist.device
         self.run_dir = config.run_dir
+        # Resolved here, never written into the user's config (which may have no eval_file at all).
+        self.metric_for_best_model = (config.metric_for_best_model if config.is_set("metric_for_best_model")
+                                      else self.default_metric_for_best_model)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
@@ -248,14 +253,15 @@ class Trainer:
         if config.early_stopping_patience and self.best_checkpoint:
             self._load_model_weights(Path(self.best_checkpoint))
             self._restore_stage_state(Path(self.best_checkpoint))  # e.g. PPO's critic: trained with the best policy
-            self._log(f"loaded the best model ({config.metric_for_best_model}={self.best_metric:.4f}) from {self.best_checkpoint}")
+            self._log(f"loaded the best model ({self.metric_for_best_model}={self.best_metric:.4f}) from {self.best_checkpoint}")
         final_dir = self.run_dir / "final"
         self._save_model(final_dir)
         results = {
             "global_step": self.global_step,
             "train_loss": sum(losses) / len(losses) if losses else float("nan"),
             "best_metric": self.best_metric,
-            "best_checkpoint": self.best_checkpoint,
+            "best_step": self.best_step,
+            "best_checkpoint": self._best_weights_folder(final_dir),
             "stopped_early": stop_early,
             "final_model_dir": str(final_dir),
             "train_runtime": time.perf_counter() - start,
@@ -376,15 +382,14 @@ class Trainer:
     def _track_best(self, metrics: dict[str, float]) -> bool:
         """Record whether this evaluation is the best so far; True when early stopping says stop."""
         config = self.config
-        name = config.metric_for_best_model
+        name = self.metric_for_best_model
         value = metrics.get(name, metrics.get(f"eval_{name}"))
         if value is None:
             raise RlhfTimeError(f"metric_for_best_model={name!r} is not among the eval metrics {sorted(metrics)}")
-        sign = 1.0 if config.metric_greater_is_better() else -1.0
+        sign = 1.0 if config.metric_greater_is_better(name) else -1.0
         self._is_new_best = self.best_metric is None or sign * (value - self.best_metric) > config.early_stopping_threshold
         if self._is_new_best:
-            self.best_metric, self.evals_without_improvement = value, 0
-            self.best_checkpoint = str(self.run_dir / f"checkpoint-{self.global_step}")
+            self.best_metric, self.best_step, self.evals_without_improvement = value, self.global_step, 0
         else:
             self.evals_without_improvement += 1
         patience = config.early_stopping_patience
@@ -395,6 +400,19 @@ class Trainer:
 
     _is_new_best = False
 
+    def _best_weights_folder(self, final_dir: Path) -> Optional[str]:
+        """The folder that holds the best evaluation's weights: its checkpoint, or final/ when the best was the last
+        step and saved no checkpoint; None, with a note, when they were never saved."""
+        if self.best_step is None:
+            return None
+        if self.best_checkpoint and Path(self.best_checkpoint).is_dir():
+            return self.best_checkpoint
+        if self.best_step == self.global_step:
+            return str(final_dir)
+        self._log(f"the best {self.metric_for_best_model} was at step {self.best_step}, which saved no checkpoint "
+                  f"(save_strategy={self.config.save_strategy}): final/ holds the last step's weights")
+        return None
+
     # ------------------------------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {
@@ -403,6 +421,7 @@ class Trainer:
             "batch_index": self.batch_index,
             "best_metric": self.best_metric,
             "best_checkpoint": self.best_checkpoint,
+            "best_step": self.best_step,
             "evals_without_improvement": self.evals_without_improvement,
             "world_size": self.dist.world_size,
             "non_finite_skips": self.nan_guard.state_dict(),
@@ -412,6 +431,8 @@ class Trainer:
         """Write checkpoint-<step> atomically (main rank) and rotate old ones, keeping the best."""
         folder = self.run_dir / f"checkpoint-{self.global_step}"
         require_finite_weights(self.model, folder, self.global_step, self.run_dir)
+        if self.best_step == self.global_step:  # this checkpoint holds the best weights so far
+            self.best_checkpoint = str(folder)
         model, optimizer = self._gather_for_save(), self._optimizer_for_checkpoint().gather()
         stage_state = self.stage_state()  # on every rank: a stage may gather shards
         # Every rank's stream position (collective), so each rank continues exactly where it stopped.
@@ -464,6 +485,7 @@ class Trainer:
         self.global_step = state["global_step"]
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
         self.best_metric, self.best_checkpoint = state["best_metric"], state["best_checkpoint"]
+        self.best_step = state.get("best_step")
         self.evals_without_improvement = state["evals_without_improvement"]
         self.nan_guard.load_state_dict(state.get("non_finite_skips", {}))  # absent in older checkpoints: none
         if state.get("world_size", 1) != self.dist.world_size:

@@ -41,10 +41,9 @@ class PromptTrainer(Trainer):
 
     data_kind = "prompt"
     model_head = "causal_lm"
+    default_metric_for_best_model = "eval_reward"  # there is no eval loss: greedy completions' mean reward
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
-        if not config.is_set("metric_for_best_model"):  # there is no eval loss: greedy completions' mean reward
-            config.metric_for_best_model = "eval_reward"
         for spec in reward_funcs if reward_funcs is not None else config.reward_funcs:
             load_reward_function(spec)  # a bad reward function fails before any model is loaded
         super().__init__(config)

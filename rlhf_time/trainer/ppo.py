@@ -41,12 +41,12 @@ class PPOTrainer(PromptTrainer):
     (rlhf_time.rewards), optional when reward_model is set."""
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
-        if not config.is_set("kl_coef"):
-            config.kl_coef = DEFAULT_KL_COEF
         if not (reward_funcs or config.reward_funcs or config.reward_model):
             raise RlhfTimeError("stage ppo needs a reward: reward_model (a folder trained with stage rm) and/or reward_funcs")
         super().__init__(config, reward_funcs)
-        self.kl_controller = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        # The user's config stays as given: PPO's own default lives on the trainer.
+        kl_coef = config.kl_coef if config.is_set("kl_coef") else DEFAULT_KL_COEF
+        self.kl_controller = AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon)
         self.critic = build_critic(config, self.tokenizer, self.family, self.dist)
         disable_dropout(self.critic)  # values at rollout time and in the update come from the same network
         self.train_critic = parallel.wrap_model(self.critic, config, self.dist) if self.dist.enabled else self.critic
