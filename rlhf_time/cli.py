@@ -144,13 +144,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise RlhfTimeError(f"{args.config}: eval needs eval_file (or eval_split of the train_file data set)")
     config.eval_file, config.train_file = config.eval_file or config.train_file, None  # eval_split picks the split
     config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
-    if config.stage == "dpo" and not config.ref_model:
+    if config.stage == "dpo" and not config.dpo.ref_model:
         # A trained DPO model is not its own reference: use the model its training started from.
         from rlhf_time.inference import saved_config
 
         started_from = saved_config(config.model_name).get("model_name")
         if started_from and started_from != config.model_name:
-            config.ref_model = started_from
+            config.dpo.ref_model = started_from
             print(f"reference model: {started_from} (the model {config.model_name} was trained from)", file=sys.stderr)
     print(json.dumps(trainer_for(config).evaluate(), indent=2))
     return 0

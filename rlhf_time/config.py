@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.stages import STAGE_TRAINERS
+from rlhf_time.stages import SECTIONS, STAGES, Section
 
 MODEL_TYPES = ("Qwen", "Llama")
 DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "text")
@@ -36,15 +36,27 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
     return Field(default, description=help, **kwargs)
 
 
-class TrainingConfig(BaseModel):
-    """All settings of one run. Unknown keys, wrong types and out-of-range values raise ConfigError."""
+# One field per option section (rlhf_time.stages.SECTIONS), each defaulting to its section's defaults: a new stage
+# adds its section there, not fields here.
+_StageSections = create_model(
+    "_StageSections", __config__=ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=()),
+    **{name: (section, Field(default_factory=section, description=section.__doc__.strip().splitlines()[0]))
+       for name, section in SECTIONS.items()})
+
+
+class TrainingConfig(_StageSections):
+    """All settings of one run. Unknown keys, wrong types and out-of-range values raise ConfigError.
+
+    Options that every stage shares are fields here; each stage's own options are in its section (`config.dpo.beta`,
+    `config.grpo.num_generations`, `config.rollout.reward_funcs`, ...; see rlhf_time.stages).
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     # --- run -----------------------------------------------------------------------------------------
     experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name (non-SFT stages: <stage>_experiment).")
     output_dir: str = _f("outputs", "Folder that holds one sub-folder per experiment.")
-    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo, kd (distillation), grpo, ppo; see rlhf_time.stages.")
+    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo, kd (distillation), grpo, ppo; its options are in the section of the same name (rollout: shared by grpo and ppo).")
     seed: int = _f(42, "Seed for weights init of new heads, data order and dropout.")
     device: Optional[str] = _f(None, "cuda, cuda:N or cpu; None picks cuda when available, else cpu.")
 
@@ -122,29 +134,6 @@ class TrainingConfig(BaseModel):
     distributed: Literal["auto", "ddp", "fsdp"] = _f("auto", "Data-parallel strategy under torchrun: ddp (auto) or fsdp (FSDP2).")
     fsdp_cpu_offload: bool = _f(False, "FSDP2: keep parameters and optimiser state on CPU.")
 
-    # --- preference stages (rm, dpo) -----------------------------------------------------------------
-    beta: float = _f(0.1, "DPO temperature beta.", gt=0)
-    dpo_loss_type: Literal["sigmoid", "ipo", "hinge"] = _f("sigmoid", "DPO loss variant.")
-    dpo_label_smoothing: float = _f(0.0, "Conservative-DPO label smoothing epsilon.", ge=0, lt=0.5)
-    rpo_alpha: Optional[float] = _f(None, "Weight of an SFT (NLL) term on the chosen response; None disables.", ge=0)
-    precompute_ref_logps: bool = _f(False, "DPO: compute reference log-probs once before training.")
-    ref_model: Optional[str] = _f(None, "DPO: folder or hub id of the reference policy; None = the initial policy (a frozen "
-                                        "copy, or the model with its LoRA adapters disabled).")
-    reward_margin: float = _f(0.0, "RM: margin m in -log sigmoid(r_c - r_r - m) (per-pair 'margin' overrides).")
-    reward_centering: Optional[float] = _f(None, "RM: weight of the centering term mean((r_c + r_r)^2); None disables.", ge=0)
-
-    # --- knowledge distillation (kd) ------------------------------------------------------------------
-    teacher_model: Optional[str] = _f(None, "KD: the teacher (local folder or hub id); it must share the student's vocabulary.")
-    teacher_adapter: Optional[str] = _f(None, "KD: a LoRA adapter folder applied to the teacher (merged at load).")
-    kd_alpha: float = _f(0.5, "KD: loss = kd_alpha * CE(data) + (1 - kd_alpha) * KD(teacher, student).", ge=0, le=1)
-    kd_temperature: float = _f(1.0, "KD: softmax temperature tau of both models (the KD term is scaled by tau^2).", gt=0)
-    kd_loss_type: Literal["forward", "reverse", "jsd"] = _f(
-        "forward", "KD: forward KL(teacher||student), reverse KL(student||teacher) or jsd (generalised JSD, kd_beta).")
-    kd_beta: float = _f(0.5, "KD: JSD mixture weight beta in (0, 1); M = beta p_teacher + (1 - beta) p_student.", gt=0, lt=1)
-    kd_on_policy_ratio: float = _f(
-        0.0, "KD: share of steps trained on the student's own sampled replies, scored by the teacher (GKD lambda).",
-        ge=0, le=1)
-
     # --- generation ----------------------------------------------------------------------------------
     max_new_tokens: int = _f(512, "Default number of new tokens for predict/chat.", gt=0)
     do_sample: bool = _f(False, "Sample instead of greedy decoding.")
@@ -181,42 +170,6 @@ class TrainingConfig(BaseModel):
         "(drop that step's update, log it, and stop after nan_max_consecutive_skips in a row).")
     nan_max_consecutive_skips: int = _f(3, "nan_policy=skip_step: stop after this many consecutive skipped steps.", gt=0)
 
-    # --- on-policy RL (grpo; reward functions, kl_coef and completion length shared with ppo) ---------
-    num_generations: int = _f(8, "GRPO: completions sampled per prompt (the group G); batch_size counts prompts.", ge=2)
-    max_prompt_length: int = _f(512, "Prompt tokens kept (longer prompts are cut from the left, counted in the data summary).", gt=0)
-    max_completion_length: int = _f(256, "Most tokens sampled per completion (generation stops earlier at EOS/end-of-turn).", gt=0)
-    epsilon: float = _f(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (PPO, Schulman et al. 2017).", gt=0, lt=1)
-    epsilon_high: Optional[float] = _f(None, "Upper clip range (DAPO's clip-higher, Yu et al. 2025, uses 0.28); None = epsilon.", gt=0)
-    num_iterations: int = _f(1, "GRPO: optimiser steps (mu) on each generated batch; 1 = purely on-policy.", gt=0)
-    kl_coef: float = _f(0.0, "Weight of the KL to the frozen reference policy (k3 estimator); 0 loads no reference at all.", ge=0)
-    scale_rewards: Literal["group", "batch", "none"] = _f(
-        "group", "GRPO advantage scale: (r - group mean) / (std of the group | std of the batch | 1, as Dr. GRPO) + 1e-4.")
-    grpo_loss_type: Literal["grpo", "dr_grpo", "dapo"] = _f(
-        "dapo", "Loss aggregation: grpo (token mean per sequence), dr_grpo (token sum / max_completion_length), dapo (token mean over the step).")
-    mask_truncated_completions: bool = _f(False, "Leave completions that hit max_completion_length out of the loss (DAPO).")
-    reward_funcs: list[str] = _f([], "Reward functions: built-ins (exact_match, regex_match, length_penalty) or 'package.module:function'.")
-    reward_weights: Optional[list[float]] = _f(None, "One weight per reward (reward_funcs, then reward_model); None = all 1.")
-    reward_model: Optional[str] = _f(None, "Folder of a reward model trained with stage rm; its score is one more reward.")
-    # --- ppo (rollout, rewards, kl_coef, epsilon and completion length: the on-policy fields) ----------
-    value_model: Optional[str] = _f(
-        None, "PPO critic start: a folder trained with stage rm, or 'policy' (the policy's weights + a new value head); "
-              "None = reward_model when set, else 'policy'.")
-    critic_learning_rate: float = _f(1e-5, "PPO: peak learning rate of the critic's own AdamW (the policy's schedule shape).", gt=0)
-    ppo_epochs: int = _f(4, "PPO: passes over each rollout.", gt=0)
-    num_mini_batches: int = _f(1, "PPO: optimiser steps per pass; the step's micro-batches are split into this many groups.", gt=0)
-    gamma: float = _f(1.0, "PPO: discount of GAE.", ge=0, le=1)
-    lam: float = _f(0.95, "PPO: lambda of GAE (0 = one-step TD, 1 = Monte Carlo returns).", ge=0, le=1)
-    vf_coef: float = _f(0.1, "PPO: weight of the clipped value loss in the critic's loss.", gt=0)
-    value_clip: float = _f(0.2, "PPO: values move at most this far from their rollout values (clipped value loss).", gt=0)
-    reward_clip: Optional[float] = _f(None, "PPO: clip sequence scores to [-reward_clip, reward_clip]; None = no clipping.", gt=0)
-    entropy_coef: float = _f(0.0, "PPO: weight of the entropy bonus: the policy loss minus entropy_coef x the policy's mean token entropy.", ge=0)
-    whiten_rewards: bool = _f(False, "PPO: scale sequence scores to unit variance over the step's rollout (all ranks).")
-    whiten_advantages: bool = _f(True, "PPO: whiten advantages over the completion tokens of the step (all ranks).")
-    missing_eos_penalty: Optional[float] = _f(
-        None, "PPO: subtracted from the score of completions that hit max_completion_length without a stop token.", ge=0)
-    kl_target: Optional[float] = _f(None, "PPO: adaptive KL controller target (per-sequence KL); None = fixed kl_coef.", gt=0)
-    kl_horizon: float = _f(10000.0, "PPO: adaptive KL controller horizon in sequences (Ziegler et al. 2019).", gt=0)
-
     # --- streaming (data larger than memory / disk) ---------------------------------------------------
     streaming: bool = _f(False, "Read train_file as a stream through datasets (streaming=True), tokenised on the fly, resumed exactly; needs max_steps (see Data sources, Streaming).")
     shuffle_buffer_size: int = _f(1000, "Streaming: records held by the seeded shuffle buffer (saved with each checkpoint).", gt=0)
@@ -235,8 +188,8 @@ class TrainingConfig(BaseModel):
     @field_validator("stage")
     @classmethod
     def _known_stage(cls, value: str) -> str:
-        if value not in STAGE_TRAINERS:
-            raise ValueError(f"unknown stage {value!r}; available: {', '.join(STAGE_TRAINERS)}")
+        if value not in STAGES:
+            raise ValueError(f"unknown stage {value!r}; available: {', '.join(STAGES)}")
         return value
 
     @field_validator("prompt_template")
@@ -266,18 +219,19 @@ class TrainingConfig(BaseModel):
             raise ValueError("use_lora and freeze_layers cannot be combined: LoRA already freezes the base model")
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("lora_target_modules: give at least one module name, or null for the family default")
-        if self.stage == "kd" and not self.teacher_model:
-            raise ValueError("stage kd needs teacher_model (a folder or hub id of the teacher)")
-        if self.kd_on_policy_ratio and self.packing:
-            raise ValueError("kd_on_policy_ratio > 0 samples replies into padded batches: set packing=false")
-        if self.reward_weights is not None:
-            expected = len(self.reward_funcs) + (self.reward_model is not None)
-            if len(self.reward_weights) != expected:
-                raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {expected} rewards "
-                                 f"(reward_funcs{' + reward_model' if self.reward_model else ''})")
-        if self.stage == "ppo" and self.num_mini_batches > self.gradient_accumulation_steps:
-            raise ValueError(f"num_mini_batches={self.num_mini_batches} needs at least as many micro-batches per step "
-                             f"(gradient_accumulation_steps={self.gradient_accumulation_steps})")
+        if self.stage == "kd" and not self.kd.teacher_model:
+            raise ValueError("stage kd needs kd.teacher_model (a folder or hub id of the teacher)")
+        if self.kd.on_policy_ratio and self.packing:
+            raise ValueError("kd.on_policy_ratio > 0 samples replies into padded batches: set packing=false")
+        rollout = self.rollout
+        if rollout.reward_weights is not None:
+            expected = len(rollout.reward_funcs) + (rollout.reward_model is not None)
+            if len(rollout.reward_weights) != expected:
+                raise ValueError(f"rollout.reward_weights has {len(rollout.reward_weights)} values for {expected} "
+                                 f"rewards (reward_funcs{' + reward_model' if rollout.reward_model else ''})")
+        if self.stage == "ppo" and self.ppo.num_mini_batches > self.gradient_accumulation_steps:
+            raise ValueError(f"ppo.num_mini_batches={self.ppo.num_mini_batches} needs at least as many micro-batches "
+                             f"per step (gradient_accumulation_steps={self.gradient_accumulation_steps})")
         return self
 
     @model_validator(mode="before")
@@ -393,8 +347,8 @@ class TrainingConfig(BaseModel):
         if self.stage in ("grpo", "ppo"):
             raise ValueError(f"streaming feeds the stages sft, rm, dpo and kd; {self.stage} reads its prompts whole: "
                              f"set streaming: false")
-        if self.precompute_ref_logps:
-            raise ValueError("precompute_ref_logps needs the whole train set up front; with streaming: true set it "
+        if self.dpo.precompute_ref_logps:
+            raise ValueError("dpo.precompute_ref_logps needs the whole train set up front; with streaming: true set it "
                              "to false (the reference model scores each batch)")
         for name in ("eval_strategy", "save_strategy"):
             if getattr(self, name) == "epoch":
@@ -405,7 +359,8 @@ class TrainingConfig(BaseModel):
     def __init__(self, **data: Any) -> None:
         unknown = [key for key in data if key not in type(self).model_fields]
         if unknown:
-            raise ConfigError(_unknown_keys_message(unknown))
+            raise ConfigError(_unknown_keys_message(unknown, data.get("stage", "sft")))
+        _check_sections_belong_to_stage(data)
         try:
             super().__init__(**data)
         except ValidationError as error:
@@ -413,7 +368,7 @@ class TrainingConfig(BaseModel):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in type(self).model_fields:
-            raise ConfigError(_unknown_keys_message([name]))
+            raise ConfigError(_unknown_keys_message([name], self.stage))
         try:
             super().__setattr__(name, value)
         except ValidationError as error:
@@ -459,35 +414,51 @@ class TrainingConfig(BaseModel):
         odd_keys = [key for key in values if not isinstance(key, str)]
         if odd_keys:  # e.g. `1: x` or a bare `?`: YAML allows any key, a config only field names
             raise ConfigError(f"{path}: config keys must be field names, got {odd_keys[0]!r}")
-        values.update(parse_overrides(overrides or []))
+        for key, value in parse_overrides(overrides or []).items():  # a section's keys merge into its mapping
+            values[key] = {**values[key], **value} if isinstance(values.get(key), dict) and key in SECTIONS else value
         try:
             return cls(**values)
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Every shared field, and the option sections of this run's stage only (a saved config reloads as is)."""
+        values = self.model_dump(mode="json", exclude=set(SECTIONS) - set(STAGES[self.stage].sections))
+        sections = {name: values.pop(name) for name in SECTIONS if name in values}
+        return {**values, **sections}  # the shared fields first, as --help-config lists them
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ['batch_size=4', 'freeze_layers=[0,1]'] into typed values; strings stay strings for str fields."""
+    """Turn ['batch_size=4', 'freeze_layers=[0,1]', 'grpo.num_generations=4'] into typed values (a section's keys
+    into a mapping under its name); strings stay strings for str fields."""
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {pair!r} is not of the form key=value")
-        if key not in TrainingConfig.model_fields:
+        section, dot, name = key.partition(".")
+        if dot:
+            fields = SECTIONS[section].model_fields if section in SECTIONS else {}
+            if name not in fields:
+                raise ConfigError(_unknown_keys_message([key]))
+            values.setdefault(section, {})[name] = _typed_value(fields[name].annotation, raw)
+        elif key not in TrainingConfig.model_fields:
             raise ConfigError(_unknown_keys_message([key]))
-        values[key] = _typed_value(key, raw)
+        elif key in SECTIONS:
+            raise ConfigError(f"{key} is a section: set its options one by one, e.g. {key}.{next(iter(SECTIONS[key].model_fields))}=...")
+        else:
+            values[key] = _typed_value(TrainingConfig.model_fields[key].annotation, raw)
     return values
 
 
-YAML_RELATIVE_FIELDS = ("train_file", "eval_file", "model_name", "reward_model", "value_model", "ref_model",
-                        "teacher_model")
+# Data and model paths a YAML file may give relative to itself: shared fields, then (section, field) pairs.
+YAML_RELATIVE_FIELDS = ("train_file", "eval_file", "model_name")
+YAML_RELATIVE_SECTION_FIELDS = (("rollout", "reward_model"), ("ppo", "value_model"), ("dpo", "ref_model"),
+                                ("kd", "teacher_model"), ("kd", "teacher_adapter"))
 
 
 def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -509,13 +480,16 @@ def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, An
         if key in values:
             value = values[key]
             values[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
-    if isinstance(values.get("reward_funcs"), list):
-        values["reward_funcs"] = [resolve_function_file(spec) for spec in values["reward_funcs"]]
+    for section, key in YAML_RELATIVE_SECTION_FIELDS:
+        if isinstance(values.get(section), dict) and key in values[section]:
+            values[section] = {**values[section], key: resolve(values[section][key])}
+    rollout = values.get("rollout")
+    if isinstance(rollout, dict) and isinstance(rollout.get("reward_funcs"), list):
+        values["rollout"] = {**rollout, "reward_funcs": [resolve_function_file(spec) for spec in rollout["reward_funcs"]]}
     return values
 
 
-def _typed_value(key: str, raw: str) -> Any:
-    annotation = TrainingConfig.model_fields[key].annotation
+def _typed_value(annotation: Any, raw: str) -> Any:
     wants_str = annotation is str or (typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation))
     if typing.get_origin(annotation) is Literal:  # e.g. report_to=none stays the string "none"
         return raw
@@ -530,20 +504,51 @@ def _typed_value(key: str, raw: str) -> Any:
         return raw
 
 
-def _unknown_keys_message(keys: list[str]) -> str:
-    fields = list(TrainingConfig.model_fields)
+def _unknown_keys_message(keys: list[str], stage: str = "sft") -> str:
+    """One line for keys that are not fields: a key that moved into a section names its new place."""
+    fields = list(TrainingConfig.model_fields) + [f"{name}.{field}" for name, section in SECTIONS.items()
+                                                  for field in section.model_fields]
     parts = []
     for key in keys:
+        moved = _new_places(key, stage)
+        if moved:
+            parts.append(f"{key} is now {' or '.join(moved)}")
+            continue
         close = difflib.get_close_matches(key, fields, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         parts.append(f"unknown config key {key!r}{hint}")
     return "; ".join(parts) + ". Run `rlhf-time train --help-config` for the list of fields."
 
 
+def _new_places(key: str, stage: str) -> list[str]:
+    """The section fields a former flat key moved to; the run's own section first when several took it (kl_coef)."""
+    places = [f"{name}.{section.former_names[key]}" for name, section in SECTIONS.items() if key in section.former_names]
+    own = [place for place in places if place.partition(".")[0] in STAGES.get(stage, STAGES["sft"]).sections]
+    return own or places
+
+
+def _check_sections_belong_to_stage(data: dict[str, Any]) -> None:
+    """A section for another stage than the run's would silently do nothing: refuse it."""
+    stage = data.get("stage", "sft")
+    if stage not in STAGES:
+        return  # the stage validator names the valid stages
+    foreign = [name for name in SECTIONS if data.get(name) is not None and name not in STAGES[stage].sections]
+    if foreign:
+        owners = {name: [s for s, entry in STAGES.items() if name in entry.sections] for name in foreign}
+        raise ConfigError("; ".join(f"section {name!r} holds options of stage {' and '.join(owners[name])}, "
+                                    f"not of this run's stage {stage!r}: remove it or set stage" for name in foreign))
+
+
 def _validation_message(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden" and len(item["loc"]) == 2:  # a key inside a section
+            name, key = (str(part) for part in item["loc"])
+            close = [f"{name}.{match}" for match in difflib.get_close_matches(key, list(SECTIONS[name].model_fields), n=3)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            parts.append(f"unknown option {field!r}{hint}")
+            continue
         message = item["msg"].removeprefix("Value error, ")
         got = item.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
@@ -552,10 +557,16 @@ def _validation_message(error: ValidationError) -> str:
 
 
 def describe_fields() -> str:
-    """A plain-text table of every field, its default and help (for --help-config and the README)."""
+    """Every shared field with its default and help, then one block per option section (for --help-config)."""
     lines = []
     for name, info in TrainingConfig.model_fields.items():
-        lines.append(f"{name} = {info.default!r}\n    {info.description}")
+        if name not in SECTIONS:
+            lines.append(f"{name} = {info.default!r}\n    {info.description}")
+    for name, section in SECTIONS.items():
+        stages = ", ".join(stage for stage, entry in STAGES.items() if name in entry.sections)
+        lines.append(f"\n[{name}] options of stage {stages}: {section.__doc__.strip().splitlines()[0]}")
+        for field, info in section.model_fields.items():
+            lines.append(f"{name}.{field} = {info.default!r}\n    {info.description}")
     return "\n".join(lines)
 
 

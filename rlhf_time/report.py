@@ -170,8 +170,8 @@ def render_report(config, trainer, results: dict[str, Any], rows: list[dict], ch
             cells = [sample.shown_prompt, *([sample.reference or ""] if with_reference else []), old, new]
             lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     lines += ["", "## Config", "", "Fields that differ from the defaults:", "", "| field | value |", "|---|---|"]
-    defaults = type(config)().to_dict() if _builds_default(config) else {}
-    for key, value in config.to_dict().items():
+    defaults = _flat(type(config).model_construct(stage=config.stage).to_dict())  # unvalidated: kd needs a teacher
+    for key, value in _flat(config.to_dict()).items():
         if defaults.get(key, object()) != value:
             lines.append(f"| {key} | {_cell(str(value))} |")
     lines += ["", "<details><summary>Resolved config (config.yaml)</summary>", "", "```yaml",
@@ -206,12 +206,15 @@ def _tuning(config) -> str:
     return "full fine-tuning"
 
 
-def _builds_default(config) -> bool:
-    try:
-        type(config)()
-        return True
-    except RlhfTimeError:
-        return False
+def _flat(values: dict[str, Any]) -> dict[str, Any]:
+    """Config values with each option section's keys as `section.key`."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "columns":
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _fmt(value: Any) -> str:

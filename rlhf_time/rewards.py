@@ -150,17 +150,17 @@ class RewardScorer:
     @classmethod
     def from_config(cls, config, reward_funcs: Optional[Sequence] = None, reward_model: Optional[RewardFunction] = None
                     ) -> "RewardScorer":
-        """reward_funcs: callables or specs given in Python (they replace config.reward_funcs); reward_model: a
+        """reward_funcs: callables or specs given in Python (they replace config.rollout.reward_funcs); reward_model: a
         callable with the reward-function signature (see RewardModelReward), appended last."""
-        specs = list(reward_funcs) if reward_funcs is not None else list(config.reward_funcs)
-        functions = [load_reward_function(s, max_completion_length=config.max_completion_length) for s in specs]
+        specs = list(reward_funcs) if reward_funcs is not None else list(config.rollout.reward_funcs)
+        functions = [load_reward_function(s, max_completion_length=config.rollout.max_completion_length) for s in specs]
         if reward_model is not None:
             functions.append(("reward_model", reward_model))
         if not functions:
-            raise RewardFunctionError("no reward: set reward_funcs (e.g. [exact_match]) and/or reward_model")
-        weights = list(config.reward_weights) if config.reward_weights is not None else [1.0] * len(functions)
+            raise RewardFunctionError("no reward: set rollout.reward_funcs (e.g. [exact_match]) and/or rollout.reward_model")
+        weights = list(config.rollout.reward_weights) if config.rollout.reward_weights is not None else [1.0] * len(functions)
         if len(weights) != len(functions):
-            raise RewardFunctionError(f"reward_weights has {len(weights)} values for {len(functions)} rewards "
+            raise RewardFunctionError(f"rollout.reward_weights has {len(weights)} values for {len(functions)} rewards "
                                       f"({', '.join(name for name, _ in functions)})")
         return cls(functions, weights)
 

@@ -115,11 +115,11 @@ def test_paths_in_a_yaml_name_files_next_to_it_when_they_exist_there(tmp_path, m
     (folder / "rm").mkdir()
     (folder / "run.yaml").write_text(
         "model_name: tiny\nstage: grpo\ntrain_file: [data/a.jsonl, data/b.jsonl]\nmix_weights: [0.5, 0.5]\n"
-        "reward_model: rm\nreward_funcs: [rewards.py:score, exact_match, my_pkg.rewards:fn, other.py:f]\n",
+        "rollout:\n  reward_model: rm\n  reward_funcs: [rewards.py:score, exact_match, my_pkg.rewards:fn, other.py:f]\n",
         encoding="utf-8")
     monkeypatch.chdir(tmp_path)  # elsewhere: the YAML's own folder decides
     config = TrainingConfig.from_yaml(folder / "run.yaml")
     assert config.train_file == [str(folder / "data/a.jsonl"), str(folder / "data/b.jsonl")]
-    assert config.reward_model == str(folder / "rm")
-    assert config.reward_funcs == [f"{folder / 'rewards.py'}:score", "exact_match", "my_pkg.rewards:fn", "other.py:f"]
-    assert not config.is_set("value_model") and config.value_model is None  # absent keys stay absent
+    assert config.rollout.reward_model == str(folder / "rm")
+    assert config.rollout.reward_funcs == [f"{folder / 'rewards.py'}:score", "exact_match", "my_pkg.rewards:fn", "other.py:f"]
+    assert "value_model" not in config.ppo.model_fields_set and config.ppo.value_model is None  # absent keys stay absent

@@ -125,8 +125,8 @@ def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
     stats = PromptStats(records=len(records), prompts=len(records))
     input_ids = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        if len(ids) > config.max_prompt_length:
-            ids = ids[-config.max_prompt_length :]
+        if len(ids) > config.rollout.max_prompt_length:
+            ids = ids[-config.rollout.max_prompt_length :]
             stats.truncated += 1
         input_ids.append(ids)
         stats.total_tokens += len(ids)

@@ -57,7 +57,7 @@ class ValueModel(nn.Module):
 
 def value_model_source(config: TrainingConfig) -> str:
     """Where the critic starts: value_model, else the reward model, else the policy ("policy")."""
-    return config.value_model or config.reward_model or "policy"
+    return config.ppo.value_model or config.rollout.reward_model or "policy"
 
 
 def build_critic(config: TrainingConfig, tokenizer, family, dist: DistributedContext) -> ValueModel:
@@ -68,7 +68,7 @@ def build_critic(config: TrainingConfig, tokenizer, family, dist: DistributedCon
     merge_adapter = False
     if source != "policy":
         if not Path(path).is_dir():
-            raise RlhfTimeError(f"value_model: {source} is not a folder (a model trained with stage rm, or 'policy')")
+            raise RlhfTimeError(f"ppo.value_model: {source} is not a folder (a model trained with stage rm, or 'policy')")
         merge_adapter = (Path(path) / "adapter_config.json").is_file()
         if not merge_adapter:
             check_same_vocabulary(tokenizer, load_tokenizer(config, path=path), config.model_name, source)
@@ -106,7 +106,7 @@ class CriticOptimizer:
     state_dict is the optimiser's full state keyed by parameter name (gathered under FSDP: call it on every rank)."""
 
     def __init__(self, critic: nn.Module, config: TrainingConfig, total_steps: int) -> None:
-        critic_config = config.model_copy(update={"learning_rate": config.critic_learning_rate})
+        critic_config = config.model_copy(update={"learning_rate": config.ppo.critic_learning_rate})
         self.critic = critic
         self.parameters = [p for p in critic.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(critic, critic_config)

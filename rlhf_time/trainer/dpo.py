@@ -28,10 +28,10 @@ class DPOTrainer(PreferenceTrainer):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.dpo_loss = create_loss("dpo", beta=config.beta, loss_type=config.dpo_loss_type,
-                                    label_smoothing=config.dpo_label_smoothing, reduction="none")
+        self.dpo_loss = create_loss("dpo", beta=config.dpo.beta, loss_type=config.dpo.loss_type,
+                                    label_smoothing=config.dpo.label_smoothing, reduction="none")
         self._precomputed: dict[int, torch.Tensor] = {}  # id(dataset) -> (N, 2) reference log-probs
-        if config.precompute_ref_logps:
+        if config.dpo.precompute_ref_logps:
             # Before any update the policy IS the reference: no copy is made at all.
             for dataset in (self.train_dataset, self.eval_dataset):
                 if dataset is not None:
@@ -40,9 +40,9 @@ class DPOTrainer(PreferenceTrainer):
     def auxiliary_models(self) -> list[AuxiliaryModel]:
         """The reference is `ref_model` when given, else the initial policy: a frozen copy, unless LoRA (the policy
         with adapters disabled is the reference) or precomputed log-probs make a copy unnecessary."""
-        if self.config.ref_model:
-            return [AuxiliaryModel("reference", source=self.config.ref_model, same_vocabulary=True)]
-        if self.config.precompute_ref_logps or self.config.use_lora:
+        if self.config.dpo.ref_model:
+            return [AuxiliaryModel("reference", source=self.config.dpo.ref_model, same_vocabulary=True)]
+        if self.config.dpo.precompute_ref_logps or self.config.use_lora:
             return []
         return [AuxiliaryModel("reference")]
 
@@ -81,7 +81,7 @@ class DPOTrainer(PreferenceTrainer):
             with self.model.disable_adapter():
                 logps = self.sequence_logps(self.model, batch)
         else:
-            raise RlhfTimeError("precompute_ref_logps=true keeps reference log-probs for train_file and eval_file "
+            raise RlhfTimeError("dpo.precompute_ref_logps=true keeps reference log-probs for train_file and eval_file "
                                 "only (no reference model is kept); set it to false to evaluate other data")
         pairs = batch["margin"].numel()
         return logps[:pairs], logps[pairs:]
@@ -109,11 +109,11 @@ class DPOTrainer(PreferenceTrainer):
         chosen, rejected = logps[:pairs], logps[pairs:]
         ref_chosen, ref_rejected = self.reference_logps(batch)
         per_pair = self.dpo_loss(chosen, rejected, ref_chosen, ref_rejected)  # (B,)
-        if self.config.rpo_alpha:
+        if self.config.dpo.rpo_alpha:
             # NLL of the chosen reply, per token of that reply (RPO, Pang et al. 2024)
             chosen_tokens = (batch["labels"][:pairs, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
-            per_pair = per_pair + self.config.rpo_alpha * (-chosen / chosen_tokens)
-        reward_chosen, reward_rejected = dpo_implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, self.config.beta)
+            per_pair = per_pair + self.config.dpo.rpo_alpha * (-chosen / chosen_tokens)
+        reward_chosen, reward_rejected = dpo_implicit_rewards(chosen, rejected, ref_chosen, ref_rejected, self.config.dpo.beta)
         metrics = {
             "rewards/chosen": reward_chosen.sum(),
             "rewards/rejected": reward_rejected.sum(),

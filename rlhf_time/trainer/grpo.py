@@ -44,17 +44,17 @@ class GRPOTrainer(PromptTrainer):
 
     def __init__(self, config, reward_funcs=None) -> None:
         super().__init__(config, reward_funcs)
-        self.policy_loss = create_loss("policy", clip_eps=config.epsilon, clip_eps_high=config.epsilon_high,
+        self.policy_loss = create_loss("policy", clip_eps=config.rollout.epsilon, clip_eps_high=config.rollout.epsilon_high,
                                        reduction="none")
         self._step_tokens = 1.0  # completion tokens of the step being trained, all ranks (for per-token metrics)
 
     def needs_reference(self) -> bool:
-        return self.config.kl_coef > 0
+        return self.config.grpo.kl_coef > 0
 
     # ------------------------------------------------------------------------------------- experience
     def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """Sample, score, and turn each micro-batch of prompts into (sequences, old log-probs, advantages)."""
-        config, group = self.config, self.config.num_generations
+        config, group = self.config, self.config.grpo.num_generations
         dataset = self.prompt_dataset(micro_batches[0])
         sampled = []
         for i, batch in enumerate(micro_batches):
@@ -64,10 +64,10 @@ class GRPOTrainer(PromptTrainer):
             sampled.append(ScoredRollout(indices, rollout, *self.score(dataset, indices, rollout, group)))
 
         all_rewards = torch.cat([s.rewards for s in sampled]).to(self.device)
-        batch_std = _global_std(all_rewards) if config.scale_rewards == "batch" else None
+        batch_std = _global_std(all_rewards) if config.grpo.scale_rewards == "batch" else None
         prepared = []
         for scored in sampled:
-            advantages = group_advantages(scored.rewards.to(self.device), group, scale_rewards=config.scale_rewards,
+            advantages = group_advantages(scored.rewards.to(self.device), group, scale_rewards=config.grpo.scale_rewards,
                                           batch_std=batch_std)
             prepared.append(self._experience(scored.rollout.to(self.device), advantages))
         self._step_tokens = float(all_reduce_sum(sum(b["loss_mask"].sum().float() for b in prepared)))
@@ -79,44 +79,44 @@ class GRPOTrainer(PromptTrainer):
     def _experience(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors one micro-batch trains on (old log-probs: sampling's own, see compute_loss)."""
         batch = self.rollout_batch(rollout)
-        if self.config.mask_truncated_completions:
+        if self.config.grpo.mask_truncated_completions:
             batch["loss_mask"] = batch["loss_mask"] & ~rollout.truncated[:, None]
         batch["advantages"] = advantages
-        batch["group_size"] = torch.tensor(self.config.num_generations)  # rows i*G .. i*G+G-1 share their prompt
-        if self.config.kl_coef > 0:
+        batch["group_size"] = torch.tensor(self.config.grpo.num_generations)  # rows i*G .. i*G+G-1 share their prompt
+        if self.config.grpo.kl_coef > 0:
             batch["ref_logps"] = self.reference_logps(batch)
         return batch
 
     # ------------------------------------------------------------------------------------------ update
     def update(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """num_iterations (mu) optimiser steps on one generated batch (the old log-probs stay those of sampling)."""
-        for _ in range(self.config.num_iterations):
+        for _ in range(self.config.grpo.num_iterations):
             metrics = self.optimizer_step(micro_batches)
         return metrics
 
     def optimizer_steps_per_update(self) -> int:
-        return self.config.num_iterations
+        return self.config.grpo.num_iterations
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
-        return loss_items(batch["loss_mask"], self.config.grpo_loss_type)
+        return loss_items(batch["loss_mask"], self.config.grpo.loss_type)
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
         config = self.config
         logps = self.completion_logps(model, batch)  # (N, C)
         mask = batch["loss_mask"]
         # mu = 1: the policy that sampled is the one being trained, rho = 1 exactly (no recomputation needed).
-        old_logps = batch["old_logps"] if config.num_iterations > 1 else logps.detach()
+        old_logps = batch["old_logps"] if config.grpo.num_iterations > 1 else logps.detach()
         per_token = self.policy_loss(logps, old_logps, batch["advantages"], mask)  # (N, C)
         metrics: dict[str, torch.Tensor] = {}
-        if config.kl_coef > 0:
+        if config.grpo.kl_coef > 0:
             kl = k3_kl(logps, batch["ref_logps"])
-            per_token = per_token + config.kl_coef * kl
+            per_token = per_token + config.grpo.kl_coef * kl
             metrics["kl"] = (kl.detach() * mask).sum() / self._step_tokens
-        loss = aggregate_loss(per_token, mask, config.grpo_loss_type, max_completion_length=config.max_completion_length,
+        loss = aggregate_loss(per_token, mask, config.grpo.loss_type, max_completion_length=config.rollout.max_completion_length,
                               num_items=num_items)
         ratio = torch.exp(logps.detach() - old_logps)
-        low, high = clipped_tokens(ratio, batch["advantages"], mask, clip_eps=config.epsilon,
-                                   clip_eps_high=config.epsilon_high)
+        low, high = clipped_tokens(ratio, batch["advantages"], mask, clip_eps=config.rollout.epsilon,
+                                   clip_eps_high=config.rollout.epsilon_high)
         metrics["clip_ratio/low"], metrics["clip_ratio/high"] = low / self._step_tokens, high / self._step_tokens
         return loss, metrics
 
@@ -126,7 +126,7 @@ class GRPOTrainer(PromptTrainer):
     # ---------------------------------------------------------------------------------------- metrics
     def _record_rollout_metrics(self, sampled: list[ScoredRollout], prepared: list[dict[str, torch.Tensor]]) -> None:
         """Reward, group, length and entropy statistics of the step, over all ranks."""
-        group, device = self.config.num_generations, self.device
+        group, device = self.config.grpo.num_generations, self.device
         rewards = torch.cat([s.rewards for s in sampled]).to(device)
         lengths = torch.cat([s.rollout.completion_lengths for s in sampled]).float().to(device)
         truncated = torch.cat([b["truncated"] for b in prepared]).float()
@@ -161,7 +161,7 @@ class GRPOTrainer(PromptTrainer):
 
     def _log_samples(self, dataset: PromptDataset, scored: ScoredRollout) -> None:
         """The first completion of a few prompts of this step, with its rewards (see log_samples)."""
-        group, step = self.config.num_generations, self.global_step + 1
+        group, step = self.config.grpo.num_generations, self.global_step + 1
         self.log_samples([{"step": step, "prompt": dataset.prompts[scored.indices[row // group]],
                            "completion": scored.texts[row], "reward": float(scored.rewards[row]),
                            **{name: scored.per_function[f][row] for f, name in enumerate(self.rewards.names)}}

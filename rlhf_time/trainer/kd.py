@@ -21,7 +21,7 @@ from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel
 from rlhf_time.trainer.sft import SFTrainer
 
-# config.kd_loss_type -> the loss library's divergence names
+# config.kd.loss_type -> the loss library's divergence names
 KD_KINDS = {"forward": "forward_kl", "reverse": "reverse_kl", "jsd": "jsd"}
 
 
@@ -33,7 +33,7 @@ class KDTrainer(SFTrainer):
 
     def auxiliary_models(self) -> list[AuxiliaryModel]:
         config = self.config
-        return [AuxiliaryModel("teacher", source=config.teacher_model, adapter=config.teacher_adapter,
+        return [AuxiliaryModel("teacher", source=config.kd.teacher_model, adapter=config.kd.teacher_adapter,
                                same_vocabulary=True, cast_to_amp_dtype=True)]
 
     # ------------------------------------------------------------------------------------------- loss
@@ -44,8 +44,8 @@ class KDTrainer(SFTrainer):
         config = self.config
         return chunked_kd_loss(
             student, teacher, batch["labels"], student_head=student_head, teacher_head=teacher_head,
-            vocab_size=len(self.tokenizer), alpha=config.kd_alpha, temperature=config.kd_temperature,
-            kind=KD_KINDS[config.kd_loss_type], beta=config.kd_beta, label_smoothing=label_smoothing,
+            vocab_size=len(self.tokenizer), alpha=config.kd.alpha, temperature=config.kd.temperature,
+            kind=KD_KINDS[config.kd.loss_type], beta=config.kd.beta, label_smoothing=label_smoothing,
             num_items_in_batch=num_items,
             chunk_size=chunk_rows(len(self.tokenizer), config.loss_chunk_size, config.loss_chunk_bytes),
         )
@@ -67,7 +67,7 @@ class KDTrainer(SFTrainer):
     def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """With probability kd_on_policy_ratio (the same draw on every rank, from seed and step), replace each
         example's reply by the student's own sample; the teacher then scores the student's tokens."""
-        ratio = self.config.kd_on_policy_ratio
+        ratio = self.config.kd.on_policy_ratio
         on_policy = ratio > 0 and random.Random(f"{self.config.seed}:{self.global_step}").random() < ratio
         self.record_metrics({"train/on_policy": float(on_policy)})
         return [self.student_rollout(batch) for batch in micro_batches] if on_policy else micro_batches

@@ -44,11 +44,11 @@ class PromptTrainer(Trainer):
     default_metric_for_best_model = "eval_reward"  # there is no eval loss: greedy completions' mean reward
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
-        for spec in reward_funcs if reward_funcs is not None else config.reward_funcs:
+        for spec in reward_funcs if reward_funcs is not None else config.rollout.reward_funcs:
             load_reward_function(spec)  # a bad reward function fails before any model is loaded
         super().__init__(config)
         disable_dropout(self.model)
-        reward_model = self._reward_model_reward() if config.reward_model else None
+        reward_model = self._reward_model_reward() if config.rollout.reward_model else None
         self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model)
 
     # ----------------------------------------------------------------------------------- what it needs
@@ -60,14 +60,14 @@ class PromptTrainer(Trainer):
         config, models = self.config, []
         if self.needs_reference() and not config.use_lora:  # with LoRA the reference is the adapter-disabled policy
             models.append(AuxiliaryModel("reference"))
-        if config.reward_model and not _is_adapter_folder(config.reward_model):
-            models.append(AuxiliaryModel("reward", source=config.reward_model, head="reward", cast_to_amp_dtype=True))
+        if config.rollout.reward_model and not _is_adapter_folder(config.rollout.reward_model):
+            models.append(AuxiliaryModel("reward", source=config.rollout.reward_model, head="reward", cast_to_amp_dtype=True))
         return models
 
     def _reward_model_reward(self) -> RewardModelReward:
         """The reward model as one more reward, scored with its own tokenizer and saved layout; a LoRA reward-model
         folder (base + adapter + score head) is loaded whole by rlhf_time.inference."""
-        folder = self.config.reward_model
+        folder = self.config.rollout.reward_model
         if "reward" not in self.aux:
             return RewardModelReward.from_folder(folder, device=self.device)
         from rlhf_time.config import TrainingConfig
@@ -111,7 +111,7 @@ class PromptTrainer(Trainer):
         this to inject completions)."""
         config = self.config
         with self._autocast():
-            return sample(self.model, prompt_ids, num_samples=num_samples, max_new_tokens=config.max_completion_length,
+            return sample(self.model, prompt_ids, num_samples=num_samples, max_new_tokens=config.rollout.max_completion_length,
                           pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=self.stop_token_ids(),
                           do_sample=not greedy, temperature=config.temperature, top_p=config.top_p,
                           top_k=config.top_k, generator=generator,

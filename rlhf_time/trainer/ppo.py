@@ -6,7 +6,7 @@ One loop step = one rollout:
     the sampled tokens recomputed by the training forward (old_logps), the reference's, the critic's values;
     per-token rewards r_t = -kl_coef (logp_t - ref_logp_t) + score on the last token; GAE advantages and returns
     (advantages whitened over the step's completion tokens, all ranks)
-  -> update: ppo_epochs passes x num_mini_batches groups of micro-batches, each one policy step of the loop
+  -> update: ppo.epochs passes x num_mini_batches groups of micro-batches, each one policy step of the loop
     (clipped surrogate, create_loss("policy")) and one critic step (clipped value loss x vf_coef, own AdamW)
   -> stage metrics.
 Prompt data, sampling, scoring, log-probs and evaluation (the mean reward of greedy completions of the eval
@@ -33,7 +33,6 @@ from rlhf_time.trainer import parallel
 from rlhf_time.trainer.critic import CriticOptimizer, build_critic
 from rlhf_time.trainer.distributed import all_reduce_sum, barrier
 from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer, disable_dropout
-DEFAULT_KL_COEF = 0.05  # PPO's reward is KL-penalised by default (the shared kl_coef field defaults to GRPO's 0)
 
 
 class PPOTrainer(PromptTrainer):
@@ -41,19 +40,18 @@ class PPOTrainer(PromptTrainer):
     (rlhf_time.rewards), optional when reward_model is set."""
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
-        if not (reward_funcs or config.reward_funcs or config.reward_model):
-            raise RlhfTimeError("stage ppo needs a reward: reward_model (a folder trained with stage rm) and/or reward_funcs")
+        if not (reward_funcs or config.rollout.reward_funcs or config.rollout.reward_model):
+            raise RlhfTimeError("stage ppo needs a reward: rollout.reward_model (a folder trained with stage rm) and/or "
+                                "rollout.reward_funcs")
         super().__init__(config, reward_funcs)
-        # The user's config stays as given: PPO's own default lives on the trainer.
-        kl_coef = config.kl_coef if config.is_set("kl_coef") else DEFAULT_KL_COEF
-        self.kl_controller = AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon)
+        self.kl_controller = AdaptiveKLController(config.ppo.kl_coef, config.ppo.kl_target, config.ppo.kl_horizon)
         self.critic = build_critic(config, self.tokenizer, self.family, self.dist)
         disable_dropout(self.critic)  # values at rollout time and in the update come from the same network
         self.train_critic = parallel.wrap_model(self.critic, config, self.dist) if self.dist.enabled else self.critic
         steps = (self.total_steps() if self.train_dataset is not None else 1) * self.optimizer_steps_per_update()
         self.critic_optimizer = CriticOptimizer(self.critic, config, steps)
-        self.value_loss = create_loss("value", clip_eps=config.value_clip, reduction="sum")
-        self.policy_loss = create_loss("policy", clip_eps=config.epsilon, clip_eps_high=config.epsilon_high,
+        self.value_loss = create_loss("value", clip_eps=config.ppo.value_clip, reduction="sum")
+        self.policy_loss = create_loss("policy", clip_eps=config.rollout.epsilon, clip_eps_high=config.rollout.epsilon_high,
                                        reduction="none")
         self.update_history: list[dict[str, float]] = []  # each optimiser step of the last update (diagnostics)
 
@@ -72,7 +70,7 @@ class PPOTrainer(PromptTrainer):
             scores.append(self._adjusted_scores(rewards.to(self.device), rollout.truncated))
             prepared.append(self._forward_experience(rollout))
         scaled = scores
-        if config.whiten_rewards:  # unit spread, mean kept (Ziegler et al.): the sign of a score keeps its meaning
+        if config.ppo.whiten_rewards:  # unit spread, mean kept (Ziegler et al.): the sign of a score keeps its meaning
             flat = torch.cat(scores)
             moments = all_reduce_sum(masked_moments(flat, torch.ones_like(flat, dtype=torch.bool)))
             scaled = [masked_whiten(s, torch.ones_like(s, dtype=torch.bool), shift_mean=False, moments=moments)
@@ -82,10 +80,10 @@ class PPOTrainer(PromptTrainer):
             mask = batch["loss_mask"]
             rewards, non_score = token_rewards(batch["old_logps"], batch["ref_logps"], reward_score, mask,
                                                kl_coef=kl_coef)
-            advantages, returns = gae(rewards, batch["values"], mask, gamma=config.gamma, lam=config.lam)
+            advantages, returns = gae(rewards, batch["values"], mask, gamma=config.ppo.gamma, lam=config.ppo.lam)
             # scores: as the reward gave them (the logged train/score), before whitening
             batch.update(scores=score, non_score_rewards=non_score, advantages=advantages, returns=returns)
-        if config.whiten_advantages:
+        if config.ppo.whiten_advantages:
             moments = all_reduce_sum(sum(masked_moments(b["advantages"], b["loss_mask"]) for b in prepared))
             for batch in prepared:
                 batch["advantages"] = masked_whiten(batch["advantages"], batch["loss_mask"], moments=moments)
@@ -97,10 +95,10 @@ class PPOTrainer(PromptTrainer):
     def _adjusted_scores(self, scores: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
         """The sequence score after missing_eos_penalty (completions without a stop token) and reward_clip."""
         config = self.config
-        if config.missing_eos_penalty is not None:
-            scores = scores - config.missing_eos_penalty * truncated.float()
-        if config.reward_clip is not None:
-            scores = scores.clamp(-config.reward_clip, config.reward_clip)
+        if config.ppo.missing_eos_penalty is not None:
+            scores = scores - config.ppo.missing_eos_penalty * truncated.float()
+        if config.ppo.reward_clip is not None:
+            scores = scores.clamp(-config.ppo.reward_clip, config.ppo.reward_clip)
         return scores
 
     @torch.no_grad()
@@ -128,12 +126,12 @@ class PPOTrainer(PromptTrainer):
         epoch), the same on every rank and in a resumed run, split into num_mini_batches groups."""
         seed = np.random.SeedSequence([self.config.seed, self.global_step, epoch, 7])
         order = np.random.default_rng(seed).permutation(count).tolist()
-        return [group.tolist() for group in np.array_split(order, self.config.num_mini_batches) if len(group)]
+        return [group.tolist() for group in np.array_split(order, self.config.ppo.num_mini_batches) if len(group)]
 
     def update(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """ppo_epochs x num_mini_batches policy steps (the loop's optimizer_step) and critic steps on one rollout."""
         self.update_history = []
-        for epoch in range(self.config.ppo_epochs):
+        for epoch in range(self.config.ppo.epochs):
             for group in self.mini_batches(len(micro_batches), epoch):
                 batches = [micro_batches[i] for i in group]
                 metrics = self.optimizer_step(batches)
@@ -147,7 +145,7 @@ class PPOTrainer(PromptTrainer):
         return logged
 
     def optimizer_steps_per_update(self) -> int:
-        return self.config.ppo_epochs * min(self.config.num_mini_batches, self.config.gradient_accumulation_steps)
+        return self.config.ppo.epochs * min(self.config.ppo.num_mini_batches, self.config.gradient_accumulation_steps)
 
     def count_items(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["loss_mask"].sum())
@@ -155,7 +153,7 @@ class PPOTrainer(PromptTrainer):
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
         """Clipped surrogate (minus entropy_coef x the policy's token entropy) summed over completion tokens / the
         step's tokens (all micro-batches, all ranks)."""
-        mask, entropy_coef = batch["loss_mask"], self.config.entropy_coef
+        mask, entropy_coef = batch["loss_mask"], self.config.ppo.entropy_coef
         if entropy_coef > 0:
             logps, entropy = self.completion_logps(model, batch, with_entropy=True)  # (N, C) each
         else:
@@ -165,8 +163,8 @@ class PPOTrainer(PromptTrainer):
             per_token = per_token - entropy_coef * entropy * mask
         log_ratio = (logps.detach() - batch["old_logps"]) * mask
         ratio = torch.exp(log_ratio)
-        low, high = clipped_tokens(ratio, batch["advantages"], mask, clip_eps=self.config.epsilon,
-                                   clip_eps_high=self.config.epsilon_high)
+        low, high = clipped_tokens(ratio, batch["advantages"], mask, clip_eps=self.config.rollout.epsilon,
+                                   clip_eps_high=self.config.rollout.epsilon_high)
         metrics = {
             "policy/clipfrac": low + high,
             "policy/approx_kl": (0.5 * log_ratio**2).sum(),  # E[(log rho)^2] / 2 (Schulman's k2) per token
@@ -188,10 +186,10 @@ class PPOTrainer(PromptTrainer):
             with (parallel.no_sync(critic) if not sync else contextlib.nullcontext()), self._autocast():
                 values = self.completion_values(critic, batch)
                 mask = batch["loss_mask"]
-                loss = config.vf_coef * self.value_loss(values, batch["values"], batch["returns"], mask) / max(num_items, 1.0)
+                loss = config.ppo.vf_coef * self.value_loss(values, batch["values"], batch["returns"], mask) / max(num_items, 1.0)
             (loss * self.dist.world_size).backward()
-            clipped = ((values.detach() - batch["values"]).abs() > config.value_clip) & mask.bool()
-            sums += torch.stack([loss.detach() / config.vf_coef, clipped.sum().float()])
+            clipped = ((values.detach() - batch["values"]).abs() > config.ppo.value_clip) & mask.bool()
+            sums += torch.stack([loss.detach() / config.ppo.vf_coef, clipped.sum().float()])
         grad_norm = self.critic_optimizer.step()
         value_loss, clipped = all_reduce_sum(sums).tolist()
         return {"train/value/loss": value_loss, "train/value/clipfrac": clipped / max(num_items, 1.0),
@@ -252,7 +250,7 @@ class PPOTrainer(PromptTrainer):
         state = {name.removeprefix("model."): tensor for name, tensor in parallel.full_weights(self.critic).items()}
         if self.dist.is_main:
             ckpt.save_model(folder, model=parallel.GatheredModel(self.critic.model, state), tokenizer=self.tokenizer,
-                            config_yaml=yaml.safe_dump({**self.config.to_dict(), "value_model": None}, sort_keys=False,
+                            config_yaml=yaml.safe_dump(_without_value_model(self.config.to_dict()), sort_keys=False,
                                                        allow_unicode=True))
         barrier()
         return folder
@@ -270,3 +268,8 @@ class PPOTrainer(PromptTrainer):
 
 
 __all__ = ["PPOTrainer"]
+
+
+def _without_value_model(values: dict) -> dict:
+    """The run's config as the critic folder records it: it is itself the value model of a later run."""
+    return {**values, "ppo": {**values["ppo"], "value_model": None}}

@@ -25,7 +25,7 @@ class RewardTrainer(PreferenceTrainer):
         super().__init__(config)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         base.config.pad_token_id = self.tokenizer.pad_token_id  # where the reward is read depends on it
-        self.pairwise_loss = create_loss("pairwise", margin=config.reward_margin, reduction="none")
+        self.pairwise_loss = create_loss("pairwise", margin=config.rm.margin, reduction="none")
 
     def rewards(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen rewards (B,), rejected rewards (B,)) from one forward pass over the stacked (2B, T) batch."""
@@ -37,8 +37,8 @@ class RewardTrainer(PreferenceTrainer):
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
         chosen, rejected = self.rewards(model, batch)
         loss_sum = self.pairwise_loss(chosen, rejected, margin=batch["margin"]).sum()
-        if self.config.reward_centering:  # Eisenstein et al. 2023: keeps rewards centred on zero
-            loss_sum = loss_sum + self.config.reward_centering * ((chosen + rejected) ** 2).sum()
+        if self.config.rm.centering:  # Eisenstein et al. 2023: keeps rewards centred on zero
+            loss_sum = loss_sum + self.config.rm.centering * ((chosen + rejected) ** 2).sum()
         metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum()}
         return loss_sum / num_items, metrics
 

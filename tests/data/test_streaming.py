@@ -171,12 +171,12 @@ def test_streaming_settings_are_validated(tmp_path):
         TrainingConfig(model_name="tiny", train_file="x.jsonl", streaming=True)
     with pytest.raises(ConfigError, match="grpo reads its prompts whole"):
         TrainingConfig(model_name="tiny", train_file="x.jsonl", streaming=True, max_steps=2, stage="grpo",
-                       reward_funcs=["length"])
+                       rollout={"reward_funcs": ["length"]})
     with pytest.raises(ConfigError, match="save_strategy: epoch has no meaning with streaming"):
         TrainingConfig(model_name="tiny", train_file="x.jsonl", streaming=True, max_steps=2, save_strategy="epoch")
     with pytest.raises(ConfigError, match="precompute_ref_logps needs the whole train set"):
         TrainingConfig(model_name="tiny", train_file="x.jsonl", streaming=True, max_steps=2, stage="dpo",
-                       precompute_ref_logps=True)
+                       dpo={"precompute_ref_logps": True})
     config = TrainingConfig(model_name="tiny", train_file="x.jsonl", streaming=True, max_steps=2)
     assert (config.save_strategy, config.eval_strategy) == ("steps", "no")
     config = TrainingConfig(model_name="tiny", train_file="x.jsonl", eval_file="y.jsonl", streaming=True, max_steps=2)

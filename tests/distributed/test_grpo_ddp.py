@@ -19,9 +19,9 @@ WORKER = Path(__file__).with_name("grpo_worker.py")
 
 def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides):
     """One rank's config: 2 prompts x G=4 per micro-batch, no accumulation, 2 steps."""
-    values = dict(EXACT, stage="grpo", batch_size=2, num_generations=4, max_completion_length=8, max_steps=2,
+    values = dict(EXACT, stage="grpo", batch_size=2, grpo={"num_generations": 4}, rollout={"max_completion_length": 8, "reward_funcs": ["tests.trainer.grpo_helpers:char_share"]}, max_steps=2,
                   max_train_samples=8, max_eval_samples=6, eval_batch_size=2, learning_rate=0.01,
-                  reward_funcs=["tests.trainer.grpo_helpers:char_share"], save_strategy="no")
+                  save_strategy="no")
     if scenario in ("sampled", "fsdp"):
         values.update(reward_funcs=["length_penalty"], kl_coef=0.1)
     if scenario == "fsdp":  # every rank must run the same forwards: sampling runs to max_completion_length

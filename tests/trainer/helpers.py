@@ -20,8 +20,16 @@ def tiny_config(tmp_path: Path, model_dir: Path, **overrides) -> TrainingConfig:
         save_strategy="no", report_to="none", disable_progress_bar=True, data_cache_dir=str(tmp_path / "cache"),
         warmup_steps_ratio=0.0, max_new_tokens=8, plot_metrics=False,  # charts + report: tests of their own
     )
-    values.update(overrides)
-    return TrainingConfig(**values)
+    return TrainingConfig(**merged(values, overrides))
+
+
+def merged(values: dict, overrides: dict) -> dict:
+    """values with overrides applied; an option section given in both (e.g. ppo={...}) is merged key by key."""
+    result = dict(values)
+    for key, value in overrides.items():
+        both_sections = isinstance(value, dict) and isinstance(result.get(key), dict) and key != "columns"
+        result[key] = {**result[key], **value} if both_sections else value
+    return result
 
 
 class Recorder(TrainerCallback):

@@ -32,13 +32,13 @@ def _rm_folder(tmp_path, model_dir):
 
 def test_value_model_source_defaults():
     assert value_model_source(TrainingConfig()) == "policy"
-    assert value_model_source(TrainingConfig(reward_model="rm")) == "rm"
-    assert value_model_source(TrainingConfig(reward_model="rm", value_model="policy")) == "policy"
+    assert value_model_source(TrainingConfig(rollout={"reward_model": "rm"})) == "rm"
+    assert value_model_source(TrainingConfig(ppo={"value_model": "policy"}, rollout={"reward_model": "rm"})) == "policy"
 
 
 def test_critic_from_a_reward_model_reads_its_score_at_every_token(tmp_path, tiny_model_dir):
     folder = _rm_folder(tmp_path, tiny_model_dir)
-    config = _config(tmp_path, tiny_model_dir, value_model=str(folder))
+    config = _config(tmp_path, tiny_model_dir, ppo={"value_model": str(folder)})
     tokenizer = load_tokenizer(config)
     critic = build_critic(config, tokenizer, model_family(config), CPU).eval()
     reference = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -67,7 +67,7 @@ def test_policy_critic_is_the_policy_backbone_with_a_seeded_new_head(tmp_path, t
 
 
 def test_critic_optimizer_lowers_the_value_loss_on_a_fixed_batch(tmp_path, tiny_model_dir):
-    config = _config(tmp_path, tiny_model_dir, critic_learning_rate=3e-3, warmup_steps_ratio=0.0)
+    config = _config(tmp_path, tiny_model_dir, ppo={"critic_learning_rate": 3e-3}, warmup_steps_ratio=0.0)
     critic = build_critic(config, load_tokenizer(config), model_family(config), CPU)
     optimizer = CriticOptimizer(critic, config, total_steps=10)
     generator = torch.Generator().manual_seed(0)

@@ -69,7 +69,7 @@ def test_reward_accuracy_and_margin_rise(tmp_path, tiny_model_dir):
 
 
 def test_rpo_adds_the_per_token_nll_of_the_chosen_reply(tmp_path, tiny_model_dir):
-    config = tiny_config(tmp_path, tiny_model_dir, stage="dpo", rpo_alpha=0.5, **preference_files(tmp_path, 4, 4))
+    config = tiny_config(tmp_path, tiny_model_dir, stage="dpo", dpo={"rpo_alpha": 0.5}, **preference_files(tmp_path, 4, 4))
     trainer = DPOTrainer(config)
     batch = trainer.collate([0, 1, 2])
     loss, _ = trainer.compute_loss(trainer.model, batch, num_items=3)
@@ -86,7 +86,7 @@ def test_precomputed_reference_logps_give_the_same_losses(tmp_path, tiny_model_d
     losses, evals = [], []
     for precompute in (False, True):
         config = tiny_config(tmp_path / str(precompute), tiny_model_dir, stage="dpo", batch_size=4, max_steps=3,
-                             precompute_ref_logps=precompute, use_lora=use_lora, lora_target_modules=None,
+                             dpo={"precompute_ref_logps": precompute}, use_lora=use_lora, lora_target_modules=None,
                              learning_rate=1e-2, **files)
         trainer = DPOTrainer(config)
         assert trainer.reference is None or not (precompute or use_lora)  # no copy of the model when not needed

@@ -14,16 +14,15 @@ from rlhf_time.cli import main
 from rlhf_time.data.quickstart import EVAL_FILE, TRAIN_FILE
 from rlhf_time.quickstart import exact_match
 
-from .helpers import build_teacher, tiny_config, weights
+from .helpers import merged, build_teacher, tiny_config, weights
 
 KINDS = ("forward", "reverse", "jsd")
 STUDENT_STEPS = 500  # the quickstart's own recipe: 4 epochs of 2,000 records at batch 16, cosine from 2e-3
 
 
 def kd_config(tmp_path, student_dir, teacher_dir, **overrides):
-    values = dict(stage="kd", teacher_model=str(teacher_dir), kd_alpha=0.0, max_steps=2)
-    values.update(overrides)
-    return tiny_config(tmp_path, student_dir, **values)
+    values = dict(stage="kd", kd={"teacher_model": str(teacher_dir), "alpha": 0.0}, max_steps=2)
+    return tiny_config(tmp_path, student_dir, **merged(values, overrides))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +47,8 @@ def independent_kd(student_logits, teacher_logits, kind, temperature, beta):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_kd_term_equals_an_independent_full_logits_computation(tmp_path, tiny_model_dir, teacher_dir, kind):
-    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd_loss_type=kind, kd_temperature=2.0,
-                                  kd_beta=0.3, loss_chunk_size=7))
+    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd={"loss_type": kind, "temperature": 2.0, "beta": 0.3},
+                                  loss_chunk_size=7))
     batch = trainer.collate([0, 1, 2, 3])
     loss, sums = trainer.kd_terms(trainer.model, batch, num_items=None, label_smoothing=0.0)
     student = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -68,7 +67,7 @@ def test_kd_term_equals_an_independent_full_logits_computation(tmp_path, tiny_mo
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_student_equal_to_teacher_gives_zero_loss_and_zero_gradients(tmp_path, tiny_model_dir, kind):
-    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, tiny_model_dir, kd_loss_type=kind, kd_temperature=1.5))
+    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, tiny_model_dir, kd={"loss_type": kind, "temperature": 1.5}))
     batch = trainer.collate([0, 1, 2])
     loss, sums = trainer.kd_terms(trainer.model, batch, num_items=None, label_smoothing=0.0)
     loss.backward()
@@ -85,7 +84,7 @@ def test_alpha_mixes_ce_and_kd_and_both_are_logged(tmp_path, tiny_model_dir, tea
         def on_step_end(self, trainer, metrics):
             steps.append(metrics)
 
-    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd_alpha=0.25, max_steps=1, batch_size=4))
+    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd={"alpha": 0.25}, max_steps=1, batch_size=4))
     trainer.callbacks.append(Recorder())
     before = weights(trainer.model)
     trainer.train()
@@ -115,7 +114,7 @@ def test_a_trained_teacher_teaches_a_fresh_student_without_any_ground_truth_loss
 
 
 def test_on_policy_steps_train_on_the_students_own_samples(tmp_path, tiny_model_dir, teacher_dir):
-    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd_on_policy_ratio=1.0, max_new_tokens=6,
+    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd={"on_policy_ratio": 1.0}, max_new_tokens=6,
                                   logging_steps=1, temperature=1.0))
     batch = trainer.collate([0, 1, 2])
     torch.manual_seed(0)

@@ -13,15 +13,14 @@ import torch.nn.functional as F
 from rlhf_time import PPOTrainer
 from rlhf_time.rollout import sample
 
-from .helpers import Recorder, interrupted_then_resumed, tiny_config, weights
+from .helpers import merged, Recorder, interrupted_then_resumed, tiny_config, weights
 
 
 def ppo_config(tmp_path, model_dir, **overrides):
     values = dict(stage="ppo", max_train_samples=8, max_eval_samples=4, batch_size=2, gradient_accumulation_steps=2,
-                  num_mini_batches=2, ppo_epochs=2, max_completion_length=6, max_steps=2, learning_rate=1e-3,
-                  critic_learning_rate=1e-3, logging_steps=1, reward_funcs=["tests.trainer.ppo_helpers:char_share"])
-    values.update(overrides)
-    return tiny_config(tmp_path, model_dir, **values)
+                  ppo={"num_mini_batches": 2, "epochs": 2, "critic_learning_rate": 1e-3}, rollout={"max_completion_length": 6, "reward_funcs": ["tests.trainer.ppo_helpers:char_share"]}, max_steps=2, learning_rate=1e-3,
+                  logging_steps=1)
+    return tiny_config(tmp_path, model_dir, **merged(values, overrides))
 
 
 def first_rollout(trainer):
@@ -54,8 +53,8 @@ def test_first_minibatch_has_ratio_one_and_nothing_clipped_and_kl_is_zero(tmp_pa
 
 
 def test_experience_equals_written_out_formulas(tmp_path, tiny_model_dir):
-    config = ppo_config(tmp_path, tiny_model_dir, kl_coef=0.3, gamma=0.9, lam=0.8, whiten_advantages=False,
-                        missing_eos_penalty=1.0, temperature=0.7)
+    config = ppo_config(tmp_path, tiny_model_dir, ppo={"kl_coef": 0.3, "gamma": 0.9, "lam": 0.8, "whiten_advantages": False, "missing_eos_penalty": 1.0},
+                        temperature=0.7)
     trainer = PPOTrainer(config)
     with torch.no_grad():  # make the reference differ from the policy so the KL term is not 0
         for p in trainer.model.parameters():
@@ -97,7 +96,7 @@ def test_entropy_bonus_subtracts_entropy_coef_times_the_policys_token_entropy(tm
     batch = first_rollout(trainer)[0]
     mask, items = batch["loss_mask"], int(batch["loss_mask"].sum())
     plain, _ = trainer.compute_loss(trainer.model, batch, items)
-    trainer.config.entropy_coef = 0.3
+    trainer.config.ppo.entropy_coef = 0.3
     with_bonus, metrics = trainer.compute_loss(trainer.model, batch, items)
     width = mask.shape[1]
     with torch.no_grad():  # written out: the entropy of softmax(logits / T) at each completion position
@@ -112,8 +111,8 @@ def test_entropy_bonus_subtracts_entropy_coef_times_the_policys_token_entropy(tm
 
 
 def test_critic_value_loss_falls_over_updates_on_a_fixed_rollout(tmp_path, tiny_model_dir):
-    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, critic_learning_rate=1e-4, value_clip=10.0,
-                                    reward_funcs=["tests.trainer.ppo_helpers:one"]))
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, ppo={"critic_learning_rate": 1e-4, "value_clip": 10.0}, rollout={"reward_funcs": ["tests.trainer.ppo_helpers:one"]}
+                                    ))
     rollout = first_rollout(trainer)  # fixed: the critic steps alone, the policy is not trained here
     losses = [trainer.critic_step(rollout)["train/value/loss"] for _ in range(6)]
     # value_clip is wide here: with a fixed rollout the clipped loss stops falling once values are value_clip away
@@ -121,8 +120,8 @@ def test_critic_value_loss_falls_over_updates_on_a_fixed_rollout(tmp_path, tiny_
 
 
 def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8, kl_target=0.5, kl_horizon=10.0,
-                    gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4)
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8, ppo={"kl_target": 0.5, "kl_horizon": 10.0, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
+                    gradient_accumulation_steps=1)
     full = PPOTrainer(ppo_config(tmp_path / "full", tiny_model_dir, **settings))
     full.train()
     resumed = interrupted_then_resumed(lambda resume: PPOTrainer(ppo_config(
@@ -147,7 +146,7 @@ def held_out_reward(trainer, seed=123, samples=8):
 
     dataset, config = trainer.eval_dataset, trainer.config
     prompts = [ids for ids in dataset.input_ids for _ in range(samples)]
-    rollout = sample(trainer.model, prompts, max_new_tokens=config.max_completion_length,
+    rollout = sample(trainer.model, prompts, max_new_tokens=config.rollout.max_completion_length,
                      pad_token_id=trainer.tokenizer.pad_token_id, stop_token_ids=trainer.inference.stop_token_ids(),
                      temperature=config.temperature, top_k=config.top_k, generator=torch.Generator().manual_seed(seed))
     texts = trainer.tokenizer.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
@@ -165,9 +164,9 @@ def test_ppo_raises_the_sampled_reward_on_held_out_prompts_within_a_kl_bound(tmp
     """Measured on 64 held-out prompts x 8 samples after 40 steps: 0.319 -> 0.381 / 0.356 / 0.362 for seeds 42, 7, 8
     (the reward at steps 10..40 rises nearly monotonically under this cosine schedule)."""
     config = ppo_config(tmp_path, half_trained, max_train_samples=None, max_eval_samples=64, batch_size=16,
-                        gradient_accumulation_steps=2, num_mini_batches=2, ppo_epochs=1, max_completion_length=8,
-                        max_steps=40, learning_rate=5e-4, critic_learning_rate=3e-4, temperature=0.7, kl_coef=0.1,
-                        lam=1.0, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=10)
+                        gradient_accumulation_steps=2, ppo={"num_mini_batches": 2, "epochs": 1, "critic_learning_rate": 3e-4, "kl_coef": 0.1, "lam": 1.0}, rollout={"max_completion_length": 8},
+                        max_steps=40, learning_rate=5e-4, temperature=0.7,
+                        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=10)
     trainer = PPOTrainer(config)
     recorder = Recorder()
     trainer.callbacks.append(recorder)
@@ -184,8 +183,8 @@ def test_ppo_raises_the_sampled_reward_on_held_out_prompts_within_a_kl_bound(tmp
 
 
 def test_lora_policy_reference_is_the_adapter_free_policy_and_the_critic_has_its_own_adapter(tmp_path, tiny_model_dir):
-    config = ppo_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=2, ppo_epochs=1,
-                        gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4)
+    config = ppo_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=2, ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
+                        gradient_accumulation_steps=1)
     trainer = PPOTrainer(config)
     assert "reference" not in trainer.aux  # no second copy: the adapters are disabled instead
     recorder = Recorder()
@@ -211,8 +210,8 @@ def test_the_trained_critic_is_saved_as_a_model_folder_a_later_run_starts_from(t
     from transformers import AutoModelForSequenceClassification
 
     lora = dict(use_lora=True, lora_target_modules=None) if use_lora else {}
-    trainer = PPOTrainer(ppo_config(tmp_path / "first", tiny_model_dir, max_steps=1, ppo_epochs=1,
-                                    gradient_accumulation_steps=1, num_mini_batches=1, max_completion_length=4, **lora))
+    trainer = PPOTrainer(ppo_config(tmp_path / "first", tiny_model_dir, max_steps=1, ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
+                                    gradient_accumulation_steps=1, **lora))
     folder = trainer.train()["critic_dir"]
     batch = first_rollout(trainer)[0]
     expected = trainer.completion_values(trainer.critic, batch)
@@ -224,16 +223,16 @@ def test_the_trained_critic_is_saved_as_a_model_folder_a_later_run_starts_from(t
             width = batch["loss_mask"].shape[1]
             values = model.score(hidden).squeeze(-1)[:, -width - 1 : -1]
         torch.testing.assert_close(values, expected, rtol=1e-5, atol=1e-5)
-    later = PPOTrainer(ppo_config(tmp_path / "later", tiny_model_dir, value_model=folder, max_steps=1, **lora))
+    later = PPOTrainer(ppo_config(tmp_path / "later", tiny_model_dir, ppo={"value_model": folder}, max_steps=1, **lora))
     torch.testing.assert_close(later.completion_values(later.critic, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_early_stopping_restores_the_best_checkpoints_critic_with_its_policy(tmp_path, tiny_model_dir):
     """A constant reward makes every eval_reward equal, so the first evaluation stays the best: after training both
     the policy and the critic are those of checkpoint-1, not of the last step."""
-    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, reward_funcs=["tests.trainer.ppo_helpers:one"],
-                                    max_steps=3, ppo_epochs=1, gradient_accumulation_steps=1, num_mini_batches=1,
-                                    max_completion_length=4, eval_strategy="steps", eval_steps=1,
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"reward_funcs": ["tests.trainer.ppo_helpers:one"], "max_completion_length": 4},
+                                    max_steps=3, gradient_accumulation_steps=1,
+                                    eval_strategy="steps", eval_steps=1,
                                     save_strategy="steps", save_steps=1, early_stopping_patience=10))
     results = trainer.train()
     assert results["best_checkpoint"].endswith("checkpoint-1")

@@ -91,7 +91,7 @@ def test_pairwise_loss_with_per_pair_margins_centering_and_identical_pairs(tmp_p
     records.append({**records[0], "rejected": records[0]["chosen"]})  # identical: dropped and reported
     train = write_jsonl(tmp_path / "pairs.jsonl", records)
     config = tiny_config(tmp_path, tiny_model_dir, stage="rm", train_file=str(train), eval_file=None,
-                         reward_margin=0.5, reward_centering=0.01)
+                         rm={"margin": 0.5, "centering": 0.01})
     trainer = RewardTrainer(config)
     assert len(trainer.train_dataset) == 4 and trainer.train_dataset.stats.identical_pairs_dropped == 1
     batch = trainer.collate([0, 1, 2, 3])

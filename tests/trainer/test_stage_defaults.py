@@ -17,8 +17,8 @@ PREFERENCE = dict(train_file=str(EXAMPLE_DATA / "preference_train.jsonl"),
                   eval_file=str(EXAMPLE_DATA / "preference_eval.jsonl"))
 # Sizes of the work shrink as max_steps does (256 sampled tokens per completion would take minutes on 2 cores);
 # every setting of what the run writes and shows stays the default.
-PROMPTS = dict(train_file=str(EXAMPLE_DATA / "grpo_train.jsonl"), reward_funcs=["exact_match"],
-               max_completion_length=16)
+PROMPTS = dict(train_file=str(EXAMPLE_DATA / "grpo_train.jsonl"), rollout={"reward_funcs": ["exact_match"], "max_completion_length": 16}
+               )
 
 STAGES = {
     "sft": dict(train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE)),

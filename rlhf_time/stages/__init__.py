@@ -1,0 +1,46 @@
+"""The one list of training stages: each stage's trainer class and the option sections it reads.
+
+The config builds its stage sections from this list and validates `stage` against it without importing torch;
+`rlhf_time.trainer.TRAINERS` imports the trainer classes from here. A new stage is its trainer module, its options
+module (a `Section`) and one line in each dict below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_time.stages.dpo_options import DPOOptions
+from rlhf_time.stages.grpo_options import GRPOOptions
+from rlhf_time.stages.kd_options import KDOptions
+from rlhf_time.stages.ppo_options import PPOOptions
+from rlhf_time.stages.rm_options import RMOptions
+from rlhf_time.stages.rollout_options import RolloutOptions
+from rlhf_time.stages.section import Section
+
+
+@dataclass(frozen=True)
+class Stage:
+    trainer: str  # "module:Class", imported only when the stage runs
+    sections: tuple[str, ...] = ()  # the option sections the stage reads (its own first)
+
+
+# Option sections: config field name -> its model. `rollout` is shared by the on-policy stages.
+SECTIONS: dict[str, type[Section]] = {
+    "rm": RMOptions,
+    "dpo": DPOOptions,
+    "kd": KDOptions,
+    "rollout": RolloutOptions,
+    "grpo": GRPOOptions,
+    "ppo": PPOOptions,
+}
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage("rlhf_time.trainer.sft:SFTrainer"),
+    "rm": Stage("rlhf_time.trainer.reward:RewardTrainer", ("rm",)),
+    "dpo": Stage("rlhf_time.trainer.dpo:DPOTrainer", ("dpo",)),
+    "kd": Stage("rlhf_time.trainer.kd:KDTrainer", ("kd",)),
+    "grpo": Stage("rlhf_time.trainer.grpo:GRPOTrainer", ("grpo", "rollout")),
+    "ppo": Stage("rlhf_time.trainer.ppo:PPOTrainer", ("ppo", "rollout")),
+}
+
+STAGE_TRAINERS: dict[str, str] = {name: stage.trainer for name, stage in STAGES.items()}

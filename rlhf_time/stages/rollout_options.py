@@ -1,0 +1,30 @@
+"""Options the on-policy stages share (grpo, ppo; kd's on-policy steps sample with them too): the section `rollout`.
+
+Prompt and completion lengths, the rewards (functions, weights, a reward-model folder) and the clip range of the
+policy ratio. Sampling itself (temperature, top_p, top_k) uses the config's generation settings, shared with
+predict and chat: one sampler, one set of knobs.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+from rlhf_time.stages.section import Section, option
+
+
+class RolloutOptions(Section):
+    """rollout: how long prompts and completions are, and how completions are scored."""
+
+    former_names: ClassVar[dict[str, str]] = {
+        "max_prompt_length": "max_prompt_length", "max_completion_length": "max_completion_length",
+        "reward_funcs": "reward_funcs", "reward_weights": "reward_weights", "reward_model": "reward_model",
+        "epsilon": "epsilon", "epsilon_high": "epsilon_high"}
+
+    max_prompt_length: int = option(512, "Prompt tokens kept (longer prompts are cut from the left, counted in the data summary).", gt=0)
+    max_completion_length: int = option(256, "Most tokens sampled per completion (generation stops earlier at EOS/end-of-turn).", gt=0)
+    reward_funcs: list[str] = option([], "Reward functions: built-ins (exact_match, regex_match, length_penalty) or "
+                                         "'package.module:function' / 'file.py:function'.")
+    reward_weights: Optional[list[float]] = option(None, "One weight per reward (reward_funcs, then reward_model); None = all 1.")
+    reward_model: Optional[str] = option(None, "Folder of a reward model trained with stage rm; its score is one more reward.")
+    epsilon: float = option(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (PPO, Schulman et al. 2017).", gt=0, lt=1)
+    epsilon_high: Optional[float] = option(None, "Upper clip range (DAPO's clip-higher, Yu et al. 2025, uses 0.28); None = epsilon.", gt=0)
