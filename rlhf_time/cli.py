@@ -79,6 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", help="folder to write the merged model to")
     export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="dtype of the saved weights (default: the base model's dtype)")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow code shipped with the base model or adapter folder to run (never read from the folder)")
 
     plot = command("plot", _plot, "Draw PNG charts of one run's metrics, or compare several runs.")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
@@ -194,7 +196,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from rlhf_time.models.export import merge_adapter
 
-    merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    merge_adapter(args.adapter, args.output, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {args.output}", file=sys.stderr)
     return 0
 
