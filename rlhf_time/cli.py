@@ -160,6 +160,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     from rlhf_time.inference import InferenceModel
 
+    if _same_file(args.input, args.output):  # opening the output for writing would empty the prompts first
+        raise RlhfTimeError(f"--output {args.output} is the input file {args.input}; write the predictions elsewhere")
     prompts = read_prompts(args.input)
     answers = InferenceModel.load(args.model, args.overrides).predict(prompts)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +218,14 @@ def _plot(args: argparse.Namespace) -> int:
     for path in plot_runs(args.runs, output):
         print(path)
     return 0
+
+
+def _same_file(first: str, second: str) -> bool:
+    """Whether two paths name one file (other spellings, symbolic or hard links included)."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return Path(first).resolve() == Path(second).resolve()
 
 
 def _closed_pipe() -> int:

@@ -113,13 +113,18 @@ class CriticOptimizer:
         self.scheduler = build_scheduler(self.optimizer, critic_config, total_steps)
         self.max_grad_norm = config.max_grad_norm
 
-    def step(self) -> float:
-        """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+    def clip(self) -> float:
+        """Clip the gradients; returns their global norm before clipping (what the non-finite guard checks)."""
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
-        self.optimizer.step()
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+
+    def step(self, update: bool = True) -> None:
+        """Step (unless the guard refused the update), schedule, zero: as the policy's step, the schedule advances
+        even for a skipped update."""
+        if update:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
 
     def state_dict(self) -> dict[str, Any]:
         full = parallel.FullStateOptimizer(self.critic, self.optimizer).gather().state_dict()
