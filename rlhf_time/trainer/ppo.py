@@ -194,13 +194,12 @@ class PPOTrainer(PromptTrainer):
             (loss * self.dist.world_size).backward()
             clipped = ((values.detach() - batch["values"]).abs() > config.value_clip) & mask.bool()
             sums += torch.stack([loss.detach() / config.vf_coef, clipped.sum().float()])
-        grad_norm = self.critic_optimizer.clip()
         value_loss, clipped = all_reduce_sum(sums).tolist()
-        update = self.critic_guard.allow_update(self.global_step + 1, value_loss, grad_norm, self.run_dir)
-        self.critic_optimizer.step(update)
+        grad_norm = self.critic_optimizer.step(
+            lambda norm: self.critic_guard.allow_update(self.global_step + 1, value_loss, norm, self.run_dir))
         metrics = {"train/value/loss": value_loss, "train/value/clipfrac": clipped / max(num_items, 1.0),
                    "train/value/grad_norm": grad_norm}
-        if not update:
+        if not self.critic_optimizer.last_update_applied:
             metrics["train/value/update_skipped"] = 1.0
         return metrics
 
