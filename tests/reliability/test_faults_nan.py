@@ -5,6 +5,8 @@ misses it); weights are poisoned from a step callback, which runs before that st
 """
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -146,6 +148,9 @@ def test_critic_skip_step_drops_the_update_and_trains_on(tmp_path, tiny_model_di
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if row.get("train/value/update_skipped")] == [2]
     assert _critic_is_finite({"critic": after_step[3]})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((trainer.run_dir / "critic").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0o700
 
 
 def test_a_diverging_critic_is_never_saved(tmp_path, tiny_model_dir):
