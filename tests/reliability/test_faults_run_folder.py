@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.trainer import checkpoint as ckpt
 
 from ..trainer.helpers import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 SMALL = dict(max_train_samples=24, batch_size=4, max_seq_length=48, logging_steps=1, eval_file=None)
 
@@ -56,6 +59,28 @@ def test_resume_from_an_earlier_checkpoint_drops_the_rows_logged_after_it(finish
                           resume_from_checkpoint=str(run_dir / "checkpoint-2"))).train()
     assert _steps(run_dir) == [1, 2, 3, 4, 5]
     assert _steps(run_dir, train_only=False) == [1, 2, 3, 4, 5, 5]  # and one summary row
+
+
+def test_kill_9_then_resume_latest_from_the_cli_logs_each_step_once(tmp_path, tiny_model_dir):
+    """A real `rlhf-time train` killed with SIGKILL after step 3 (checkpoint-2 saved), then resumed: the rows of the
+    killed process past checkpoint-2 are dropped, and its lock died with it."""
+    settings = dict(SMALL, max_steps=6, save_strategy="steps", save_steps=2)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(tiny_config(tmp_path, tiny_model_dir, **settings).to_dict()))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "rlhf_time", "train", str(config)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "outputs" / "run"
+    deadline = time.monotonic() + 180
+    while not ((run_dir / "metrics.jsonl").is_file() and 3 in _steps(run_dir)) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    process.kill()
+    process.communicate()
+    latest = int(ckpt.list_checkpoints(run_dir)[-1].name.split("-")[1])
+    assert max(_steps(run_dir)) > latest  # the killed run logged steps its last checkpoint does not hold
+    assert main(["train", str(config), "resume_from_checkpoint=latest"]) == 0
+    assert _steps(run_dir) == [1, 2, 3, 4, 5, 6]
 
 
 # ------------------------------------------------------------------------------------ 5. one run per folder
