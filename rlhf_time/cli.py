@@ -79,6 +79,8 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("output", help="folder to write the merged model to")
     export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="dtype of the saved weights (default: the base model's dtype)")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow code shipped with the base model or adapter folder to run (never read from the folder)")
 
     plot = command("plot", _plot, "Draw PNG charts of one run's metrics, or compare several runs.")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
@@ -161,6 +163,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     from rlhf_time.inference import InferenceModel
 
+    if _same_file(args.input, args.output):  # opening the output for writing would empty the prompts first
+        raise RlhfTimeError(f"--output {args.output} is the input file {args.input}; write the predictions elsewhere")
     prompts = read_prompts(args.input)
     answers = InferenceModel.load(args.model, args.overrides).predict(prompts)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +201,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from rlhf_time.models.export import merge_adapter
 
-    merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    merge_adapter(args.adapter, args.output, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {args.output}", file=sys.stderr)
     return 0
 
@@ -217,6 +221,14 @@ def _plot(args: argparse.Namespace) -> int:
     for path in plot_runs(args.runs, output):
         print(path)
     return 0
+
+
+def _same_file(first: str, second: str) -> bool:
+    """Whether two paths name one file (other spellings, symbolic or hard links included)."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return Path(first).resolve() == Path(second).resolve()
 
 
 def _closed_pipe() -> int:

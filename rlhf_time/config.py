@@ -113,6 +113,7 @@ class TrainingConfig(BaseModel):
     save_steps: int = _f(500, "Save every N optimiser steps when save_strategy=steps.", gt=0)
     save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints (the best is never deleted); None keeps all.", gt=0)
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' for the newest in the run folder.")
+    ignore_data_position: bool = _f(False, "Resume even though batch_size (or another setting the batch plan depends on, or accumulation x ranks) changed since the checkpoint; the saved position then points at other data.")
     logging_steps: int = _f(10, "Console/TensorBoard log every N optimiser steps.", gt=0)
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "swanlab"]] = _f(
         ["tensorboard"], "Experiment trackers besides metrics.jsonl: a list of tensorboard, wandb, mlflow, swanlab; none = [].")
