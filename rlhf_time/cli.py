@@ -61,18 +61,20 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--help-config", action="store_true", help="list every config field with default and help")
 
     evaluate = command("eval", _eval, "Evaluate a model on eval_file; prints the metrics as JSON.")
-    evaluate.add_argument("config", help="YAML config (set model_name to a trained folder)")
-    evaluate.add_argument("overrides", nargs="*", help="key=value overrides")
+    evaluate.add_argument("config", metavar="CONFIG_YAML", help="YAML config (set model_name to a trained folder)")
+    evaluate.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
 
     predict = command("predict", _predict, "Generate answers for prompts from a file; writes JSONL.")
-    predict.add_argument("model", help="trained model folder (e.g. outputs/<run>/final), adapter folder or 'tiny'")
+    predict.add_argument("model", metavar="MODEL_DIR", help="trained model folder (e.g. outputs/<run>/final), adapter folder or 'tiny'")
     predict.add_argument("--input", required=True, help=".txt (one prompt per line) or .jsonl/.json/.csv with a 'prompt' field")
     predict.add_argument("--output", required=True, help="JSONL file to write {prompt, prediction} lines to")
-    predict.add_argument("overrides", nargs="*", help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
+    predict.add_argument("overrides", nargs="*", default=[],
+                         help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
 
     chat = command("chat", _chat, "Interactive chat with a trained model (empty line or /exit to quit, /reset to clear).")
-    chat.add_argument("model", help="trained model folder, adapter folder or 'tiny'")
-    chat.add_argument("overrides", nargs="*", help="key=value overrides (system_prompt=..., max_new_tokens=...)")
+    chat.add_argument("model", metavar="MODEL_DIR", help="trained model folder, adapter folder or 'tiny'")
+    chat.add_argument("overrides", nargs="*", default=[],
+                      help="key=value overrides (system_prompt=..., max_new_tokens=...)")
 
     export = command("export", _export, "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
     export.add_argument("adapter", help="folder with adapter_config.json (e.g. outputs/<run>/final)")

@@ -129,6 +129,10 @@ def check_format_fits_kind(first: Record, fmt: str, kind: str, config) -> None:
     wants_pairs = kind == "preference"
     if fmt != "text" and wants_pairs != (fmt == "preference"):
         need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
+        if config.data_format != "auto":  # the user named the format: the format, not the file, is the mistake
+            fix = ("set data_format: auto (or prompt_response, messages, alpaca, sharegpt) for this stage, or train "
+                   "pairs with stage rm or dpo") if fmt == "preference" else "set data_format: preference (or auto)"
+            raise RlhfTimeError(f"data_format {fmt} does not suit stage {config.stage!r}, which trains on {need}: {fix}")
         raise RlhfTimeError(f"{first.location}: stage {config.stage!r} needs {need}; this file has "
                             f"fields {field_list(first.data)}")
 

@@ -32,6 +32,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: Optional[str] = None
 
     adapter = Path(adapter_dir)
     config_path = adapter / "adapter_config.json"
+    if not adapter.exists():
+        raise RlhfTimeError(f"{adapter}: adapter folder not found")
     if not config_path.is_file():
         raise RlhfTimeError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
     if dtype is not None and dtype not in DTYPES:
