@@ -141,6 +141,10 @@ def _eval(args: argparse.Namespace) -> int:
     config = TrainingConfig.from_yaml(args.config, args.overrides)
     if not config.eval_file and not (config.eval_split and config.train_file):
         raise RlhfTimeError(f"{args.config}: eval needs eval_file (or eval_split of the train_file data set)")
+    if config.stage == "rm":  # training may start an RM from an SFT folder; evaluating one scores a random head
+        from rlhf_time.models.checks import require_reward_model
+
+        require_reward_model(config.model_name, "model_name", needed_by="eval of stage rm")
     config.eval_file, config.train_file = config.eval_file or config.train_file, None  # eval_split picks the split
     config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
     if config.stage == "dpo" and not config.ref_model:

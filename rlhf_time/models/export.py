@@ -25,6 +25,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: Optional[str] = None
     The base may be a local folder or a hub id (from the local cache, or downloaded). dtype: bfloat16, float16
     or float32; None keeps the base model's own dtype (its config.json).
     """
+    from rlhf_time.models.peft_import import use_bitsandbytes_in_peft
+
+    use_bitsandbytes_in_peft(wanted=False)  # before peft is imported: no bitsandbytes noise for a merge
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

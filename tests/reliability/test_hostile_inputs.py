@@ -2,14 +2,21 @@
 traceback), and a model that is not what the config says is refused before it trains or scores."""
 
 import json
+import shutil
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf_time.cli import main
 from rlhf_time.config import ConfigError, TrainingConfig
 
 from .test_error_contract import _config, one_error_line
 
+REPO = Path(__file__).resolve().parents[2]
 PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(8)]
 
 
@@ -62,3 +69,131 @@ def test_a_command_without_arguments_names_what_it_needs(capsys, command, needed
 def test_export_of_a_missing_folder_says_not_found(tmp_path, capsys):
     line = one_error_line(capsys, ["export", str(tmp_path / "runs" / "nope" / "final"), str(tmp_path / "merged")])
     assert "runs/nope/final" in line and "not found" in line and "not a LoRA" not in line
+
+
+# ------------------------------------------------------------------------ models not what the config says
+def _prompts(tmp_path):
+    return _jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(8)])
+
+
+@pytest.mark.parametrize("stage, field", [("grpo", "reward_model"), ("ppo", "reward_model"), ("ppo", "value_model")])
+def test_an_sft_folder_as_a_reward_or_value_model_is_refused(tmp_path, tiny_model_dir, capsys, stage, field):
+    data = _prompts(tmp_path)
+    settings = dict(stage=stage, train_file=data, eval_file=data, reward_funcs=["exact_match"], **{field: str(tiny_model_dir)})
+    if field == "reward_model":
+        settings["reward_funcs"] = []
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, **settings)])
+    assert f"{field} {tiny_model_dir}: not a reward model" in line and "stage=rm" in line
+    assert not (tmp_path / "out" / "run" / "final").exists()
+
+
+def test_eval_of_a_reward_model_config_refuses_an_sft_folder(tmp_path, tiny_model_dir, capsys):
+    pairs = _jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    line = one_error_line(capsys, ["eval", _config(tmp_path, tiny_model_dir, stage="rm", eval_file=pairs)])
+    assert f"model_name {tiny_model_dir}: not a reward model" in line
+
+
+@pytest.mark.parametrize("stage, field", [("dpo", "ref_model"), ("kd", "teacher_model"), ("grpo", "reward_model"),
+                                          ("ppo", "value_model")])
+@pytest.mark.parametrize("where", ["local", "hub"])
+def test_a_missing_auxiliary_model_is_named_by_its_field(tmp_path, tiny_model_dir, capsys, monkeypatch, stage, field, where):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is not cached cannot be fetched: say so at once
+    missing = str(tmp_path / "no-such-model") if where == "local" else "no-such-org/no-such-model"
+    data = _jsonl(tmp_path / "pairs.jsonl", PAIRS) if stage == "dpo" else None
+    settings = dict(stage=stage, **{field: missing})
+    if stage in ("grpo", "ppo"):
+        data = _prompts(tmp_path)
+        settings.update(eval_file=data, reward_funcs=["exact_match"])
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, **settings, **({"train_file": data} if data else {}))])
+    assert field in line and missing in line and "model_name" not in line
+
+
+def test_a_kd_teacher_with_fewer_embedding_rows_than_the_tokenizer_is_refused_before_training(tmp_path, tiny_model_dir,
+                                                                                              capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = tmp_path / "teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(tiny_model_dir)) - 100)
+    model.save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(teacher)
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, stage="kd", teacher_model=str(teacher))])
+    assert f"teacher_model {teacher}" in line and "rows" in line
+
+
+def test_a_lora_adapter_folder_as_model_name_trains_in_full_from_base_plus_adapter(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_time import SFTrainer
+
+    from ..trainer.helpers import tiny_config
+
+    lora = SFTrainer(tiny_config(tmp_path / "lora", tiny_model_dir, use_lora=True, max_steps=2))
+    adapter = lora.run_dir / "final"
+    lora.train()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).merge_and_unload()
+    expected = reference.state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(expected[name], base[name]) for name in expected)  # the adapter changes something
+
+    full = SFTrainer(tiny_config(tmp_path / "full", tiny_model_dir, model_name=str(adapter), max_steps=1))
+    start = {name: value.detach().clone() for name, value in full.model.state_dict().items()}
+    assert start.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(start[name], value, msg=name)
+    assert all(p.requires_grad for p in full.model.parameters())
+    full.train()
+    assert (full.run_dir / "final" / "model.safetensors").is_file()
+
+
+# -------------------------------------------------------------------------------------------- noise
+def test_a_lora_run_and_its_export_never_load_bitsandbytes(tmp_path, tiny_model_dir):
+    """peft imports bitsandbytes when installed, whose CPU backend prints 'Failed to load CPU gemm_4bit_forward ...'
+    and may contact the Hub: only a quantised run may load it. A fresh process, as a user's run starts."""
+    pytest.importorskip("bitsandbytes")  # installed, as in the shared environment: the case that was noisy
+    config = _config(tmp_path, tiny_model_dir, use_lora=True, save_strategy="no")
+    script = (f"import sys\nfrom rlhf_time.cli import main\n"
+              f"assert main(['train', {config!r}]) == 0\n"
+              f"assert main(['export', {str(tmp_path / 'out' / 'run' / 'final')!r}, {str(tmp_path / 'merged')!r}]) == 0\n"
+              f"print('bitsandbytes loaded:', 'bitsandbytes' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bitsandbytes loaded: False" in done.stdout
+    assert "gemm_4bit" not in done.stderr and "trust_remote_code=True" not in done.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------ pickles
+def _pickled_copy(source, target):
+    """The model folder with its weights as a pickle only (pytorch_model.bin), as old hub repos ship them."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, target)
+    torch.save(load_file(target / "model.safetensors"), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    return target
+
+
+@pytest.mark.parametrize("field", ["model_name", "teacher_model", "ref_model"])
+def test_a_model_folder_with_only_pickled_weights_is_refused(tmp_path, tiny_model_dir, capsys, field):
+    pickled = str(_pickled_copy(tiny_model_dir, tmp_path / "pickled"))
+    settings = {"model_name": pickled} if field == "model_name" else {field: pickled}
+    if field == "teacher_model":
+        settings["stage"] = "kd"
+    if field == "ref_model":
+        settings.update(stage="dpo", train_file=_jsonl(tmp_path / "pairs.jsonl", PAIRS))
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, **settings)])
+    assert f"{field} {pickled}" in line and "pytorch_model.bin" in line and "safetensors" in line
+
+
+def test_export_refuses_a_base_with_pickled_weights(tmp_path, tiny_model_dir, capsys):
+    pickled = _pickled_copy(tiny_model_dir, tmp_path / "pickled")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(pickled),
+                                                              "peft_type": "LORA"}), encoding="utf-8")
+    line = one_error_line(capsys, ["export", str(adapter), str(tmp_path / "merged")])
+    assert str(pickled) in line and "pytorch_model.bin" in line
+    assert not (tmp_path / "merged").exists()
