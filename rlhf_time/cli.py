@@ -164,6 +164,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     from rlhf_time.inference import InferenceModel
 
+    if Path(args.output).is_dir():  # before the model loads, not after generating every answer
+        raise RlhfTimeError(f"--output {args.output}: is a folder; give the JSONL file to write, e.g. "
+                            f"{Path(args.output) / 'predictions.jsonl'}")
     prompts = read_prompts(args.input)
     answers = InferenceModel.load(args.model, args.overrides).predict(prompts)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +220,8 @@ def _plot(args: argparse.Namespace) -> int:
     from rlhf_time.plots import plot_runs
 
     output = args.output or (str(Path(args.runs[0]) / "plots") if len(args.runs) == 1 else "plots")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise RlhfTimeError(f"--output {output}: is a file; plot writes one PNG per chart into a folder")
     for path in plot_runs(args.runs, output):
         print(path)
     return 0

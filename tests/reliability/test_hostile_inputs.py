@@ -197,3 +197,26 @@ def test_export_refuses_a_base_with_pickled_weights(tmp_path, tiny_model_dir, ca
     line = one_error_line(capsys, ["export", str(adapter), str(tmp_path / "merged")])
     assert str(pickled) in line and "pytorch_model.bin" in line
     assert not (tmp_path / "merged").exists()
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def test_predict_output_that_is_a_folder_fails_before_the_model_loads(tmp_path, tiny_model_dir, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n", encoding="utf-8")
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    line = one_error_line(capsys, ["predict", str(tiny_model_dir), "--input", str(prompts), "--output", str(folder)])
+    assert str(folder) in line and "is a folder" in line
+    assert list(folder.iterdir()) == []
+
+
+def test_plot_output_that_is_a_file_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2)),
+                                       encoding="utf-8")
+    blocker = tmp_path / "charts.png"
+    blocker.write_text("not a folder", encoding="utf-8")
+    line = one_error_line(capsys, ["plot", str(run), "--output", str(blocker)])
+    assert str(blocker) in line and "is a file" in line
+    assert blocker.read_text(encoding="utf-8") == "not a folder"
