@@ -2,6 +2,7 @@
 traceback), and a model that is not what the config says is refused before it trains or scores."""
 
 import json
+import re
 import shutil
 import os
 import subprocess
@@ -220,3 +221,101 @@ def test_plot_output_that_is_a_file_says_so(tmp_path, capsys):
     line = one_error_line(capsys, ["plot", str(run), "--output", str(blocker)])
     assert str(blocker) in line and "is a file" in line
     assert blocker.read_text(encoding="utf-8") == "not a folder"
+
+
+# ------------------------------------------------------------------------------- streaming and disks
+def _conversations(count):
+    return [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"reply {i}"}]}
+            for i in range(count)]
+
+
+def test_a_malformed_line_in_a_streamed_file_names_its_line(tmp_path, tiny_model_dir, capsys):
+    lines = [json.dumps(r) for r in _conversations(40)]
+    lines.insert(20, '{"messages": [broken')
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, train_file=str(data), streaming=True)])
+    assert f"{data} line 21: malformed JSON" in line
+
+
+def test_a_malformed_line_deep_in_a_stream_names_its_line_when_it_is_read(tmp_path, tiny_model_dir):
+    """Past datasets' first block (so validation, which reads the first record, passes): the error comes from
+    the read during training, still as the file's line."""
+    from rlhf_time.data.streaming import SourceStream
+    from rlhf_time.errors import RlhfTimeError
+
+    padding = "x" * 400
+    records = [{"messages": [{"role": "user", "content": f"q{i} {padding}"}, {"role": "assistant", "content": "a"}]}
+               for i in range(40_000)]  # ~18 MB: several of datasets' JSON blocks
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records) + "{not json\n", encoding="utf-8")
+    config = TrainingConfig(model_name=str(tiny_model_dir), train_file=str(data), streaming=True,
+                            max_steps=1, eval_strategy="no", report_to="none")
+    stream = SourceStream(str(data), config, rank=0, world_size=1, limit=None)
+    assert stream.next().data["messages"][0]["content"].startswith("q0 ")
+    with pytest.raises(RlhfTimeError, match=rf"^{data} line 40001: malformed JSON") as error:
+        while stream.next() is not None:
+            pass
+    assert stream.read > 1000 and "\n" not in str(error.value)
+
+
+def test_a_full_disk_while_writing_the_token_cache_is_one_line_and_leaves_nothing(tmp_path, tiny_model_dir, capsys,
+                                                                                  monkeypatch):
+    import errno
+
+    from rlhf_time.data import token_store
+
+    def add_on_a_full_disk(self, columns):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(token_store.TokenCacheWriter, "add", add_on_a_full_disk)
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir)])
+    assert "cannot write the tokenised data cache (No space left on device" in line and "data_cache_dir" in line
+    # No partial token cache to be read later (the validation marker of the data file is not one).
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and "validated" not in p.parts]
+
+
+@pytest.mark.parametrize("save_strategy, kept", [("no", "No checkpoint was saved before this point"),
+                                                 ("steps", "Earlier checkpoints are intact (latest checkpoint-")])
+def test_a_full_disk_at_the_metrics_append_stops_in_one_line_saying_what_is_kept(tmp_path, tiny_model_dir, capsys,
+                                                                                monkeypatch, save_strategy, kept):
+    import errno
+    import pathlib
+
+    real_open, appends = pathlib.Path.open, []
+
+    def open_on_a_disk_that_fills(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and "a" in mode:
+            appends.append(self)
+            if len(appends) == 2:  # step 1's row is written; step 2's append finds the disk full
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", open_on_a_disk_that_fills)
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, max_steps=3, save_strategy=save_strategy,
+                                                    save_steps=1)])
+    assert re.search(r"metrics.jsonl: cannot append the metrics of step \d \(No space left on device\); training "
+                     r"stopped", line), line
+    assert kept in line
+
+
+def test_a_full_disk_at_final_without_checkpoints_says_the_weights_are_lost(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+
+    from rlhf_time import SFTrainer
+    from rlhf_time.errors import RlhfTimeError
+
+    from ..trainer.helpers import tiny_config
+
+    def save_on_a_full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = SFTrainer(tiny_config(tmp_path, tiny_model_dir, max_steps=1, max_train_samples=8, save_strategy="no"))
+    monkeypatch.setattr(trainer.model, "save_pretrained", save_on_a_full_disk)
+    with pytest.raises(RlhfTimeError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "final: no space left on the device while writing the model" in message
+    assert "No checkpoint was saved before this point, so the weights trained in this run are lost" in message
+    assert "resume" not in message.split("lost")[0]
+
