@@ -61,18 +61,20 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--help-config", action="store_true", help="list every config field with default and help")
 
     evaluate = command("eval", _eval, "Evaluate a model on eval_file; prints the metrics as JSON.")
-    evaluate.add_argument("config", help="YAML config (set model_name to a trained folder)")
-    evaluate.add_argument("overrides", nargs="*", help="key=value overrides")
+    evaluate.add_argument("config", metavar="CONFIG_YAML", help="YAML config (set model_name to a trained folder)")
+    evaluate.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
 
     predict = command("predict", _predict, "Generate answers for prompts from a file; writes JSONL.")
-    predict.add_argument("model", help="trained model folder (e.g. outputs/<run>/final), adapter folder or 'tiny'")
+    predict.add_argument("model", metavar="MODEL_DIR", help="trained model folder (e.g. outputs/<run>/final), adapter folder or 'tiny'")
     predict.add_argument("--input", required=True, help=".txt (one prompt per line) or .jsonl/.json/.csv with a 'prompt' field")
     predict.add_argument("--output", required=True, help="JSONL file to write {prompt, prediction} lines to")
-    predict.add_argument("overrides", nargs="*", help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
+    predict.add_argument("overrides", nargs="*", default=[],
+                         help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
 
     chat = command("chat", _chat, "Interactive chat with a trained model (empty line or /exit to quit, /reset to clear).")
-    chat.add_argument("model", help="trained model folder, adapter folder or 'tiny'")
-    chat.add_argument("overrides", nargs="*", help="key=value overrides (system_prompt=..., max_new_tokens=...)")
+    chat.add_argument("model", metavar="MODEL_DIR", help="trained model folder, adapter folder or 'tiny'")
+    chat.add_argument("overrides", nargs="*", default=[],
+                      help="key=value overrides (system_prompt=..., max_new_tokens=...)")
 
     export = command("export", _export, "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
     export.add_argument("adapter", help="folder with adapter_config.json (e.g. outputs/<run>/final)")
@@ -144,6 +146,10 @@ def _eval(args: argparse.Namespace) -> int:
     config = TrainingConfig.from_yaml(args.config, args.overrides)
     if not config.eval_file and not (config.eval_split and config.train_file):
         raise RlhfTimeError(f"{args.config}: eval needs eval_file (or eval_split of the train_file data set)")
+    if config.stage == "rm":  # training may start an RM from an SFT folder; evaluating one scores a random head
+        from rlhf_time.models.checks import require_reward_model
+
+        require_reward_model(config.model_name, "model_name", needed_by="eval of stage rm")
     config.eval_file, config.train_file = config.eval_file or config.train_file, None  # eval_split picks the split
     config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
     if config.stage == "dpo" and not config.ref_model:
@@ -165,6 +171,9 @@ def _predict(args: argparse.Namespace) -> int:
 
     if _same_file(args.input, args.output):  # opening the output for writing would empty the prompts first
         raise RlhfTimeError(f"--output {args.output} is the input file {args.input}; write the predictions elsewhere")
+    if Path(args.output).is_dir():  # before the model loads, not after generating every answer
+        raise RlhfTimeError(f"--output {args.output}: is a folder; give the JSONL file to write, e.g. "
+                            f"{Path(args.output) / 'predictions.jsonl'}")
     prompts = read_prompts(args.input)
     answers = InferenceModel.load(args.model, args.overrides).predict(prompts)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +227,8 @@ def _plot(args: argparse.Namespace) -> int:
     from rlhf_time.plots import plot_runs
 
     output = args.output or (str(Path(args.runs[0]) / "plots") if len(args.runs) == 1 else "plots")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise RlhfTimeError(f"--output {output}: is a file; plot writes one PNG per chart into a folder")
     for path in plot_runs(args.runs, output):
         print(path)
     return 0

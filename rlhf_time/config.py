@@ -344,8 +344,11 @@ class TrainingConfig(BaseModel):
     @field_validator("*")
     @classmethod
     def _finite_numbers(cls, value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number")
+        # Nested too: reward_weights=[nan] or mix_weights=[inf] would otherwise poison a run silently.
+        bad = _first_non_finite(value)
+        if bad is not None:
+            where, number = bad
+            raise ValueError(f"every number must be finite, {where} is {number}" if where else "must be a finite number")
         return value
 
     @field_validator("experiment_name")
@@ -541,13 +544,26 @@ def _unknown_keys_message(keys: list[str]) -> str:
     return "; ".join(parts) + ". Run `rlhf-time train --help-config` for the list of fields."
 
 
+def _first_non_finite(value: Any, where: str = "") -> Optional[tuple[str, float]]:
+    """(where, number) of the first inf/NaN float in value, lists and dicts searched (where: '[1]', "['a']")."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_non_finite(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def _validation_message(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         got = item.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        # A model validator's input is the whole config (~3 KB): its message already names the fields.
+        shown = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
         parts.append(f"{field}: {message}{shown}")
     return "invalid config: " + "; ".join(parts)
 

@@ -30,6 +30,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: Optional[str] = None
     folder: nothing already there is ever removed. trust_remote_code: the caller's own choice; a value saved in
     the adapter folder is never taken over.
     """
+    from rlhf_time.models.peft_import import use_bitsandbytes_in_peft
+
+    use_bitsandbytes_in_peft(wanted=False)  # before peft is imported: no bitsandbytes noise for a merge
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -37,6 +40,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: Optional[str] = None
 
     adapter = Path(adapter_dir)
     config_path = adapter / "adapter_config.json"
+    if not adapter.exists():
+        raise RlhfTimeError(f"{adapter}: adapter folder not found")
     if not config_path.is_file():
         raise RlhfTimeError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
     target = Path(output_dir)

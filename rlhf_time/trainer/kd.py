@@ -33,7 +33,7 @@ class KDTrainer(SFTrainer):
 
     def auxiliary_models(self) -> list[AuxiliaryModel]:
         config = self.config
-        return [AuxiliaryModel("teacher", source=config.teacher_model, adapter=config.teacher_adapter,
+        return [AuxiliaryModel("teacher", source=config.teacher_model, field="teacher_model", adapter=config.teacher_adapter,
                                same_vocabulary=True, cast_to_amp_dtype=True)]
 
     # ------------------------------------------------------------------------------------------- loss

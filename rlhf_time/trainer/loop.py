@@ -31,7 +31,7 @@ from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_templat
 from rlhf_time.storage import check_output_folders
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
+from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model, check_auxiliary_sources
 from rlhf_time.trainer.callbacks import fire
 from rlhf_time.trainer.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, main_rank_first
 from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
@@ -80,6 +80,7 @@ class Trainer:
             if spec:
                 validate_data_file(spec, config, kind=self.data_kind, cache_dir=self.data_cache_dir())
         check_trackers_installed(config.report_to)
+        check_auxiliary_sources(self.auxiliary_models(), config)  # a wrong ref/teacher/reward folder: say so now
 
         self.family = model_family(config)
         self.tokenizer = load_tokenizer(config)

@@ -27,6 +27,7 @@ from torch import nn
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import (AdaptiveKLController, clipped_tokens, create_loss, explained_variance, gae, k3_kl,
                             masked_moments, masked_whiten, token_rewards)
+from rlhf_time.models.checks import require_reward_model
 from rlhf_time.rollout import Rollout
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
@@ -44,6 +45,8 @@ class PPOTrainer(PromptTrainer):
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
         if not (reward_funcs or config.reward_funcs or config.reward_model):
             raise RlhfTimeError("stage ppo needs a reward: reward_model (a folder trained with stage rm) and/or reward_funcs")
+        if config.value_model not in (None, "policy"):  # the critic starts from a trained value head, not a random one
+            require_reward_model(config.value_model, "value_model", needed_by="value_model (or value_model: policy)")
         super().__init__(config, reward_funcs)
         # The user's config stays as given: PPO's own default lives on the trainer.
         kl_coef = config.kl_coef if config.is_set("kl_coef") else DEFAULT_KL_COEF
