@@ -44,12 +44,17 @@ def claim_run_folder(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     if not items or resuming:
         return
     names = ", ".join(item.name for item in items[:4]) + (", ..." if len(items) > 4 else "")
-    if not overwrite:
+    if not any(item.name == "final" or item.name.startswith("checkpoint-") for item in items):
+        # A run that failed before its first checkpoint left only its logs: nothing to resume, nothing to keep.
+        log.info(f"{run_dir} holds only the logs of a run that ended before its first checkpoint ({names}); "
+                 f"they are replaced")
+    elif overwrite:
+        log.info(f"overwrite_output_dir: removing the previous run in {run_dir} ({names})")
+    else:
         raise RlhfTimeError(
             f"{run_dir} already holds a run ({names}); set resume_from_checkpoint=latest to continue it, "
             f"overwrite_output_dir=true to replace it, or choose another experiment_name"
         )
-    log.info(f"overwrite_output_dir: removing the previous run in {run_dir} ({names})")
     for item in items:
         if item.is_dir():
             shutil.rmtree(item)

@@ -319,3 +319,19 @@ def test_a_full_disk_at_final_without_checkpoints_says_the_weights_are_lost(tmp_
     assert "No checkpoint was saved before this point, so the weights trained in this run are lost" in message
     assert "resume" not in message.split("lost")[0]
 
+
+
+def test_a_folder_whose_run_failed_before_its_first_checkpoint_is_reused(tmp_path, tiny_model_dir, capsys,
+                                                                         monkeypatch):
+    """Nothing there to resume: the new run replaces the failed one's leftovers (logged), instead of sending the user
+    to resume_from_checkpoint=latest, which finds no checkpoint."""
+    config = _config(tmp_path, tiny_model_dir, max_steps=2, save_strategy="steps", save_steps=2)
+    run_dir = tmp_path / "out" / "run"
+    run_dir.mkdir(parents=True)
+    for name, text in [("config.yaml", "stage: sft\n"), ("metrics.jsonl", '{"step": 1, "train/loss": 9.0}\n')]:
+        (run_dir / name).write_text(text, encoding="utf-8")
+    (run_dir / "tensorboard").mkdir()
+    assert main(["train", config]) == 0, capsys.readouterr().err[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row.get("train/loss") != 9.0 for row in rows)  # the failed run's rows are gone
+    assert (run_dir / "checkpoint-2").is_dir()
