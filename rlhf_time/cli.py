@@ -46,6 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="rlhf-time", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rlhf-time {VERSION}")
+    parser.add_argument("--help-config", action=_HelpConfig, nargs=0, help="list every config field: type, default, help")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str) -> argparse.ArgumentParser:
@@ -98,12 +99,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _HelpConfig(argparse.Action):
+    """`rlhf-time --help-config`: the configuration reference as plain text (as `train --help-config`), then exit."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rlhf_time.config_docs import render_text
+
+        try:
+            print(render_text(), end="", flush=True)
+        except BrokenPipeError:
+            parser.exit(_closed_pipe())
+        parser.exit(0)
+
+
 # ---------------------------------------------------------------------------------------------- handlers
 def _train(args: argparse.Namespace) -> int:
-    from rlhf_time.config import TrainingConfig, describe_fields, parse_overrides
+    from rlhf_time.config import TrainingConfig, parse_overrides
+    from rlhf_time.config_docs import render_text
 
     if args.help_config:
-        print(describe_fields())
+        print(render_text(), end="")
         return 0
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None
