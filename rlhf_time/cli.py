@@ -46,6 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="rlhf-time", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"rlhf-time {VERSION}")
+    parser.add_argument("--help-config", action=_HelpConfig, nargs=0, help="list every config field: type, default, help")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler, help: str) -> argparse.ArgumentParser:
@@ -61,24 +62,28 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--help-config", action="store_true", help="list every config field with default and help")
 
     evaluate = command("eval", _eval, "Evaluate a model on eval_file; prints the metrics as JSON.")
-    evaluate.add_argument("config", help="YAML config (set model_name to a trained folder)")
-    evaluate.add_argument("overrides", nargs="*", help="key=value overrides")
+    evaluate.add_argument("config", metavar="CONFIG_YAML", help="YAML config (set model_name to a trained folder)")
+    evaluate.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
 
     predict = command("predict", _predict, "Generate answers for prompts from a file; writes JSONL.")
-    predict.add_argument("model", help="trained model folder (e.g. outputs/<run>/final), adapter folder or 'tiny'")
+    predict.add_argument("model", metavar="MODEL_DIR", help="trained model folder (e.g. outputs/<run>/final), adapter folder or 'tiny'")
     predict.add_argument("--input", required=True, help=".txt (one prompt per line) or .jsonl/.json/.csv with a 'prompt' field")
     predict.add_argument("--output", required=True, help="JSONL file to write {prompt, prediction} lines to")
-    predict.add_argument("overrides", nargs="*", help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
+    predict.add_argument("overrides", nargs="*", default=[],
+                         help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
 
     chat = command("chat", _chat, "Interactive chat with a trained model (empty line or /exit to quit, /reset to clear).")
-    chat.add_argument("model", help="trained model folder, adapter folder or 'tiny'")
-    chat.add_argument("overrides", nargs="*", help="key=value overrides (system_prompt=..., max_new_tokens=...)")
+    chat.add_argument("model", metavar="MODEL_DIR", help="trained model folder, adapter folder or 'tiny'")
+    chat.add_argument("overrides", nargs="*", default=[],
+                      help="key=value overrides (system_prompt=..., max_new_tokens=...)")
 
     export = command("export", _export, "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
     export.add_argument("adapter", help="folder with adapter_config.json (e.g. outputs/<run>/final)")
     export.add_argument("output", help="folder to write the merged model to")
     export.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="dtype of the saved weights (default: the base model's dtype)")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="allow code shipped with the base model or adapter folder to run (never read from the folder)")
 
     plot = command("plot", _plot, "Draw PNG charts of one run's metrics, or compare several runs.")
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding metrics.jsonl")
@@ -94,12 +99,26 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _HelpConfig(argparse.Action):
+    """`rlhf-time --help-config`: the configuration reference as plain text (as `train --help-config`), then exit."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from rlhf_time.config_docs import render_text
+
+        try:
+            print(render_text(), end="", flush=True)
+        except BrokenPipeError:
+            parser.exit(_closed_pipe())
+        parser.exit(0)
+
+
 # ---------------------------------------------------------------------------------------------- handlers
 def _train(args: argparse.Namespace) -> int:
-    from rlhf_time.config import TrainingConfig, describe_fields, parse_overrides
+    from rlhf_time.config import TrainingConfig, parse_overrides
+    from rlhf_time.config_docs import render_text
 
     if args.help_config:
-        print(describe_fields())
+        print(render_text(), end="")
         return 0
     if args.config and "=" in args.config and not Path(args.config).exists():
         args.overrides, args.config = [args.config, *args.overrides], None
@@ -142,6 +161,10 @@ def _eval(args: argparse.Namespace) -> int:
     config = TrainingConfig.from_yaml(args.config, args.overrides)
     if not config.eval_file and not (config.eval_split and config.train_file):
         raise RlhfTimeError(f"{args.config}: eval needs eval_file (or eval_split of the train_file data set)")
+    if config.stage == "rm":  # training may start an RM from an SFT folder; evaluating one scores a random head
+        from rlhf_time.models.checks import require_reward_model
+
+        require_reward_model(config.model_name, "model_name", needed_by="eval of stage rm")
     config.eval_file, config.train_file = config.eval_file or config.train_file, None  # eval_split picks the split
     config.use_lora, config.freeze_layers = False, None  # nothing trains; an adapter folder loads as it is
     if config.stage == "dpo" and not config.dpo.ref_model:
@@ -161,6 +184,11 @@ def _predict(args: argparse.Namespace) -> int:
 
     from rlhf_time.inference import InferenceModel
 
+    if _same_file(args.input, args.output):  # opening the output for writing would empty the prompts first
+        raise RlhfTimeError(f"--output {args.output} is the input file {args.input}; write the predictions elsewhere")
+    if Path(args.output).is_dir():  # before the model loads, not after generating every answer
+        raise RlhfTimeError(f"--output {args.output}: is a folder; give the JSONL file to write, e.g. "
+                            f"{Path(args.output) / 'predictions.jsonl'}")
     prompts = read_prompts(args.input)
     answers = InferenceModel.load(args.model, args.overrides).predict(prompts)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +225,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from rlhf_time.models.export import merge_adapter
 
-    merge_adapter(args.adapter, args.output, dtype=args.dtype)
+    merge_adapter(args.adapter, args.output, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     print(f"merged model written to {args.output}", file=sys.stderr)
     return 0
 
@@ -214,9 +242,19 @@ def _plot(args: argparse.Namespace) -> int:
     from rlhf_time.plots import plot_runs
 
     output = args.output or (str(Path(args.runs[0]) / "plots") if len(args.runs) == 1 else "plots")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise RlhfTimeError(f"--output {output}: is a file; plot writes one PNG per chart into a folder")
     for path in plot_runs(args.runs, output):
         print(path)
     return 0
+
+
+def _same_file(first: str, second: str) -> bool:
+    """Whether two paths name one file (other spellings, symbolic or hard links included)."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return Path(first).resolve() == Path(second).resolve()
 
 
 def _closed_pipe() -> int:

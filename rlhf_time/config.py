@@ -125,6 +125,7 @@ class TrainingConfig(_StageSections):
     save_steps: int = _f(500, "Save every N optimiser steps when save_strategy=steps.", gt=0)
     save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints (the best is never deleted); None keeps all.", gt=0)
     resume_from_checkpoint: Optional[str] = _f(None, "Checkpoint folder to resume from, or 'latest' for the newest in the run folder.")
+    ignore_data_position: bool = _f(False, "Resume even though batch_size (or another setting the batch plan depends on, or accumulation x ranks) changed since the checkpoint; the saved position then points at other data.")
     logging_steps: int = _f(10, "Console/TensorBoard log every N optimiser steps.", gt=0)
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "swanlab"]] = _f(
         ["tensorboard"], "Experiment trackers besides metrics.jsonl: a list of tensorboard, wandb, mlflow, swanlab; none = [].")
@@ -297,8 +298,11 @@ class TrainingConfig(_StageSections):
     @field_validator("*")
     @classmethod
     def _finite_numbers(cls, value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number")
+        # Nested too: reward_weights=[nan] or mix_weights=[inf] would otherwise poison a run silently.
+        bad = _first_non_finite(value)
+        if bad is not None:
+            where, number = bad
+            raise ValueError(f"every number must be finite, {where} is {number}" if where else "must be a finite number")
         return value
 
     @field_validator("experiment_name")
@@ -539,6 +543,18 @@ def _check_sections_belong_to_stage(data: dict[str, Any]) -> None:
                                     f"not of this run's stage {stage!r}: remove it or set stage" for name in foreign))
 
 
+def _first_non_finite(value: Any, where: str = "") -> Optional[tuple[str, float]]:
+    """(where, number) of the first inf/NaN float in value, lists and dicts searched (where: '[1]', "['a']")."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where, value)
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_non_finite(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
+
+
 def _validation_message(error: ValidationError) -> str:
     parts = []
     for item in error.errors():
@@ -551,7 +567,8 @@ def _validation_message(error: ValidationError) -> str:
             continue
         message = item["msg"].removeprefix("Value error, ")
         got = item.get("input")
-        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        # A model validator's input is the whole config (~3 KB): its message already names the fields.
+        shown = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
         parts.append(f"{field}: {message}{shown}")
     return "invalid config: " + "; ".join(parts)
 

@@ -168,12 +168,18 @@ def load_reward_model(model_dir: str):
 
     from rlhf_time.models.checks import require_tokenizer
 
+    from rlhf_time.models.checks import require_safetensors
+
     folder = Path(model_dir)
+    require_safetensors(folder, "reward model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         require_tokenizer(tokenizer, str(folder))
         adapter = folder / "adapter_config.json"
         if adapter.is_file():
+            from rlhf_time.models.peft_import import use_bitsandbytes_in_peft
+
+            use_bitsandbytes_in_peft(wanted=False)
             from peft import PeftModel
 
             base_path = json.loads(adapter.read_text(encoding="utf-8"))["base_model_name_or_path"]

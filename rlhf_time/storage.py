@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,8 +83,20 @@ def disk_full_is_an_error(target: Path, what: str, needed_bytes: Optional[Callab
 def _no_space_message(target: Path, what: str, needed: Optional[int]) -> str:
     need = f"needs about {format_bytes(needed)}, " if needed else ""
     return (f"{target}: no space left on the device while writing {what} ({need}"
-            f"{format_bytes(free_bytes(target))} free in {_existing(target)}); the partial folder was removed "
-            f"and earlier checkpoints are intact. Free some space (or lower save_total_limit) and resume.")
+            f"{format_bytes(free_bytes(target))} free in {_existing(target)}); the partial folder was removed. "
+            f"{what_is_kept(target.parent, but=target)}")
+
+
+def what_is_kept(run_dir: Path, but: Optional[Path] = None) -> str:
+    """After a failed write in run_dir: the checkpoint a run can resume from, or that there is none."""
+    steps = {int(m.group(1)): p for p in Path(run_dir).glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p != but and p.is_dir()}
+    if steps:
+        latest = steps[max(steps)]
+        return (f"Earlier checkpoints are intact (latest {latest.name}): free some space (or lower "
+                f"save_total_limit) and resume with resume_from_checkpoint=latest.")
+    return ("No checkpoint was saved before this point, so the weights trained in this run are lost: free some "
+            "space and train again (save_strategy: steps keeps checkpoints to resume from).")
 
 
 def free_bytes(path: Path) -> int:

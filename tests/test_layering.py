@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_time"
 # Lower number = lower layer; a module may import its own layer or any lower one.
 LAYERS = {
     "errors": 0, "constants": 0, "stages": 0, "atomic": 0, "downloads": 0, "logs": 0, "storage": 0, "__main__": 7,
-    "config": 1,
+    "config": 1, "config_docs": 1,
     "loss": 2, "data": 2, "templates": 2,
     "models": 3,
     "generation": 4, "plots": 4, "rollout": 4, "inference": 5, "report": 5, "rewards": 5,

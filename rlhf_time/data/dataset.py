@@ -25,6 +25,7 @@ from rlhf_time.data.token_store import (GatheredRows, TokenCacheWriter, TokenRow
 from rlhf_time.data.tokenize import (ConversationEncoder, has_target, tokenize_preference_pairs,
                                      truncate)
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.storage import format_bytes, free_bytes
 
 CACHE_VERSION = "4"  # bump when the tokenised result of the same inputs changes
 RECORDS_PER_CHUNK = 1000  # unit of work of a tokenising process and of the progress bar
@@ -129,6 +130,10 @@ def check_format_fits_kind(first: Record, fmt: str, kind: str, config) -> None:
     wants_pairs = kind == "preference"
     if fmt != "text" and wants_pairs != (fmt == "preference"):
         need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
+        if config.data_format != "auto":  # the user named the format: the format, not the file, is the mistake
+            fix = ("set data_format: auto (or prompt_response, messages, alpaca, sharegpt) for this stage, or train "
+                   "pairs with stage rm or dpo") if fmt == "preference" else "set data_format: preference (or auto)"
+            raise RlhfTimeError(f"data_format {fmt} does not suit stage {config.stage!r}, which trains on {need}: {fix}")
         raise RlhfTimeError(f"{first.location}: stage {config.stage!r} needs {need}; this file has "
                             f"fields {field_list(first.data)}")
 
@@ -304,13 +309,18 @@ def _load_source(source: str, role: str, tokenizer, config, cache_dir, max_sampl
         _require_examples(source, stats)
         return columns, stats
     # Each chunk's rows go straight to the cache file, which is then memory-mapped: never all as Python lists.
-    writer = TokenCacheWriter(cache_file)
     try:
-        stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class, writer.add)
-        _require_examples(source, stats)
-        writer.finish(json.dumps(asdict(stats)))
-    finally:
-        writer.abort()
+        writer = TokenCacheWriter(cache_file)
+        try:
+            stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class, writer.add)
+            _require_examples(source, stats)
+            writer.finish(json.dumps(asdict(stats)))
+        finally:
+            writer.abort()
+    except OSError as error:  # disk full, quota, read-only: the writer removed its partial files
+        raise RlhfTimeError(f"{cache_file}: cannot write the tokenised data cache ({error.strerror or error}; "
+                            f"{format_bytes(free_bytes(cache_file))} free); nothing partial was left and no model "
+                            f"was trained yet: free some space or set data_cache_dir to a disk with room") from None
     cached = _read_cache(cache_file)
     if cached is None:
         raise RlhfTimeError(f"{cache_file}: the tokenised data just written cannot be read back (disk full?)")

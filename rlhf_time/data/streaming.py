@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from rlhf_time.data.dataset import (BUILDERS, DATA_CLASSES, DataStats, check_format_fits_kind)
 from rlhf_time.data.formats import detect_format
-from rlhf_time.data.readers import Record, check_data_path
+from rlhf_time.data.readers import Record, check_data_path, iter_jsonl_records
 from rlhf_time.data.sampler import MEGA_BATCH_FACTOR, plan_batches
 from rlhf_time.data.sources import HUB_PREFIX, DataSpec, apply_columns, choose_split, source_kind
 from rlhf_time.downloads import download_progress
@@ -43,9 +44,21 @@ WINDOW_BATCHES = MEGA_BATCH_FACTOR  # a window holds batch_size x this many reco
 
 
 # --------------------------------------------------------------------------------------------- sources
+class _DropDatasetsReadErrors(logging.Filter):
+    """datasets logs a multi-line error before raising when a JSON block cannot be parsed; the raise becomes our
+    one-line error (file and line), so its log line would only repeat it in pyarrow's words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load JSON from file")
+
+
 def open_stream(source: str, config) -> tuple[Any, str]:
     """(datasets.IterableDataset of the train split, label naming source and split) for any train_file source."""
     import datasets
+
+    json_log = logging.getLogger("datasets.packaged_modules.json.json")
+    if not any(isinstance(f, _DropDatasetsReadErrors) for f in json_log.filters):
+        json_log.addFilter(_DropDatasetsReadErrors())
 
     kind = source_kind(source)
     try:
@@ -132,9 +145,28 @@ def _is_csv(source: str) -> bool:
 def first_record(source: str, config) -> Record:
     """The first record of a source (its format is detected from it, as for in-memory data)."""
     dataset, label = open_stream(source, config)
-    for row in dataset:
-        return _as_record(row, f"{label} record 1", config.columns or {}, _is_csv(source))
+    try:
+        for row in dataset:
+            return _as_record(row, f"{label} record 1", config.columns or {}, _is_csv(source))
+    except RlhfTimeError:
+        raise
+    except Exception as error:  # datasets reads a block at a time: a bad line anywhere in it fails the first read
+        raise _unreadable(source, label, 1, error) from None
     raise RlhfTimeError(f"{label}: empty data set (no records)")
+
+
+def _unreadable(source: str, label: str, record: int, error: Exception) -> RlhfTimeError:
+    """One line for a record the stream cannot read: for a JSONL file, the file and line at fault (pyarrow's own
+    message counts rows inside a block it read, which names no line of the file)."""
+    path = Path(source)
+    if source_kind(source) == "file" and path.suffix.lower() == ".jsonl":
+        try:
+            for _ in iter_jsonl_records(path):  # raises "PATH line N: malformed JSON (...)" at the first bad line
+                pass
+        except RlhfTimeError as exact:
+            return exact
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    return RlhfTimeError(f"{label}: cannot read record {record} of the stream ({type(error).__name__}: {message})")
 
 
 def check_stream_sources(spec: DataSpec, config, kind: str) -> None:
@@ -184,9 +216,7 @@ class SourceStream:
         except RlhfTimeError:
             raise
         except Exception as error:
-            message = (str(error).strip().splitlines() or [""])[0][:300]
-            raise RlhfTimeError(f"{self.label}: cannot read record {self.read + 1} of the stream "
-                                f"({type(error).__name__}: {message})") from None
+            raise _unreadable(self.source, self.label, self.read + 1, error) from None
         self.read += 1
         where = f" (rank {self.rank} of {self.world_size})" if self.world_size > 1 else ""
         return _as_record(row, f"{self.label} record {self.read}{where}", self.columns, self.csv_header)

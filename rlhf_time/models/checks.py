@@ -29,36 +29,54 @@ def require_existing_folder(name: str, what: str) -> None:
         raise RlhfTimeError(f"{what} {name}: folder not found")
 
 
-def require_reward_model(folder: str | Path) -> None:
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(folder: str | Path, field: str) -> None:
+    """Weights load from safetensors only: a pickle (pytorch_model.bin, ...) can run code when it is read."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
+    if pickles:
+        raise RlhfTimeError(f"{field} {folder}: holds only pickled weights ({', '.join(pickles[:3])}); rlhf_time loads "
+                            f"safetensors only, since a pickle can run code when read. Convert it once where you "
+                            f"trust it: model.save_pretrained(folder) writes model.safetensors")
+
+
+def require_reward_model(folder: str | Path, field: str = "", needed_by: str = "score") -> None:
     """Refuse a folder that is not a reward model: loading a causal LM as one gives a random, untrained head.
 
     A reward model folder is what stage=rm saves: a *ForSequenceClassification model with one label, or a
-    LoRA adapter with task_type SEQ_CLS (its score head saved alongside).
+    LoRA adapter with task_type SEQ_CLS (its score head saved alongside). field names the setting in messages
+    (reward_model, value_model, ...), needed_by what refuses it.
     """
     folder = Path(folder)
-    require_existing_folder(str(folder), "reward model")
+    require_existing_folder(str(folder), field or "reward model")
     if not folder.exists():  # a hub id: transformers checks it when loading
         return
+    where = f"{field} {folder}" if field else str(folder)
+    require_safetensors(folder, field or "reward model")
+    hint = f"{needed_by} needs a folder trained with stage=rm"
     adapter = folder / "adapter_config.json"
     if adapter.is_file():
         task = _read_json(adapter).get("task_type")
         if task != "SEQ_CLS":
-            raise RlhfTimeError(f"{folder}: not a reward model (a LoRA adapter with task_type {task!r}, not SEQ_CLS); "
-                                f"score needs a folder trained with stage=rm")
+            raise RlhfTimeError(f"{where}: not a reward model (a LoRA adapter with task_type {task!r}, not "
+                                f"SEQ_CLS); {hint}")
         return
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise RlhfTimeError(f"{folder}: not a model folder (no config.json or adapter_config.json)")
+        raise RlhfTimeError(f"{where}: not a model folder (no config.json or adapter_config.json)")
     config = _read_json(config_file)
     architectures = config.get("architectures") or []
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         what = f"a {', '.join(architectures)}" if architectures else "no architecture recorded"
-        raise RlhfTimeError(f"{folder}: not a reward model ({what}, no reward head); "
-                            f"score needs a folder trained with stage=rm")
+        raise RlhfTimeError(f"{where}: not a reward model ({what}, no reward head); {hint}")
     if labels != 1:
-        raise RlhfTimeError(f"{folder}: not a reward model (a classifier with {labels} labels, a reward model has 1); "
-                            f"score needs a folder trained with stage=rm")
+        raise RlhfTimeError(f"{where}: not a reward model (a classifier with {labels} labels, a reward model "
+                            f"has 1); {hint}")
 
 
 def require_tokenizer(tokenizer: Any, source: str) -> None:

@@ -15,8 +15,9 @@ from torch import nn
 from rlhf_time.config import TINY_MODEL_NAME, TrainingConfig
 from rlhf_time.downloads import download_progress
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.models.checks import looks_like_hub_id, require_tokenizer
+from rlhf_time.models.checks import looks_like_hub_id, require_existing_folder, require_safetensors, require_tokenizer
 from rlhf_time.models.families import ModelFamily, resolve_family
+from rlhf_time.models.peft_import import use_bitsandbytes_in_peft
 from rlhf_time.models.precision import load_dtype, quantization_config, target_device
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,16 @@ def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = path or resolve_model_path(config.model_name, config.model_source)
+    base = adapter_base(source)
+    if config.use_lora or base != source:  # peft comes next (transformers imports it for an adapter folder too)
+        use_bitsandbytes_in_peft(wanted=config.quantization != "none")
+    if path is None and base != source and not config.use_lora and head == "causal_lm":
+        # model_name is a LoRA adapter folder and the whole model trains (or predicts): start from base + adapter
+        # merged, as `export` would write it; transformers alone would load a frozen adapter and nothing to train.
+        model = load_causal_lm(config, path=resolve_model_path(base, config.model_source), meta=meta)
+        return model if meta else merge_lora_adapter(model, source).requires_grad_(True)  # peft froze the base
+    if path is None:
+        require_safetensors(source, "model_name")
     kwargs = dict(dtype=load_dtype(config), attn_implementation=config.attn_implementation or "sdpa")
     if meta:
         factory = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
@@ -100,7 +111,22 @@ def load_causal_lm(config: TrainingConfig, path: str | None = None, *, head: str
     return _from_pretrained(AutoModelForCausalLM, source, config.trust_remote_code, **kwargs)
 
 
+def merge_lora_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """`model` with the LoRA adapter in folder `adapter` merged into its weights (a plain model again)."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise RlhfTimeError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
+    require_safetensors(adapter, "adapter")
+    use_bitsandbytes_in_peft(wanted=False)  # a frozen merge never needs it; if already loaded, it stays
+    from peft import PeftModel
+
+    log.info("merging adapter %s (trained on %s)", adapter, adapter_base(adapter))
+    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
 def _from_pretrained(factory, source: str, trust_remote_code: bool, **kwargs):
+    if factory.__name__.startswith("AutoModel"):  # weights: safetensors only, local or from the hub
+        require_safetensors(source, "model")
+        kwargs.setdefault("use_safetensors", True)
     if not Path(source).exists():
         if not looks_like_hub_id(source):  # a wrong local path: say so now, not after a minute of hub retries
             raise RlhfTimeError(f"model {source}: folder not found")
@@ -115,7 +141,17 @@ def _from_pretrained(factory, source: str, trust_remote_code: bool, **kwargs):
                             f"copy or download it again") from None
 
 
-def _hub_snapshot_or_fail(repo_id: str) -> str:
+def require_model_source(name: str, field: str, model_source: str = "huggingface") -> None:
+    """Fail before anything loads, naming the config field (ref_model, teacher_model, ...), when `name` is a local
+    path that does not exist, a file, or a hub id neither cached nor reachable."""
+    if name == TINY_MODEL_NAME or model_source == "modelscope":
+        return
+    require_existing_folder(name, field)
+    if not Path(name).exists():
+        _hub_snapshot_or_fail(name, field)
+
+
+def _hub_snapshot_or_fail(repo_id: str, field: str = "model_name") -> str:
     """A hub id already in the local cache loads from there; otherwise the hub must be reachable."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -127,8 +163,9 @@ def _hub_snapshot_or_fail(repo_id: str) -> str:
         return str(Path(cached).parent)
     if not _hub_reachable():
         raise RlhfTimeError(
-            f"model_name {repo_id!r} is not a local folder, not in the Hugging Face cache, and the Hub cannot be "
-            f"reached (offline?). Download it first and pass the local path, or use model_name=tiny."
+            f"{field} {repo_id!r} is not a local folder, not in the Hugging Face cache, and the Hub cannot be "
+            f"reached (offline?). Download it first and pass the local path"
+            + (", or use model_name=tiny." if field == "model_name" else ".")
         )
     return repo_id
 

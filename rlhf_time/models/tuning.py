@@ -10,6 +10,7 @@ from torch import nn
 from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models.families import ModelFamily, decoder_layers
+from rlhf_time.models.peft_import import use_bitsandbytes_in_peft
 from rlhf_time.models.precision import float32_inputs_for_trained_modules, low_precision_frozen_layers, trainable_to_float32
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def apply_tuning(model: nn.Module, config: TrainingConfig, family: ModelFamily, 
 
 
 def _wrap_lora(model: nn.Module, config: TrainingConfig, family: ModelFamily, task_type: str) -> nn.Module:
+    use_bitsandbytes_in_peft(wanted=config.quantization != "none")
     from peft import LoraConfig, get_peft_model
 
     targets = list(config.lora_target_modules or family.lora_target_modules)

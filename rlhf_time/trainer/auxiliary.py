@@ -11,10 +11,8 @@ ever receives its own shards when the loop shards it, so no rank but 0 holds a f
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,6 +21,8 @@ from torch import nn
 from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf_time.models.checks import require_reward_model, require_safetensors
+from rlhf_time.models.loading import merge_lora_adapter, require_model_source
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.distributed import DistributedContext
 
@@ -38,6 +38,7 @@ class AuxiliaryModel:
                 before the policy is sharded).
     adapter:    a LoRA adapter folder applied to `source` and merged (frozen models need no separate adapter).
     head:       "causal_lm" or "reward" (1-label sequence classification).
+    field:      the config field that names `source` (ref_model, teacher_model, ...), for messages.
     same_vocabulary: check the model's tokenizer has the policy's token-to-id map before loading its weights.
     cast_to_amp_dtype: keep the weights in the AMP dtype (bf16) when use_amp is on: half the memory, and a frozen
                 model has no master weights to keep in float32.
@@ -47,8 +48,22 @@ class AuxiliaryModel:
     source: Optional[str] = None
     adapter: Optional[str] = None
     head: str = "causal_lm"
+    field: Optional[str] = None
     same_vocabulary: bool = False
     cast_to_amp_dtype: bool = False
+
+
+def check_auxiliary_sources(specs: list[AuxiliaryModel], config: TrainingConfig) -> None:
+    """Every model a stage will load exists (or is a reachable hub id) and, as a reward head, is a trained reward
+    model: checked before the policy loads, each failure naming its config field."""
+    for spec in specs:
+        if spec.source is None:
+            continue
+        field = spec.field or spec.name
+        require_model_source(spec.source, field, config.model_source)
+        require_safetensors(spec.source, field)
+        if spec.head == "reward":
+            require_reward_model(spec.source, field, needed_by=f"stage {config.stage}")
 
 
 def build_auxiliary_model(spec: AuxiliaryModel, policy: nn.Module, tokenizer, config: TrainingConfig,
@@ -63,6 +78,8 @@ def build_auxiliary_model(spec: AuxiliaryModel, policy: nn.Module, tokenizer, co
                                   config.model_name, spec.source)
         # Cast while loading, so rank 0's weights and the skeletons agree on the dtype the shards travel in.
         model = parallel.load_model(lambda meta: _load(spec, config, meta, amp_dtype), config, dist)
+        if spec.same_vocabulary:
+            check_rows_cover_tokenizer(model, tokenizer, spec.field or spec.name, spec.source)
         log.info("%s model: %s%s", spec.name, spec.source, f" + adapter {spec.adapter}" if spec.adapter else "")
     if not any(p.is_meta for p in model.parameters()):  # an FSDP meta skeleton gets its shards when sharded
         model = model.to(dist.device)
@@ -76,7 +93,7 @@ def _load(spec: AuxiliaryModel, config: TrainingConfig, meta: bool, amp_dtype: O
     (a merged adapter leaves the architecture unchanged, so the skeleton needs no adapter)."""
     model = load_causal_lm(config, path=resolve_model_path(spec.source), head=spec.head, meta=meta)
     if spec.adapter and not meta:
-        model = _merge_adapter(model, spec.adapter)
+        model = merge_lora_adapter(model, spec.adapter)
     return model.to(amp_dtype) if spec.cast_to_amp_dtype and amp_dtype is not None else model
 
 
@@ -96,11 +113,11 @@ def check_same_vocabulary(policy_tokenizer, other_tokenizer, policy_name: str, o
     )
 
 
-def _merge_adapter(model: nn.Module, adapter: str) -> nn.Module:
-    from peft import PeftModel
-
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise RlhfTimeError(f"{adapter}: not a LoRA adapter folder (no adapter_config.json)")
-    base = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    log.info("merging adapter %s (trained on %s)", adapter, base)
-    return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+def check_rows_cover_tokenizer(model: nn.Module, tokenizer, field: str, source: str) -> None:
+    """A model compared token by token needs a logit for every id the shared tokenizer can produce; fewer rows
+    than tokens would fail mid-step with a size mismatch (a meta skeleton has the shapes too)."""
+    rows = min(module.weight.shape[0] for module in (model.get_input_embeddings(), model.get_output_embeddings())
+               if module is not None)
+    if rows < len(tokenizer):
+        raise RlhfTimeError(f"{field} {source}: its embedding has {rows} rows, fewer than the {len(tokenizer)} tokens "
+                            f"of the tokenizer it shares with the policy; use a model of the same vocabulary size")

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from rlhf_time.atomic import atomic_directory
+from rlhf_time.atomic import atomic_directory, move_to_trash, remove_trash
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.storage import disk_full_is_an_error, tensor_bytes
 
@@ -23,7 +23,7 @@ STATE_FILE = "trainer_state.json"
 STAGE_STATE_FILE = "stage_state.pt"
 DATA_STATE_FILE = "data_state.json"  # streamed train data: where each rank's stream continues
 # atomic_directory stages `<target>` as `.<target>-<random>` next to it.
-STAGING_PATTERN = re.compile(r"^\.(checkpoint-\d+|final)-.+$")
+STAGING_PATTERN = re.compile(r"^\.(checkpoint-\d+|final|critic)-.+$")
 
 
 def save_checkpoint(
@@ -170,24 +170,28 @@ def resolve_checkpoint(value: str, run_dir: Path) -> Path:
 
 
 def remove_staging_folders(run_dir: Path) -> list[Path]:
-    """Delete the staging folders (.checkpoint-N-*, .final-*) a killed process left in the run folder."""
+    """Delete the staging folders (.checkpoint-N-*, .final-*, .critic-*) and the half-deleted `.trash-` folders
+    (rotation, replaced folders) a killed process left in the run folder."""
     if not run_dir.is_dir():
         return []
     stale = [p for p in run_dir.iterdir() if p.is_dir() and STAGING_PATTERN.match(p.name)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
-    return stale
+    return stale + remove_trash(run_dir)
 
 
 def rotate_checkpoints(run_dir: Path, limit: int | None, keep: Path | None) -> None:
-    """Delete the oldest checkpoints beyond `limit`, never the one in `keep` (the best)."""
+    """Delete the oldest checkpoints beyond `limit`, never the one in `keep` (the best).
+
+    Each is first renamed to a `.trash-` name (atomic), so a kill during the deletion never leaves a partial
+    folder under a checkpoint's name for resume to pick up; the leftovers go at the next start."""
     if limit is None:
         return
     checkpoints = list_checkpoints(run_dir)
     removable = [p for p in checkpoints if keep is None or p.resolve() != keep.resolve()]
     excess = len(checkpoints) - limit
     for path in removable[: max(0, excess)]:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(move_to_trash(path), ignore_errors=True)
 
 
 def _torch_rng_state() -> dict[str, Any]:

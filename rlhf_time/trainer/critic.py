@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -113,13 +113,20 @@ class CriticOptimizer:
         self.scheduler = build_scheduler(self.optimizer, critic_config, total_steps)
         self.max_grad_norm = config.max_grad_norm
 
-    def step(self) -> float:
-        """Clip, step, schedule, zero; returns the gradient norm before clipping."""
+    def step(self, allow_update: Optional[Callable[[float], bool]] = None) -> float:
+        """Clip, step, schedule, zero; returns the gradient norm before clipping.
+
+        allow_update(grad_norm): the non-finite guard's decision (rlhf_time.trainer.guards); when it refuses, the
+        update is dropped and, as for the policy, the schedule still advances. `last_update_applied` says which.
+        """
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
-        self.optimizer.step()
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        self.last_update_applied = allow_update is None or allow_update(norm)
+        if self.last_update_applied:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        return norm
 
     def state_dict(self) -> dict[str, Any]:
         full = parallel.FullStateOptimizer(self.critic, self.optimizer).gather().state_dict()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -43,7 +45,7 @@ def init_distributed(device: str | None) -> DistributedContext:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
         # A clean exit on every rank; when one rank fails, torchrun ends the others (see README, "Multi-GPU and multi-node").
-        atexit.register(_destroy_process_group)
+        atexit.register(destroy_distributed)
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=resolved)
 
 
@@ -64,9 +66,35 @@ def all_gather_objects(value) -> list:
     return [value]
 
 
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed() -> None:
+    """Leave the process group and stop its threads before the interpreter shuts down (run at exit).
+
+    destroy_process_group() alone does not stop gloo's worker threads: they end only when the last reference to the
+    group goes, and FSDP's device meshes, kept in DTensor's caches and in reference cycles, outlive the trainer. A
+    gloo thread still running while Python finalises dies when it takes the GIL (to free a finished collective's
+    tensors), in a C++ destructor: "terminate called without an active exception", SIGABRT. So the caches and
+    cycles go first, then the group, and its threads are joined here, while Python is still whole.
+    """
+    try:
+        _clear_dtensor_caches()  # private torch caches: if a torch release moves them, still leave the group
+    finally:
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        gc.collect()  # a group another owner destroyed earlier may have had its last reference in a cycle
+
+
+def _clear_dtensor_caches() -> None:
+    """Drop DTensor's memoised sharding plans; each holds the DeviceMesh it was made for, and with it the group."""
+    if "torch.distributed.tensor" not in sys.modules:  # never imported: no DTensor, no cache
+        return
+    from torch.distributed.tensor import _collective_utils, _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    _redistribute.clear_redistribute_planner_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
 
 
 @contextlib.contextmanager

@@ -41,7 +41,8 @@ class DPOTrainer(PreferenceTrainer):
         """The reference is `ref_model` when given, else the initial policy: a frozen copy, unless LoRA (the policy
         with adapters disabled is the reference) or precomputed log-probs make a copy unnecessary."""
         if self.config.dpo.ref_model:
-            return [AuxiliaryModel("reference", source=self.config.dpo.ref_model, same_vocabulary=True)]
+            return [AuxiliaryModel("reference", source=self.config.dpo.ref_model, field="dpo.ref_model",
+                                   same_vocabulary=True)]
         if self.config.dpo.precompute_ref_logps or self.config.use_lora:
             return []
         return [AuxiliaryModel("reference")]

@@ -28,8 +28,9 @@ log = logging.getLogger("rlhf_time")
 class NonFiniteGuard:
     """Decides, once per optimiser step, whether its update may be applied (same decision on every rank)."""
 
-    def __init__(self, policy: str, max_consecutive_skips: int) -> None:
+    def __init__(self, policy: str, max_consecutive_skips: int, subject: str = "") -> None:
         self.policy = policy
+        self.subject = subject  # what is updated when it is not the policy, e.g. "critic"
         self.max_consecutive_skips = max_consecutive_skips
         self.consecutive_skips = 0
         self.skipped_steps = 0
@@ -40,6 +41,7 @@ class NonFiniteGuard:
         if problem is None:
             self.consecutive_skips = 0
             return True
+        problem = f"{self.subject}: {problem}" if self.subject else problem
         hint = (f"Last good checkpoint: {last_checkpoint(run_dir) or 'none'}. "
                 "Try a lower learning_rate, max_grad_norm=1.0 or use_amp=false.")
         if self.policy == "stop":

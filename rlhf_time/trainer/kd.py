@@ -33,7 +33,7 @@ class KDTrainer(SFTrainer):
 
     def auxiliary_models(self) -> list[AuxiliaryModel]:
         config = self.config
-        return [AuxiliaryModel("teacher", source=config.kd.teacher_model, adapter=config.kd.teacher_adapter,
+        return [AuxiliaryModel("teacher", source=config.kd.teacher_model, field="kd.teacher_model", adapter=config.kd.teacher_adapter,
                                same_vocabulary=True, cast_to_amp_dtype=True)]
 
     # ------------------------------------------------------------------------------------------- loss

@@ -31,13 +31,14 @@ from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_templat
 from rlhf_time.storage import check_output_folders
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
+from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model, check_auxiliary_sources
 from rlhf_time.trainer.callbacks import fire
 from rlhf_time.trainer.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, main_rank_first
 from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
 from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
 from rlhf_time.trainer.reporting import RunReporter, drop_metrics_after
-from rlhf_time.trainer.run_folder import claim_run_folder
+from rlhf_time.trainer.resume_checks import check_data_position, check_work_left
+from rlhf_time.trainer.run_folder import claim_run_folder, run_folder_lock
 from rlhf_time.trainer.signals import StopSignals
 from rlhf_time.trainer.trackers import check_trackers_installed
 from rlhf_time.trainer.throughput import ThroughputMeter
@@ -79,6 +80,7 @@ class Trainer:
             if spec:
                 validate_data_file(spec, config, kind=self.data_kind, cache_dir=self.data_cache_dir())
         check_trackers_installed(config.report_to)
+        check_auxiliary_sources(self.auxiliary_models(), config)  # a wrong ref/teacher/reward folder: say so now
 
         self.family = model_family(config)
         self.tokenizer = load_tokenizer(config)
@@ -113,7 +115,8 @@ class Trainer:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self._resume_from: Optional[Path] = None
+        self._resume_from: Optional[Path] = None  # loaded before the optimizer existed: its states still to load
+        self._resumed_checkpoint: Optional[Path] = None  # loaded, and train() has not yet trimmed metrics.jsonl
         self._stage_metrics: dict[str, float] = {}
         self.nan_guard = NonFiniteGuard(config.nan_policy, config.nan_max_consecutive_skips)
 
@@ -164,8 +167,21 @@ class Trainer:
         """Run the configured training; returns global_step, train_loss, best metric/checkpoint, runtime, tokens/sec.
 
         SIGTERM / SIGINT / SIGUSR1 end it after the current step with a checkpoint (TrainingInterrupted)."""
-        with StopSignals() as self.stop_signals:
+        with StopSignals() as self.stop_signals, self.holding_run_folder():
             return self._train()
+
+    @contextlib.contextmanager
+    def holding_run_folder(self):
+        """The run folder's lock (main rank) around a block; re-entrant, so a stage's train() may extend it."""
+        if getattr(self, "_holds_run_folder", False) or not self.dist.is_main:
+            yield
+            return
+        with run_folder_lock(self.run_dir):
+            self._holds_run_folder = True
+            try:
+                yield
+            finally:
+                self._holds_run_folder = False
 
     def _train(self) -> dict[str, Any]:
         config = self.config
@@ -181,6 +197,9 @@ class Trainer:
             ckpt.load_optimizer_states(self._resume_from, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
             ckpt.restore_rng(self._resume_from, ckpt.load_trainer_state(self._resume_from))
             self._resume_from = None
+        if self._resumed_checkpoint is not None:  # however it was loaded (before or after the optimizer was built)
+            check_work_left(self._resumed_checkpoint, self.global_step, total_steps, config)
+            self._resumed_checkpoint = None
             if self.dist.is_main:  # rows logged after that checkpoint would otherwise appear twice
                 drop_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
         if self.dist.is_main:
@@ -481,6 +500,8 @@ class Trainer:
         """Load weights and training position from a checkpoint; the next train() continues exactly from there."""
         folder = Path(path)
         state = ckpt.load_trainer_state(folder)
+        if not self.streamed:  # a stream restores each rank's own position (data_state.json)
+            check_data_position(folder, self.config, state.get("world_size", 1), self.dist.world_size)
         self._load_model_weights(folder)
         self.global_step = state["global_step"]
         self.epoch, self.batch_index = state["epoch"], state["batch_index"]
@@ -498,7 +519,7 @@ class Trainer:
         if self.streamed:
             self.train_dataset.load_state_dict(loads_states(data_state))
         self._restore_stage_state(folder)
-        self._resume_from = folder
+        self._resume_from = self._resumed_checkpoint = folder
         self._log(f"resumed from {folder} at step {self.global_step} (epoch {self.epoch}, batch {self.batch_index})")
         if self.optimizer is not None:
             ckpt.load_optimizer_states(folder, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)

@@ -23,6 +23,7 @@ from torch import nn
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
 from rlhf_time.loss import chunk_rows, chunked_token_logps, token_entropy, token_logps
+from rlhf_time.models.checks import require_reward_model
 from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
 from rlhf_time.rollout import Rollout, sample
 from rlhf_time.trainer import parallel
@@ -46,6 +47,8 @@ class PromptTrainer(Trainer):
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
         for spec in reward_funcs if reward_funcs is not None else config.rollout.reward_funcs:
             load_reward_function(spec)  # a bad reward function fails before any model is loaded
+        if config.rollout.reward_model:  # an SFT folder would score with a random head: refuse it before any model loads
+            require_reward_model(config.rollout.reward_model, "rollout.reward_model", needed_by=f"stage {config.stage}")
         super().__init__(config)
         disable_dropout(self.model)
         reward_model = self._reward_model_reward() if config.rollout.reward_model else None
@@ -61,7 +64,8 @@ class PromptTrainer(Trainer):
         if self.needs_reference() and not config.use_lora:  # with LoRA the reference is the adapter-disabled policy
             models.append(AuxiliaryModel("reference"))
         if config.rollout.reward_model and not _is_adapter_folder(config.rollout.reward_model):
-            models.append(AuxiliaryModel("reward", source=config.rollout.reward_model, head="reward", cast_to_amp_dtype=True))
+            models.append(AuxiliaryModel("reward", source=config.rollout.reward_model, field="rollout.reward_model", head="reward",
+                                         cast_to_amp_dtype=True))
         return models
 
     def _reward_model_reward(self) -> RewardModelReward:

@@ -27,11 +27,13 @@ from torch import nn
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import (AdaptiveKLController, clipped_tokens, create_loss, explained_variance, gae, k3_kl,
                             masked_moments, masked_whiten, token_rewards)
+from rlhf_time.models.checks import require_reward_model
 from rlhf_time.rollout import Rollout
 from rlhf_time.trainer import checkpoint as ckpt
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.critic import CriticOptimizer, build_critic
 from rlhf_time.trainer.distributed import all_reduce_sum, barrier
+from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
 from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer, disable_dropout
 
 
@@ -41,8 +43,9 @@ class PPOTrainer(PromptTrainer):
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
         if not (reward_funcs or config.rollout.reward_funcs or config.rollout.reward_model):
-            raise RlhfTimeError("stage ppo needs a reward: rollout.reward_model (a folder trained with stage rm) and/or "
-                                "rollout.reward_funcs")
+            raise RlhfTimeError("stage ppo needs a reward: reward_model (a folder trained with stage rm) and/or reward_funcs")
+        if config.ppo.value_model not in (None, "policy"):  # the critic starts from a trained value head, not a random one
+            require_reward_model(config.ppo.value_model, "ppo.value_model", needed_by="ppo.value_model (or ppo.value_model: policy)")
         super().__init__(config, reward_funcs)
         self.kl_controller = AdaptiveKLController(config.ppo.kl_coef, config.ppo.kl_target, config.ppo.kl_horizon)
         self.critic = build_critic(config, self.tokenizer, self.family, self.dist)
@@ -50,6 +53,7 @@ class PPOTrainer(PromptTrainer):
         self.train_critic = parallel.wrap_model(self.critic, config, self.dist) if self.dist.enabled else self.critic
         steps = (self.total_steps() if self.train_dataset is not None else 1) * self.optimizer_steps_per_update()
         self.critic_optimizer = CriticOptimizer(self.critic, config, steps)
+        self.critic_guard = NonFiniteGuard(config.nan_policy, config.nan_max_consecutive_skips, subject="critic")
         self.value_loss = create_loss("value", clip_eps=config.ppo.value_clip, reduction="sum")
         self.policy_loss = create_loss("policy", clip_eps=config.rollout.epsilon, clip_eps_high=config.rollout.epsilon_high,
                                        reduction="none")
@@ -190,10 +194,14 @@ class PPOTrainer(PromptTrainer):
             (loss * self.dist.world_size).backward()
             clipped = ((values.detach() - batch["values"]).abs() > config.ppo.value_clip) & mask.bool()
             sums += torch.stack([loss.detach() / config.ppo.vf_coef, clipped.sum().float()])
-        grad_norm = self.critic_optimizer.step()
         value_loss, clipped = all_reduce_sum(sums).tolist()
-        return {"train/value/loss": value_loss, "train/value/clipfrac": clipped / max(num_items, 1.0),
-                "train/value/grad_norm": grad_norm}
+        grad_norm = self.critic_optimizer.step(
+            lambda norm: self.critic_guard.allow_update(self.global_step + 1, value_loss, norm, self.run_dir))
+        metrics = {"train/value/loss": value_loss, "train/value/clipfrac": clipped / max(num_items, 1.0),
+                   "train/value/grad_norm": grad_norm}
+        if not self.critic_optimizer.last_update_applied:
+            metrics["train/value/update_skipped"] = 1.0
+        return metrics
 
     # ---------------------------------------------------------------------------------------- metrics
     def _record_experience_metrics(self, prepared: list[dict[str, torch.Tensor]], kl_coef: float) -> None:
@@ -239,14 +247,16 @@ class PPOTrainer(PromptTrainer):
     # ------------------------------------------------------------------------------------ checkpoints
     def train(self) -> dict[str, Any]:
         """The loop's train(), then the trained critic saved next to final/ as `critic/` (see save_critic)."""
-        results = super().train()
-        results["critic_dir"] = str(self.save_critic(self.run_dir / "critic"))
+        with self.holding_run_folder():  # critic/ is written under the same lock as the rest of the run
+            results = super().train()
+            results["critic_dir"] = str(self.save_critic(self.run_dir / "critic"))
         return results
 
     def save_critic(self, folder: Path) -> Path:
         """The critic as a model folder: a 1-label sequence-classification model (or its LoRA adapter and head) with
         the tokenizer, so `value_model: FOLDER` starts a later PPO run from it. Under FSDP the shards are gathered
         (every rank calls this)."""
+        require_finite_weights(self.critic, folder, self.global_step, self.run_dir)
         state = {name.removeprefix("model."): tensor for name, tensor in parallel.full_weights(self.critic).items()}
         if self.dist.is_main:
             ckpt.save_model(folder, model=parallel.GatheredModel(self.critic.model, state), tokenizer=self.tokenizer,
@@ -257,14 +267,17 @@ class PPOTrainer(PromptTrainer):
 
     def stage_state(self) -> dict[str, Any]:
         """The critic's full weights and optimiser/schedule, and the KL coefficient (adaptive controller); under
-        FSDP the shards are gathered (every rank calls this)."""
+        FSDP the shards are gathered (every rank calls this). A non-finite critic is never checkpointed."""
+        target = self.run_dir / f"checkpoint-{self.global_step}" / ckpt.STAGE_STATE_FILE
+        require_finite_weights(self.critic, target, self.global_step, self.run_dir)
         return {"critic": parallel.full_weights(self.critic), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "kl_controller": self.kl_controller.state_dict()}
+                "kl_controller": self.kl_controller.state_dict(), "critic_guard": self.critic_guard.state_dict()}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
         parallel.load_full_state(self.critic, state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
+        self.critic_guard.load_state_dict(state.get("critic_guard", {}))  # absent in older checkpoints: none
 
 
 __all__ = ["PPOTrainer"]

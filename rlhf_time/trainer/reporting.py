@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.storage import what_is_kept
+
 log = logging.getLogger("rlhf_time")
 
 
@@ -37,8 +40,13 @@ class RunReporter:
         if not self.enabled:
             return
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, **numbers}) + "\n")
+        try:
+            with self.metrics_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **numbers}) + "\n")
+        except OSError as error:  # disk full, read-only remount, I/O error: stop with one line, saved state as is
+            raise RlhfTimeError(f"{self.metrics_path}: cannot append the metrics of step {step} "
+                                f"({error.strerror or error}); training stopped. "
+                                f"{what_is_kept(self.metrics_path.parent)}") from None
         finite = {key: value for key, value in numbers.items() if math.isfinite(value)}
         for tracker in self.trackers:
             tracker.log(finite, step=step)

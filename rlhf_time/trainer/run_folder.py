@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from rlhf_time.errors import RlhfTimeError
 
@@ -13,6 +16,7 @@ log = logging.getLogger("rlhf_time")
 # What a run writes into output_dir/experiment_name (the data cache lives elsewhere and is safe to share).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md")
 RUN_FOLDERS = ("final", "tensorboard", "plots", "wandb")
+LOCK_FILE = ".lock"  # held (flock) by the process training in the folder; the OS drops it when that process dies
 
 
 def previous_run_items(run_dir: Path) -> list[Path]:
@@ -40,14 +44,54 @@ def claim_run_folder(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
     if not items or resuming:
         return
     names = ", ".join(item.name for item in items[:4]) + (", ..." if len(items) > 4 else "")
-    if not overwrite:
+    if not any(item.name == "final" or item.name.startswith("checkpoint-") for item in items):
+        # A run that failed before its first checkpoint left only its logs: nothing to resume, nothing to keep.
+        log.info(f"{run_dir} holds only the logs of a run that ended before its first checkpoint ({names}); "
+                 f"they are replaced")
+    elif overwrite:
+        log.info(f"overwrite_output_dir: removing the previous run in {run_dir} ({names})")
+    else:
         raise RlhfTimeError(
             f"{run_dir} already holds a run ({names}); set resume_from_checkpoint=latest to continue it, "
             f"overwrite_output_dir=true to replace it, or choose another experiment_name"
         )
-    log.info(f"overwrite_output_dir: removing the previous run in {run_dir} ({names})")
     for item in items:
         if item.is_dir():
             shutil.rmtree(item)
         else:
             item.unlink()
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on run_dir for the block; a second run in the same folder is refused at once.
+
+    An OS file lock (flock), not a marker file: it disappears with the process however that ends (kill -9
+    included), so a crashed run never blocks its own resume. The lock file is removed on a normal exit.
+    """
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RlhfTimeError(f"{run_dir} is in use by another training run ({holder}); wait for it to end or "
+                                f"choose another experiment_name") from None
+        # The previous holder removes the file as it lets go: a lock on that removed file guards nothing.
+        if path.exists() and path.stat().st_ino == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()
+    try:
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked here, so no other process holds this file
+        handle.close()  # closing the file releases the lock

@@ -5,6 +5,10 @@ SIGUSR1 earlier still (`--signal=USR1@120`); Ctrl-C is SIGINT. The handler only 
 loop asks `requested()` after each optimiser step, at a point where the state is consistent, and all ranks
 agree on the answer (one scalar all-reduce), so every rank writes the same checkpoint and exits together.
 A second signal of the same kind while the checkpoint is being written takes its default action.
+
+A signal that is ignored when training starts stays ignored (the Unix rule for programs that catch signals):
+a shell starts background jobs (`cmd &`, `nohup cmd &` in a script) with SIGINT ignored, so that a Ctrl-C
+meant for the foreground job does not reach them; such a run goes on, and SIGTERM still stops it cleanly.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
             for signum in EXIT_CODES:
+                if signal.getsignal(signum) is signal.SIG_IGN:  # whoever started us chose to ignore it
+                    log.info("%s is ignored in this process: it will not stop training", signum.name)
+                    continue
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from rlhf_time import GRPOTrainer
+from tests.distributed import exit_probe
 from tests.distributed.test_grpo_ddp import grpo_distributed_config
 from tests.trainer.grpo_helpers import InjectedGRPOTrainer
 
@@ -28,12 +29,14 @@ def weights_digest(model) -> str:
 
 
 def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
+    exit_probe.watch(out_dir)
     for scenario in scenarios:
         config = grpo_distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario)
         trainer = (InjectedGRPOTrainer if scenario == "injected" else GRPOTrainer)(config)
         trainer.train()
         path = Path(out_dir) / scenario / f"rank{trainer.dist.rank}.json"
         path.write_text(json.dumps({"digest": weights_digest(trainer.model), "eval": trainer.evaluate()}), encoding="utf-8")
+    exit_probe.note_running()
 
 
 if __name__ == "__main__":

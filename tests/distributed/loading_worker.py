@@ -25,6 +25,7 @@ from rlhf_time.models import load_tokenizer
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
 from rlhf_time.trainer.distributed import init_distributed
+from tests.distributed import exit_probe
 
 torch.set_num_threads(1)
 
@@ -34,6 +35,7 @@ def peak_rss_bytes() -> int:
 
 
 def main(model_dir: str, out_dir: str, mode: str, overrides: list[str]) -> None:
+    exit_probe.watch(out_dir, launch=mode)
     config = TrainingConfig(model_name=model_dir, model_type=None, distributed="fsdp", **parse_overrides(overrides))
     dist = init_distributed("cpu")
     family = model_family(config)
@@ -62,7 +64,7 @@ def main(model_dir: str, out_dir: str, mode: str, overrides: list[str]) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:
         save_file({k: v.contiguous() for k, v in full.items()}, str(out / f"{mode}.safetensors"))
-    torch.distributed.destroy_process_group()
+    exit_probe.note_running()  # the library leaves the group at exit, after this function has let go of the model
 
 
 if __name__ == "__main__":

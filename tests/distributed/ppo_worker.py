@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rlhf_time import PPOTrainer
+from tests.distributed import exit_probe
 from tests.distributed.grpo_worker import weights_digest
 from tests.trainer.helpers import tiny_config
 
@@ -30,12 +31,14 @@ def ppo_distributed_config(out_dir: Path, model_dir: Path, scenario: str):
 
 
 def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
+    exit_probe.watch(out_dir)
     for scenario in scenarios:
         trainer = PPOTrainer(ppo_distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario))
         trainer.train()
         state = {"policy": weights_digest(trainer.model), "critic": weights_digest(trainer.critic),
                  "kl_coef": trainer.kl_controller.value}
         Path(out_dir, scenario, f"rank{trainer.dist.rank}.json").write_text(json.dumps(state), encoding="utf-8")
+    exit_probe.note_running()
 
 
 if __name__ == "__main__":

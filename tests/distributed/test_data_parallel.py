@@ -21,6 +21,7 @@ from rlhf_time import TrainerCallback
 from rlhf_time.trainer import trainer_for
 from tests.trainer.helpers import approx_metrics, build_teacher, train_losses
 
+from .exit_probe import assert_no_gloo_thread_at_exit
 from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, single_process_config, teacher_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -214,3 +215,8 @@ def test_streamed_data_on_two_ranks_resumes_exactly(launched):
     assert train_losses(resumed / "metrics.jsonl") == {step: losses[step] for step in (3, 4)}
     expected, got = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+def test_no_gloo_thread_outlives_the_process_group(launched):
+    """Fifteen runs in one process (FSDP, DDP, LoRA, streaming) leave no gloo thread for Python's shutdown (it would abort the rank)."""
+    assert_no_gloo_thread_at_exit(launched)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from tests.trainer.grpo_helpers import InjectedGRPOTrainer
 from tests.trainer.helpers import tiny_config, train_losses
 
+from .exit_probe import assert_no_gloo_thread_at_exit
 from .settings import EXACT, WORLD_SIZE
 from .test_data_parallel import torchrun
 
@@ -59,3 +60,8 @@ def test_injected_completions_update_as_one_process(launched, tmp_path, tiny_mod
         torch.testing.assert_close(tensor, state[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         changed += not torch.equal(tensor, load_file(Path(tiny_model_dir) / "model.safetensors")[name])
     assert changed  # the update did something
+
+
+def test_no_gloo_thread_outlives_the_process_group(launched):
+    """A run that ends under FSDP still leaves no gloo thread for Python's shutdown (it would abort the rank)."""
+    assert_no_gloo_thread_at_exit(launched)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from .exit_probe import assert_no_gloo_thread_at_exit
 from .settings import WORLD_SIZE
 from .test_data_parallel import torchrun
 
@@ -59,3 +60,8 @@ def test_fsdp_first_step_equals_ddp_for_policy_critic_and_critic_optimizer(launc
 
 def test_fsdp_resume_is_exact(launched):
     assert _ranks(launched, "fsdp_resume")[0] == _ranks(launched, "fsdp")[0]
+
+
+def test_no_gloo_thread_outlives_the_process_group(launched):
+    """A run that ends under FSDP still leaves no gloo thread for Python's shutdown (it would abort the rank)."""
+    assert_no_gloo_thread_at_exit(launched)

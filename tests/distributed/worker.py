@@ -13,6 +13,7 @@ import torch
 from rlhf_time import TrainerCallback
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.trainer import trainer_for
+from tests.distributed import exit_probe
 from tests.distributed.settings import distributed_config
 
 torch.set_num_threads(1)
@@ -25,6 +26,7 @@ class FailOnRankOne(TrainerCallback):
 
 
 def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
+    exit_probe.watch(out_dir)
     for scenario in scenarios:
         if scenario == "fsdp_resume":  # FSDP on 2 ranks from the FSDP run's step-2 checkpoint
             checkpoint = Path(out_dir) / "fsdp" / "outputs" / "run" / "checkpoint-2"
@@ -45,6 +47,7 @@ def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
             metrics = trainer.evaluate()
             path = Path(out_dir) / scenario / f"eval-rank{trainer.dist.rank}.json"
             path.write_text(json.dumps(metrics), encoding="utf-8")
+    exit_probe.note_running()
 
 
 if __name__ == "__main__":

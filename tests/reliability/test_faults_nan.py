@@ -5,6 +5,8 @@ misses it); weights are poisoned from a step callback, which runs before that st
 """
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -103,3 +105,76 @@ def test_consecutive_skips_are_counted_across_a_resume(tmp_path, tiny_model_dir)
     _poison_gradient_at(resumed, {4})
     with pytest.raises(RlhfTimeError, match=r"at step 4: 2 consecutive steps skipped"):
         resumed.train()
+
+
+# ---------------------------------------------------------------------------------------- PPO's critic
+def _ppo(tmp_path, model_dir, **overrides):
+    from rlhf_time import PPOTrainer
+
+    from ..trainer.test_ppo import ppo_config
+
+    small = dict(gradient_accumulation_steps=1, num_mini_batches=1, ppo_epochs=1, max_completion_length=4)
+    return PPOTrainer(ppo_config(tmp_path, model_dir, **{**small, **overrides}))
+
+
+def _poison_critic_gradient_at(trainer, step, value=float("nan")):
+    parameter = next(p for p in trainer.critic.parameters() if p.requires_grad)
+    parameter.register_hook(lambda grad: grad * value if trainer.global_step + 1 == step else grad)
+
+
+def _critic_is_finite(state):
+    return all(torch.isfinite(tensor).all() for tensor in state["critic"].values())
+
+
+def test_critic_with_a_non_finite_gradient_stops_without_updating_it(tmp_path, tiny_model_dir):
+    trainer = _ppo(tmp_path, tiny_model_dir, max_steps=3, save_strategy="steps", save_steps=1)
+    _poison_critic_gradient_at(trainer, 2)
+    after_step = {}
+    trainer.callbacks.append(lambda t: after_step.__setitem__(t.global_step, weights(t.critic)))
+    with pytest.raises(RlhfTimeError, match=r"critic: non-finite gradient norm \(nan\) at step 2.*checkpoint-1"):
+        trainer.train()
+    for name, before in after_step[1].items():  # no critic update of step 2 was applied
+        assert torch.equal(before, dict(trainer.critic.named_parameters())[name].detach()), name
+
+
+def test_critic_skip_step_drops_the_update_and_trains_on(tmp_path, tiny_model_dir):
+    trainer = _ppo(tmp_path, tiny_model_dir, max_steps=3, nan_policy="skip_step", nan_max_consecutive_skips=10)
+    _poison_critic_gradient_at(trainer, 2, float("inf"))
+    after_step = {0: weights(trainer.critic)}
+    trainer.callbacks.append(lambda t: after_step.__setitem__(t.global_step, weights(t.critic)))
+    trainer.train()
+    assert all(torch.equal(after_step[1][n], after_step[2][n]) for n in after_step[0])  # step 2: skipped
+    assert any(not torch.equal(after_step[2][n], after_step[3][n]) for n in after_step[0])  # step 3 trains
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row.get("train/value/update_skipped")] == [2]
+    assert _critic_is_finite({"critic": after_step[3]})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((trainer.run_dir / "critic").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0o700
+
+
+def test_a_diverging_critic_is_never_saved(tmp_path, tiny_model_dir):
+    """critic_learning_rate=1e6: the run stops; no checkpoint, and no critic/, holds a non-finite critic."""
+    trainer = _ppo(tmp_path, tiny_model_dir, max_steps=3, critic_learning_rate=1e6, save_strategy="steps",
+                   save_steps=1)
+    with pytest.raises(RlhfTimeError, match=r"critic: non-finite|NaN/inf"):
+        trainer.train()
+    from rlhf_time.trainer.checkpoint import load_stage_state
+
+    for checkpoint in trainer.run_dir.glob("checkpoint-*"):
+        assert _critic_is_finite(load_stage_state(checkpoint)), checkpoint
+    assert not (trainer.run_dir / "critic").exists()
+
+
+def test_non_finite_critic_weights_are_never_saved(tmp_path, tiny_model_dir):
+    for save in ("steps", "no"):
+        trainer = _ppo(tmp_path / save, tiny_model_dir, max_steps=1, save_strategy=save, save_steps=1)
+
+        def poison(t):
+            with torch.no_grad():
+                next(iter(t.critic.parameters()))[0].fill_(float("nan"))
+
+        trainer.callbacks.append(poison)
+        with pytest.raises(RlhfTimeError, match=r"NaN/inf after step 1; .*(stage_state\.pt|critic) was not written"):
+            trainer.train()
+        assert not list(trainer.run_dir.glob("checkpoint-*")) and not (trainer.run_dir / "critic").exists()

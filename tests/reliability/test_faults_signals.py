@@ -26,6 +26,24 @@ from ..trainer.helpers import tiny_config, train_losses, weights
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = dict(max_train_samples=24, batch_size=4, max_seq_length=48, logging_steps=1, max_steps=5)
+# What an interactive Python starts with. The suite may run with some of these ignored (a background job has
+# SIGINT ignored), so every test here sets them up itself, and starts its subprocesses with them.
+STARTING_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL,
+                     signal.SIGUSR1: signal.SIG_DFL}
+
+
+@pytest.fixture(autouse=True)
+def starting_handlers():
+    inherited = {signum: signal.signal(signum, handler) for signum, handler in STARTING_HANDLERS.items()}
+    yield
+    for signum, handler in inherited.items():
+        signal.signal(signum, handler)
+
+
+def _default_signals_in_child() -> None:
+    """preexec_fn: the child starts with default dispositions, whatever this process ignores."""
+    for signum in STARTING_HANDLERS:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _send_at(trainer, step, signum, times=1):
@@ -81,6 +99,20 @@ def test_a_second_sigint_interrupts_at_once(tmp_path, tiny_model_dir):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_signal_ignored_at_start_stays_ignored(tmp_path, tiny_model_dir):
+    """`nohup rlhf-time train ... &` in a script: SIGINT arrives ignored, and a Ctrl-C meant for the foreground
+    job must not stop this run. SIGTERM, not ignored, still stops it with a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trainer = SFTrainer(tiny_config(tmp_path, tiny_model_dir, **SMALL))
+    _send_at(trainer, 2, signal.SIGINT)
+    _send_at(trainer, 3, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.train()
+    assert stop.value.exit_code == 143 and trainer.global_step == 3
+    assert sorted(p.name for p in trainer.run_dir.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_cli_exits_143_on_sigterm_with_one_message(tmp_path, tiny_model_dir):
     config = dict(model_name=str(tiny_model_dir), output_dir=str(tmp_path / "out"), experiment_name="run",
                   train_file=str(TRAIN_FILE), batch_size=2,
@@ -91,7 +123,8 @@ def test_cli_exits_143_on_sigterm_with_one_message(tmp_path, tiny_model_dir):
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "rlhf_time", "train", str(path)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_default_signals_in_child)
     metrics = tmp_path / "out" / "run" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
@@ -133,7 +166,8 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, tiny
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(Path(__file__).with_name("signal_worker.py")), str(tiny_model_dir), str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_default_signals_in_child)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] if done.returncode else []
     assert done.returncode != 0 and len(ranks) == 2, done.stderr[-3000:]
     expected = {"exit_code": 143, "global_step": 2,
