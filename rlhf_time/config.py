@@ -428,7 +428,7 @@ class TrainingConfig(_StageSections):
     def to_dict(self) -> dict[str, Any]:
         """Every shared field, and the option sections of this run's stage only (a saved config reloads as is)."""
         values = self.model_dump(mode="json", exclude=set(SECTIONS) - set(STAGES[self.stage].sections))
-        sections = {name: values.pop(name) for name in SECTIONS if name in values}
+        sections = {name: values.pop(name) for name in STAGES[self.stage].sections}  # the stage's own first
         return {**values, **sections}  # the shared fields first, as --help-config lists them
 
     def to_yaml(self, path: str | Path) -> None:
@@ -518,6 +518,12 @@ def _unknown_keys_message(keys: list[str], stage: str = "sft") -> str:
         if moved:
             parts.append(f"{key} is now {' or '.join(moved)}")
             continue
+        section, dot, name = key.partition(".")
+        if dot and section in SECTIONS:  # a misspelt option of a known section: suggest that section's options
+            close = [f"{section}.{match}" for match in
+                     difflib.get_close_matches(name, list(SECTIONS[section].model_fields), n=3)]
+            parts.append(f"unknown option {key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            continue
         close = difflib.get_close_matches(key, fields, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         parts.append(f"unknown config key {key!r}{hint}")
@@ -571,20 +577,6 @@ def _validation_message(error: ValidationError) -> str:
         shown = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
         parts.append(f"{field}: {message}{shown}")
     return "invalid config: " + "; ".join(parts)
-
-
-def describe_fields() -> str:
-    """Every shared field with its default and help, then one block per option section (for --help-config)."""
-    lines = []
-    for name, info in TrainingConfig.model_fields.items():
-        if name not in SECTIONS:
-            lines.append(f"{name} = {info.default!r}\n    {info.description}")
-    for name, section in SECTIONS.items():
-        stages = ", ".join(stage for stage, entry in STAGES.items() if name in entry.sections)
-        lines.append(f"\n[{name}] options of stage {stages}: {section.__doc__.strip().splitlines()[0]}")
-        for field, info in section.model_fields.items():
-            lines.append(f"{name}.{field} = {info.default!r}\n    {info.description}")
-    return "\n".join(lines)
 
 
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")

@@ -25,6 +25,7 @@ from rlhf_time.config import TrainingConfig
 
 SECTION_COMMENT = re.compile(r"^\s*# -+ (?P<title>.+?) -*$")
 REGENERATE = "python -m rlhf_time.config_docs > docs/configuration.md"
+STAGE_OPTIONS = "stage options"  # the block of the option sections (rlhf_time.stages.SECTIONS)
 
 
 @dataclass
@@ -54,9 +55,9 @@ def _blocks(model: type[BaseModel], prefix: str) -> list[Block]:
     sections = _section_of_each_field(model)
     blocks: dict[str, Block] = {}
     for name, info in model.model_fields.items():
-        title = sections.get(name, "other")
-        block = blocks.setdefault(title, Block(title))
         nested = _nested_model(info.annotation)
+        title = sections.get(name, STAGE_OPTIONS if nested is not None else "other")
+        block = blocks.setdefault(title, Block(title))
         if nested is None:
             block.fields.append(FieldDoc(prefix + name, _type_name(info.annotation), _default(info), info.description or ""))
             continue
@@ -65,7 +66,8 @@ def _blocks(model: type[BaseModel], prefix: str) -> list[Block]:
             inner.fields += sub.fields
             inner.blocks += sub.blocks
         block.blocks.append(inner)
-    return list(blocks.values())
+    # The stage sections come after the shared fields, whatever their place in the class hierarchy.
+    return sorted(blocks.values(), key=lambda block: block.title == STAGE_OPTIONS)
 
 
 def _section_of_each_field(model: type[BaseModel]) -> dict[str, str]:

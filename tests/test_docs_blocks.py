@@ -153,6 +153,14 @@ class Reader:
             assert code == 0, f"{block.id}: `{command}` exited with {code}"
             self.commands_run.add(command)
 
+    def _run_yaml(self, block: Block) -> None:
+        """A config excerpt: it must be a valid TrainingConfig as written."""
+        import yaml
+
+        from rlhf_time import TrainingConfig
+
+        TrainingConfig(**yaml.safe_load(block.code))
+
     def _run_jsonl(self, block: Block) -> None:
         for line in block.code.splitlines():
             assert isinstance(json.loads(line), dict), f"{block.id}: {line}"

@@ -11,7 +11,8 @@ class GRPOOptions(Section):
     """grpo: group size, advantage scaling, loss aggregation and the KL term."""
 
     former_names: ClassVar[dict[str, str]] = {
-        "kl_coef": "kl_coef",         "num_generations": "num_generations", "num_iterations": "num_iterations", "scale_rewards": "scale_rewards",
+        "kl_coef": "kl_coef", "num_generations": "num_generations", "num_iterations": "num_iterations",
+        "scale_rewards": "scale_rewards",
         "grpo_loss_type": "loss_type", "mask_truncated_completions": "mask_truncated_completions"}
 
     num_generations: int = option(8, "Completions sampled per prompt (the group G); batch_size counts prompts.", ge=2)

@@ -11,7 +11,8 @@ class PPOOptions(Section):
     """ppo: the critic, GAE, the passes over each rollout and the KL-penalised reward."""
 
     former_names: ClassVar[dict[str, str]] = {
-        "kl_coef": "kl_coef",         "value_model": "value_model", "critic_learning_rate": "critic_learning_rate", "ppo_epochs": "epochs",
+        "kl_coef": "kl_coef", "value_model": "value_model", "critic_learning_rate": "critic_learning_rate",
+        "ppo_epochs": "epochs",
         "num_mini_batches": "num_mini_batches", "gamma": "gamma", "lam": "lam", "vf_coef": "vf_coef",
         "value_clip": "value_clip", "reward_clip": "reward_clip", "entropy_coef": "entropy_coef",
         "whiten_rewards": "whiten_rewards", "whiten_advantages": "whiten_advantages",
@@ -20,7 +21,9 @@ class PPOOptions(Section):
     value_model: Optional[str] = option(
         None, "Critic start: a folder trained with stage rm, or 'policy' (the policy's weights + a new value head); "
               "None = rollout.reward_model when set, else 'policy'.")
-    critic_learning_rate: float = option(1e-5, "Peak learning rate of the critic's own AdamW (the policy's schedule shape).", gt=0)
+    critic_learning_rate: Optional[float] = option(
+        None, "Peak learning rate of the critic's own AdamW (the policy's schedule shape); None = the policy's "
+              "learning_rate (as in TRL, where one optimiser trains both).", gt=0)
     epochs: int = option(4, "Passes over each rollout.", gt=0)
     num_mini_batches: int = option(1, "Optimiser steps per pass; the step's micro-batches are split into this many groups.", gt=0)
     gamma: float = option(1.0, "Discount of GAE.", ge=0, le=1)

@@ -101,12 +101,19 @@ def _merged_reward_model(folder: str, config: TrainingConfig, meta: bool) -> nn.
     return PeftModel.from_pretrained(model, folder).merge_and_unload()
 
 
+def critic_learning_rate(config: TrainingConfig) -> float:
+    """ppo.critic_learning_rate, or the policy's learning_rate when it is None (the default). A critic far slower
+    than the policy (1e-5 under a 1e-4 policy) lags its returns and PPO then barely learns: docs/stages.md#ppo."""
+    rate = config.ppo.critic_learning_rate
+    return config.learning_rate if rate is None else rate
+
+
 class CriticOptimizer:
     """The critic's AdamW and schedule (the policy's schedule shape at critic_learning_rate) and its clipping.
     state_dict is the optimiser's full state keyed by parameter name (gathered under FSDP: call it on every rank)."""
 
     def __init__(self, critic: nn.Module, config: TrainingConfig, total_steps: int) -> None:
-        critic_config = config.model_copy(update={"learning_rate": config.ppo.critic_learning_rate})
+        critic_config = config.model_copy(update={"learning_rate": critic_learning_rate(config)})
         self.critic = critic
         self.parameters = [p for p in critic.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(critic, critic_config)

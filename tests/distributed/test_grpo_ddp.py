@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.trainer.grpo_helpers import InjectedGRPOTrainer
-from tests.trainer.helpers import tiny_config, train_losses
+from tests.trainer.helpers import merged, tiny_config, train_losses
 
 from .exit_probe import assert_no_gloo_thread_at_exit
 from .settings import EXACT, WORLD_SIZE
@@ -20,15 +20,15 @@ WORKER = Path(__file__).with_name("grpo_worker.py")
 
 def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides):
     """One rank's config: 2 prompts x G=4 per micro-batch, no accumulation, 2 steps."""
-    values = dict(EXACT, stage="grpo", batch_size=2, grpo={"num_generations": 4}, rollout={"max_completion_length": 8, "reward_funcs": ["tests.trainer.grpo_helpers:char_share"]}, max_steps=2,
-                  max_train_samples=8, max_eval_samples=6, eval_batch_size=2, learning_rate=0.01,
+    values = dict(EXACT, stage="grpo", batch_size=2, grpo={"num_generations": 4},
+                  rollout={"max_completion_length": 8, "reward_funcs": ["tests.trainer.grpo_helpers:char_share"]},
+                  max_steps=2, max_train_samples=8, max_eval_samples=6, eval_batch_size=2, learning_rate=0.01,
                   save_strategy="no")
     if scenario in ("sampled", "fsdp"):
-        values.update(reward_funcs=["length_penalty"], kl_coef=0.1)
+        values = merged(values, dict(rollout={"reward_funcs": ["length_penalty"]}, grpo={"kl_coef": 0.1}))
     if scenario == "fsdp":  # every rank must run the same forwards: sampling runs to max_completion_length
         values.update(distributed="fsdp")
-    values.update(overrides)
-    return tiny_config(folder, model_dir, **values)
+    return tiny_config(folder, model_dir, **merged(values, overrides))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from rlhf_time import SFTrainer
 from rlhf_time.cli import main
 from rlhf_time.errors import RlhfTimeError
 
-from ..trainer.helpers import tiny_config, weights
+from ..trainer.helpers import merged, tiny_config, weights
 
 BAD_STEP = 3
 SMALL = dict(max_train_samples=24, batch_size=4, max_seq_length=48)
@@ -113,8 +113,9 @@ def _ppo(tmp_path, model_dir, **overrides):
 
     from ..trainer.test_ppo import ppo_config
 
-    small = dict(gradient_accumulation_steps=1, num_mini_batches=1, ppo_epochs=1, max_completion_length=4)
-    return PPOTrainer(ppo_config(tmp_path, model_dir, **{**small, **overrides}))
+    small = dict(gradient_accumulation_steps=1, ppo={"num_mini_batches": 1, "epochs": 1},
+                 rollout={"max_completion_length": 4})
+    return PPOTrainer(ppo_config(tmp_path, model_dir, **merged(small, overrides)))
 
 
 def _poison_critic_gradient_at(trainer, step, value=float("nan")):
@@ -154,8 +155,8 @@ def test_critic_skip_step_drops_the_update_and_trains_on(tmp_path, tiny_model_di
 
 
 def test_a_diverging_critic_is_never_saved(tmp_path, tiny_model_dir):
-    """critic_learning_rate=1e6: the run stops; no checkpoint, and no critic/, holds a non-finite critic."""
-    trainer = _ppo(tmp_path, tiny_model_dir, max_steps=3, critic_learning_rate=1e6, save_strategy="steps",
+    """ppo.critic_learning_rate=1e6: the run stops; no checkpoint, and no critic/, holds a non-finite critic."""
+    trainer = _ppo(tmp_path, tiny_model_dir, max_steps=3, ppo={"critic_learning_rate": 1e6}, save_strategy="steps",
                    save_steps=1)
     with pytest.raises(RlhfTimeError, match=r"critic: non-finite|NaN/inf"):
         trainer.train()

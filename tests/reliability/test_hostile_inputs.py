@@ -28,13 +28,16 @@ def _jsonl(path, records):
 
 # ------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("field, value, shown", [
-    ("reward_weights", "[.nan]", "reward_weights"), ("mix_weights", "[1.0, .inf]", "mix_weights")])
+    ("rollout.reward_weights", "[.nan]", "rollout.reward_weights"), ("mix_weights", "[1.0, .inf]", "mix_weights")])
 def test_every_number_in_the_config_is_finite_nested_too(tmp_path, tiny_model_dir, capsys, field, value, shown):
-    extra = ({"reward_funcs": ["exact_match"], "stage": "grpo"} if field == "reward_weights"
+    extra = ({"stage": "grpo"} if field == "rollout.reward_weights"
              else {"train_file": [str(_jsonl(tmp_path / "a.jsonl", PAIRS))] * 2, "data_format": "auto"})
     path = _config(tmp_path, tiny_model_dir, **extra)
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(f"{field}: {value}\n")
+        if field == "rollout.reward_weights":
+            handle.write(f"rollout:\n  reward_funcs: [exact_match]\n  reward_weights: {value}\n")
+        else:
+            handle.write(f"{field}: {value}\n")
     line = one_error_line(capsys, ["train", path])
     assert shown in line and "finite" in line
 
@@ -77,12 +80,19 @@ def _prompts(tmp_path):
     return _jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(8)])
 
 
-@pytest.mark.parametrize("stage, field", [("grpo", "reward_model"), ("ppo", "reward_model"), ("ppo", "value_model")])
+def _option(field, value):
+    """{section: {name: value}} for a dotted field such as rollout.reward_model."""
+    section, name = field.split(".")
+    return {section: {name: value}}
+
+
+@pytest.mark.parametrize("stage, field", [("grpo", "rollout.reward_model"), ("ppo", "rollout.reward_model"),
+                                          ("ppo", "ppo.value_model")])
 def test_an_sft_folder_as_a_reward_or_value_model_is_refused(tmp_path, tiny_model_dir, capsys, stage, field):
     data = _prompts(tmp_path)
-    settings = dict(stage=stage, train_file=data, eval_file=data, reward_funcs=["exact_match"], **{field: str(tiny_model_dir)})
-    if field == "reward_model":
-        settings["reward_funcs"] = []
+    rollout = {"reward_funcs": [] if field == "rollout.reward_model" else ["exact_match"]}
+    settings = dict(stage=stage, train_file=data, eval_file=data, **_option(field, str(tiny_model_dir)))
+    settings["rollout"] = {**settings.get("rollout", {}), **rollout}
     line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, **settings)])
     assert f"{field} {tiny_model_dir}: not a reward model" in line and "stage=rm" in line
     assert not (tmp_path / "out" / "run" / "final").exists()
@@ -94,17 +104,18 @@ def test_eval_of_a_reward_model_config_refuses_an_sft_folder(tmp_path, tiny_mode
     assert f"model_name {tiny_model_dir}: not a reward model" in line
 
 
-@pytest.mark.parametrize("stage, field", [("dpo", "ref_model"), ("kd", "teacher_model"), ("grpo", "reward_model"),
-                                          ("ppo", "value_model")])
+@pytest.mark.parametrize("stage, field", [("dpo", "dpo.ref_model"), ("kd", "kd.teacher_model"),
+                                          ("grpo", "rollout.reward_model"), ("ppo", "ppo.value_model")])
 @pytest.mark.parametrize("where", ["local", "hub"])
 def test_a_missing_auxiliary_model_is_named_by_its_field(tmp_path, tiny_model_dir, capsys, monkeypatch, stage, field, where):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id that is not cached cannot be fetched: say so at once
     missing = str(tmp_path / "no-such-model") if where == "local" else "no-such-org/no-such-model"
     data = _jsonl(tmp_path / "pairs.jsonl", PAIRS) if stage == "dpo" else None
-    settings = dict(stage=stage, **{field: missing})
+    settings = dict(stage=stage, **_option(field, missing))
     if stage in ("grpo", "ppo"):
         data = _prompts(tmp_path)
-        settings.update(eval_file=data, reward_funcs=["exact_match"])
+        settings.update(eval_file=data)
+        settings["rollout"] = {**settings.get("rollout", {}), "reward_funcs": ["exact_match"]}
     line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, **settings, **({"train_file": data} if data else {}))])
     assert field in line and missing in line and "model_name" not in line
 
@@ -118,8 +129,8 @@ def test_a_kd_teacher_with_fewer_embedding_rows_than_the_tokenizer_is_refused_be
     model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(tiny_model_dir)) - 100)
     model.save_pretrained(teacher)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(teacher)
-    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, stage="kd", teacher_model=str(teacher))])
-    assert f"teacher_model {teacher}" in line and "rows" in line
+    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, stage="kd", kd={"teacher_model": str(teacher)})])
+    assert f"kd.teacher_model {teacher}" in line and "rows" in line
 
 
 def test_a_lora_adapter_folder_as_model_name_trains_in_full_from_base_plus_adapter(tmp_path, tiny_model_dir):
@@ -177,13 +188,13 @@ def _pickled_copy(source, target):
     return target
 
 
-@pytest.mark.parametrize("field", ["model_name", "teacher_model", "ref_model"])
+@pytest.mark.parametrize("field", ["model_name", "kd.teacher_model", "dpo.ref_model"])
 def test_a_model_folder_with_only_pickled_weights_is_refused(tmp_path, tiny_model_dir, capsys, field):
     pickled = str(_pickled_copy(tiny_model_dir, tmp_path / "pickled"))
-    settings = {"model_name": pickled} if field == "model_name" else {field: pickled}
-    if field == "teacher_model":
+    settings = {"model_name": pickled} if field == "model_name" else _option(field, pickled)
+    if field == "kd.teacher_model":
         settings["stage"] = "kd"
-    if field == "ref_model":
+    if field == "dpo.ref_model":
         settings.update(stage="dpo", train_file=_jsonl(tmp_path / "pairs.jsonl", PAIRS))
     line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, **settings)])
     assert f"{field} {pickled}" in line and "pytorch_model.bin" in line and "safetensors" in line
