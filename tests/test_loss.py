@@ -296,7 +296,7 @@ LOSS_DOCS = Path(__file__).resolve().parents[1] / "docs" / "losses.md"
 
 def test_the_loss_reference_examples_run_and_name_every_export():
     text = LOSS_DOCS.read_text(encoding="utf-8")
-    assert text.startswith("## Loss reference")
+    assert text.startswith("# Loss reference")
     examples = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(examples) >= 7
     for code in examples[1:]:  # the first is the signature sketch

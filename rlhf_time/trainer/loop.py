@@ -500,6 +500,10 @@ class Trainer:
         """Load weights and training position from a checkpoint; the next train() continues exactly from there."""
         folder = Path(path)
         state = ckpt.load_trainer_state(folder)
+        data_state = ckpt.load_data_state(folder)
+        if self.train_dataset is not None and self.streamed != (data_state is not None):
+            raise RlhfTimeError(f"{folder}: saved with streaming: {str(data_state is not None).lower()}; resume it with "
+                                f"the same setting")
         if not self.streamed:  # a stream restores each rank's own position (data_state.json)
             check_data_position(folder, self.config, state.get("world_size", 1), self.dist.world_size)
         self._load_model_weights(folder)
@@ -512,10 +516,6 @@ class Trainer:
         if state.get("world_size", 1) != self.dist.world_size:
             # The data plan is sharded per rank; re-map the position to the same point in the global plan.
             self.batch_index = state["batch_index"] * state["world_size"] // self.dist.world_size
-        data_state = ckpt.load_data_state(folder)
-        if self.train_dataset is not None and self.streamed != (data_state is not None):
-            raise RlhfTimeError(f"{folder}: saved with streaming: {str(data_state is not None).lower()}; resume it with "
-                                f"the same setting")
         if self.streamed:
             self.train_dataset.load_state_dict(loads_states(data_state))
         self._restore_stage_state(folder)

@@ -59,8 +59,10 @@ def test_generation_logps_equal_the_training_forward_and_nothing_is_clipped(tmp_
     assert expected <= set(recorder.steps[0])
     assert 1 <= recorder.steps[0]["train/completions/min_length"] <= recorder.steps[0]["train/completions/max_length"] <= 6
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
-    # eval: greedy completions' mean reward, the default metric for the best model
-    assert trainer.config.metric_for_best_model == "eval_reward" and results["best_metric"] is not None
+    # eval: greedy completions' mean reward, the default metric for the best model (resolved on the trainer: the
+    # user's config keeps what the user gave)
+    assert trainer.metric_for_best_model == "eval_reward" and results["best_metric"] is not None
+    assert "metric_for_best_model" not in trainer.config.model_fields_set
     samples = [json.loads(line) for line in (trainer.run_dir / "completions.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2} and {"prompt", "completion", "reward"} <= set(samples[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
