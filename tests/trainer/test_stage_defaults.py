@@ -17,14 +17,14 @@ PREFERENCE = dict(train_file=str(EXAMPLE_DATA / "preference_train.jsonl"),
                   eval_file=str(EXAMPLE_DATA / "preference_eval.jsonl"))
 # Sizes of the work shrink as max_steps does (256 sampled tokens per completion would take minutes on 2 cores);
 # every setting of what the run writes and shows stays the default.
-PROMPTS = dict(train_file=str(EXAMPLE_DATA / "grpo_train.jsonl"), rollout={"reward_funcs": ["exact_match"], "max_completion_length": 16}
-               )
+PROMPTS = dict(train_file=str(EXAMPLE_DATA / "grpo_train.jsonl"),
+               rollout={"reward_funcs": ["exact_match"], "max_completion_length": 16})
 
 STAGES = {
     "sft": dict(train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE)),
     "rm": PREFERENCE,
     "dpo": PREFERENCE,
-    "kd": dict(train_file=str(TRAIN_FILE)),  # teacher_model: the fixture's model
+    "kd": dict(train_file=str(TRAIN_FILE)),  # kd.teacher_model: the fixture's model
     "grpo": PROMPTS,
     "ppo": PROMPTS,
 }
@@ -35,7 +35,7 @@ def test_stage_runs_on_the_defaults(stage, tmp_path, tiny_model_dir):
     values = dict(stage=stage, model_name=str(tiny_model_dir), output_dir=str(tmp_path / "out"), max_steps=2,
                   **STAGES[stage])
     if stage == "kd":
-        values["teacher_model"] = str(tiny_model_dir)
+        values["kd"] = {"teacher_model": str(tiny_model_dir)}
     config = TrainingConfig(**values)
     as_given = config.model_dump()
     trainer = trainer_for(config)
