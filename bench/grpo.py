@@ -80,7 +80,8 @@ def run_rlhf_time(model_dir: Path, out: Path, steps: int) -> dict:
             rewards.append(metrics["train/reward"])
 
     config = TrainingConfig(stage="grpo", model_name=str(model_dir), output_dir=str(out), experiment_name="rlhf_time",
-                            train_file=str(TRAIN), batch_size=PROMPTS, grpo={"num_generations": G}, rollout={"max_completion_length": NEW_TOKENS},
+                            train_file=str(TRAIN), batch_size=PROMPTS, grpo={"num_generations": G},
+                            rollout={"max_completion_length": NEW_TOKENS},
                             temperature=TEMPERATURE, top_k=0, learning_rate=LR, lr_scheduler_type="constant",
                             warmup_steps_ratio=0.0, weight_decay=0.0, max_steps=steps, eval_strategy="no",
                             save_strategy="no", report_to="none", disable_progress_bar=True, logging_steps=1000)

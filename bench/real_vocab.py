@@ -79,7 +79,7 @@ def rlhf_time_config(work: Path, args, **overrides):
         response_template=RESPONSE_TEMPLATE, max_seq_length=2048, batch_size=args.batch_size, max_steps=args.steps,
         num_train_epochs=1, learning_rate=learning_rate(args), lr_scheduler_type="linear", warmup_steps_ratio=0.0,
         weight_decay=0.0, max_grad_norm=1.0, eval_strategy="no", save_strategy="no", report_to="none",
-        disable_progress_bar=True, logging_steps=1, seed=SEED, data_cache_dir=str(work / "cache"), dpo={"beta": BETA},
+        disable_progress_bar=True, logging_steps=1, seed=SEED, data_cache_dir=str(work / "cache"),
         device=args.device, use_amp=args.bf16, stage=args.stage, **overrides)
 
 
@@ -165,7 +165,7 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
 
         DPOTrainer._reference_logps_of = timed
     trainer_class = SFTrainer if args.stage == "sft" else DPOTrainer
-    extra = dict(precompute_ref_logps=precompute) if args.stage == "dpo" else {}
+    extra = dict(dpo={"beta": BETA, "precompute_ref_logps": precompute}) if args.stage == "dpo" else {}
     trainer = trainer_class(rlhf_time_config(work, args, name=f"rt_{precompute}", torch_compile=compile, **extra))
 
     class Clock(TrainerCallback):

@@ -121,5 +121,6 @@ def test_paths_in_a_yaml_name_files_next_to_it_when_they_exist_there(tmp_path, m
     config = TrainingConfig.from_yaml(folder / "run.yaml")
     assert config.train_file == [str(folder / "data/a.jsonl"), str(folder / "data/b.jsonl")]
     assert config.rollout.reward_model == str(folder / "rm")
-    assert config.rollout.reward_funcs == [f"{folder / 'rewards.py'}:score", "exact_match", "my_pkg.rewards:fn", "other.py:f"]
+    assert config.rollout.reward_funcs == [f"{folder / 'rewards.py'}:score", "exact_match", "my_pkg.rewards:fn",
+                                           "other.py:f"]
     assert "value_model" not in config.ppo.model_fields_set and config.ppo.value_model is None  # absent keys stay absent

@@ -59,7 +59,8 @@ def test_call_errors_name_the_function_and_the_value():
 
 def test_weighted_sum_ignores_none_and_the_scorer_uses_config_weights():
     assert weighted_sum([[1.0, None, 0.0], [0.5, 2.0, None]], [2.0, -1.0]) == [2.0 - 0.5, -2.0, 0.0]
-    config = TrainingConfig(stage="grpo", rollout={"reward_funcs": ["exact_match", "regex_match"], "reward_weights": [1.0, 0.5]})
+    config = TrainingConfig(stage="grpo",
+                            rollout={"reward_funcs": ["exact_match", "regex_match"], "reward_weights": [1.0, 0.5]})
     scorer = RewardScorer.from_config(config)
     totals, per_function = scorer(["p", "p"], ["a", "b"], {"answer": ["a", "a"], "reward_regex": ["b", None]})
     assert scorer.names == ["exact_match", "regex_match"]

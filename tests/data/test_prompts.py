@@ -57,7 +57,8 @@ def test_json_and_csv_and_left_truncation(tmp_path, tiny_tokenizer):
     (tmp_path / "p.csv").write_text("prompt,answer\n" + "一二三四五六七八九十" * 3 + ",x\nhi,y\n", encoding="utf-8")
     full = load_prompt_dataset(tmp_path / "p.json", tiny_tokenizer, TrainingConfig())
     for name in ("p.json", "p.csv"):
-        cut = load_prompt_dataset(tmp_path / name, tiny_tokenizer, TrainingConfig(stage="grpo", rollout={"max_prompt_length": 12}))
+        cut = load_prompt_dataset(tmp_path / name, tiny_tokenizer,
+                                  TrainingConfig(stage="grpo", rollout={"max_prompt_length": 12}))
         assert cut.input_ids[0] == full.input_ids[0][-12:]  # the end of the prompt is kept
         assert cut.input_ids[1] == full.input_ids[1] and len(full.input_ids[1]) <= 12
         assert cut.columns["answer"] == ["x", "y"]

@@ -19,7 +19,10 @@ torch.set_num_threads(1)
 
 
 def ppo_distributed_config(out_dir: Path, model_dir: Path, scenario: str):
-    values = dict(stage="ppo", max_train_samples=8, batch_size=2, gradient_accumulation_steps=2, ppo={"num_mini_batches": 2, "epochs": 2, "critic_learning_rate": 1e-3, "kl_target": 0.5, "kl_horizon": 10.0}, rollout={"max_completion_length": 4, "reward_funcs": ["tests.trainer.ppo_helpers:char_share"]},
+    values = dict(stage="ppo", max_train_samples=8, batch_size=2, gradient_accumulation_steps=2,
+                  ppo={"num_mini_batches": 2, "epochs": 2, "critic_learning_rate": 1e-3, "kl_target": 0.5,
+                       "kl_horizon": 10.0},
+                       rollout={"max_completion_length": 4, "reward_funcs": ["tests.trainer.ppo_helpers:char_share"]},
                   max_steps=2, logging_steps=1,
                   save_strategy="steps", save_steps=1,
                   )

@@ -37,8 +37,9 @@ def distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides
         values.update(stage=stage, distributed=strategy, max_steps=2, batch_size=2, eval_batch_size=3,
                       **preference_files(folder))
     if scenario in ("kd_ddp", "kd_fsdp"):  # distillation from a smaller teacher, both sharded under FSDP
-        values.update(stage="kd", distributed=scenario.split("_")[1], max_steps=2, teacher_model=str(teacher_dir(model_dir)),
-                      kd_alpha=0.3, kd_loss_type="jsd", kd_temperature=2.0)
+        values.update(stage="kd", distributed=scenario.split("_")[1], max_steps=2,
+                      kd={"teacher_model": str(teacher_dir(model_dir)), "alpha": 0.3, "loss_type": "jsd",
+                          "temperature": 2.0})
     if scenario == "stream_ddp":  # streamed data: each rank reads its half of the records (every other one)
         values.update(distributed="ddp", streaming=True, shuffle_buffer_size=8)
     if scenario == "fail":
@@ -59,7 +60,8 @@ def preference_files(folder: Path) -> dict[str, str]:
     for key, count, seed in (("train_file", 16, 10), ("eval_file", 8, 11)):
         path = folder / "data" / f"{key}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_records(count, seed=seed)),
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_records(count,
+                                                                                                          seed=seed)),
                         encoding="utf-8")
         files[key] = str(path)
     return files

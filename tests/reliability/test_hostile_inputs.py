@@ -129,7 +129,8 @@ def test_a_kd_teacher_with_fewer_embedding_rows_than_the_tokenizer_is_refused_be
     model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(tiny_model_dir)) - 100)
     model.save_pretrained(teacher)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(teacher)
-    line = one_error_line(capsys, ["train", _config(tmp_path, tiny_model_dir, stage="kd", kd={"teacher_model": str(teacher)})])
+    line = one_error_line(capsys,
+                          ["train", _config(tmp_path, tiny_model_dir, stage="kd", kd={"teacher_model": str(teacher)})])
     assert f"kd.teacher_model {teacher}" in line and "rows" in line
 
 

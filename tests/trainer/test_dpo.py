@@ -69,7 +69,8 @@ def test_reward_accuracy_and_margin_rise(tmp_path, tiny_model_dir):
 
 
 def test_rpo_adds_the_per_token_nll_of_the_chosen_reply(tmp_path, tiny_model_dir):
-    config = tiny_config(tmp_path, tiny_model_dir, stage="dpo", dpo={"rpo_alpha": 0.5}, **preference_files(tmp_path, 4, 4))
+    config = tiny_config(tmp_path, tiny_model_dir, stage="dpo", dpo={"rpo_alpha": 0.5},
+                         **preference_files(tmp_path, 4, 4))
     trainer = DPOTrainer(config)
     batch = trainer.collate([0, 1, 2])
     loss, _ = trainer.compute_loss(trainer.model, batch, num_items=3)

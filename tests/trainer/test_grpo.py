@@ -18,7 +18,8 @@ from .helpers import merged, Recorder, interrupted_then_resumed, tiny_config, we
 
 
 def grpo_config(tmp_path, model_dir, **overrides):
-    values = dict(stage="grpo", max_train_samples=8, max_eval_samples=4, batch_size=2, grpo={"num_generations": 4}, rollout={"max_completion_length": 6, "reward_funcs": ["tests.trainer.grpo_helpers:char_share"]},
+    values = dict(stage="grpo", max_train_samples=8, max_eval_samples=4, batch_size=2, grpo={"num_generations": 4},
+                  rollout={"max_completion_length": 6, "reward_funcs": ["tests.trainer.grpo_helpers:char_share"]},
                   max_steps=2, learning_rate=1e-3, logging_steps=1,
                   )
     return tiny_config(tmp_path, model_dir, **merged(values, overrides))
@@ -121,7 +122,9 @@ def hand_advantages(rewards, group):
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_losses_equal_hand_computed_values(tmp_path, tiny_model_dir, loss_type):
     kl_coef, length = 0.05, 8
-    trainer = InjectedGRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"loss_type": loss_type, "kl_coef": kl_coef}, rollout={"max_completion_length": length},
+    trainer = InjectedGRPOTrainer(grpo_config(tmp_path, tiny_model_dir,
+                                              grpo={"loss_type": loss_type, "kl_coef": kl_coef},
+                                              rollout={"max_completion_length": length},
                                               temperature=0.9))
     with torch.no_grad():  # the policy moves away from the reference, so the KL term is not 0
         next(trainer.model.parameters()).add_(0.05 * torch.randn_like(next(trainer.model.parameters())))
@@ -158,7 +161,8 @@ def test_losses_equal_hand_computed_values(tmp_path, tiny_model_dir, loss_type):
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_kl_is_zero_at_the_first_step(tmp_path, tiny_model_dir, use_lora):
-    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"kl_coef": 0.1}, rollout={"reward_funcs": ["length_penalty"]}, max_steps=2, use_lora=use_lora,
+    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"kl_coef": 0.1},
+                                      rollout={"reward_funcs": ["length_penalty"]}, max_steps=2, use_lora=use_lora,
                                       lora_target_modules=None, learning_rate=1e-2))
     assert ("reference" in trainer.aux) != use_lora  # LoRA: the adapter-disabled policy is the reference
     recorder = Recorder()
@@ -220,7 +224,8 @@ def held_out_reward(trainer, seed=123, samples=8):
 def test_grpo_raises_the_sampled_reward_on_held_out_prompts(tmp_path, half_trained, capsys):
     """Measured on 64 held-out prompts x 8 samples: 0.32 -> 0.37 for seeds 42, 7 and 8 (train reward is noisier)."""
     config = grpo_config(tmp_path, half_trained, max_train_samples=None, max_eval_samples=64, batch_size=4,
-                         grpo={"num_generations": 8}, rollout={"max_completion_length": 8}, max_steps=30, learning_rate=3e-4,
+                         grpo={"num_generations": 8}, rollout={"max_completion_length": 8}, max_steps=30,
+                         learning_rate=3e-4,
                          temperature=0.7, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=10)
     trainer = GRPOTrainer(config)
     before, exact_before = held_out_reward(trainer)
@@ -233,7 +238,8 @@ def test_grpo_raises_the_sampled_reward_on_held_out_prompts(tmp_path, half_train
 
 
 def test_mask_truncated_completions_leaves_them_out_of_the_loss(tmp_path, tiny_model_dir):
-    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"mask_truncated_completions": True}, rollout={"max_completion_length": 3, "reward_funcs": ["length_penalty"]},
+    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"mask_truncated_completions": True},
+                                      rollout={"max_completion_length": 3, "reward_funcs": ["length_penalty"]},
                                       top_k=0))
     batch = trainer.prepare_step([trainer.collate([0, 1, 2, 3])])[0]
     sampled = batch["labels"][:, -batch["loss_mask"].shape[1]:] != -100
@@ -252,7 +258,9 @@ def test_a_reward_model_folder_is_one_more_reward(tmp_path, tiny_model_dir, tiny
     rm.config.pad_token_id = tiny_tokenizer.pad_token_id
     rm.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
-    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, rollout={"reward_funcs": ["length_penalty"], "reward_model": str(folder), "reward_weights": [0.0, 1.0]}
+    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir,
+                                      rollout={"reward_funcs": ["length_penalty"], "reward_model": str(folder),
+                                               "reward_weights": [0.0, 1.0]}
                                       ))
     assert "reward" in trainer.aux and trainer.rewards.names == ["length_penalty", "reward_model"]
     dataset = trainer.train_dataset
@@ -265,7 +273,8 @@ def test_a_reward_model_folder_is_one_more_reward(tmp_path, tiny_model_dir, tiny
 
 
 def test_num_iterations_reuses_each_sampled_batch(tmp_path, tiny_model_dir):
-    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"num_iterations": 3}, rollout={"reward_funcs": ["length_penalty"]}, max_steps=2, learning_rate=3e-2,
+    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"num_iterations": 3},
+                                      rollout={"reward_funcs": ["length_penalty"]}, max_steps=2, learning_rate=3e-2,
                                       max_grad_norm=None))
     sampled = []
     original = trainer.sample_rollout

@@ -47,7 +47,8 @@ def independent_kd(student_logits, teacher_logits, kind, temperature, beta):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_kd_term_equals_an_independent_full_logits_computation(tmp_path, tiny_model_dir, teacher_dir, kind):
-    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd={"loss_type": kind, "temperature": 2.0, "beta": 0.3},
+    trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir,
+                                  kd={"loss_type": kind, "temperature": 2.0, "beta": 0.3},
                                   loss_chunk_size=7))
     batch = trainer.collate([0, 1, 2, 3])
     loss, sums = trainer.kd_terms(trainer.model, batch, num_items=None, label_smoothing=0.0)

@@ -18,7 +18,9 @@ from .helpers import merged, Recorder, interrupted_then_resumed, tiny_config, we
 
 def ppo_config(tmp_path, model_dir, **overrides):
     values = dict(stage="ppo", max_train_samples=8, max_eval_samples=4, batch_size=2, gradient_accumulation_steps=2,
-                  ppo={"num_mini_batches": 2, "epochs": 2, "critic_learning_rate": 1e-3}, rollout={"max_completion_length": 6, "reward_funcs": ["tests.trainer.ppo_helpers:char_share"]}, max_steps=2, learning_rate=1e-3,
+                  ppo={"num_mini_batches": 2, "epochs": 2, "critic_learning_rate": 1e-3},
+                  rollout={"max_completion_length": 6, "reward_funcs": ["tests.trainer.ppo_helpers:char_share"]},
+                  max_steps=2, learning_rate=1e-3,
                   logging_steps=1)
     return tiny_config(tmp_path, model_dir, **merged(values, overrides))
 
@@ -53,7 +55,9 @@ def test_first_minibatch_has_ratio_one_and_nothing_clipped_and_kl_is_zero(tmp_pa
 
 
 def test_experience_equals_written_out_formulas(tmp_path, tiny_model_dir):
-    config = ppo_config(tmp_path, tiny_model_dir, ppo={"kl_coef": 0.3, "gamma": 0.9, "lam": 0.8, "whiten_advantages": False, "missing_eos_penalty": 1.0},
+    config = ppo_config(tmp_path, tiny_model_dir,
+                        ppo={"kl_coef": 0.3, "gamma": 0.9, "lam": 0.8, "whiten_advantages": False,
+                             "missing_eos_penalty": 1.0},
                         temperature=0.7)
     trainer = PPOTrainer(config)
     with torch.no_grad():  # make the reference differ from the policy so the KL term is not 0
@@ -111,7 +115,8 @@ def test_entropy_bonus_subtracts_entropy_coef_times_the_policys_token_entropy(tm
 
 
 def test_critic_value_loss_falls_over_updates_on_a_fixed_rollout(tmp_path, tiny_model_dir):
-    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, ppo={"critic_learning_rate": 1e-4, "value_clip": 10.0}, rollout={"reward_funcs": ["tests.trainer.ppo_helpers:one"]}
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, ppo={"critic_learning_rate": 1e-4, "value_clip": 10.0},
+                                    rollout={"reward_funcs": ["tests.trainer.ppo_helpers:one"]}
                                     ))
     rollout = first_rollout(trainer)  # fixed: the critic steps alone, the policy is not trained here
     losses = [trainer.critic_step(rollout)["train/value/loss"] for _ in range(6)]
@@ -120,7 +125,9 @@ def test_critic_value_loss_falls_over_updates_on_a_fixed_rollout(tmp_path, tiny_
 
 
 def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8, ppo={"kl_target": 0.5, "kl_horizon": 10.0, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8,
+                    ppo={"kl_target": 0.5, "kl_horizon": 10.0, "num_mini_batches": 1},
+                    rollout={"max_completion_length": 4},
                     gradient_accumulation_steps=1)
     full = PPOTrainer(ppo_config(tmp_path / "full", tiny_model_dir, **settings))
     full.train()
@@ -212,7 +219,8 @@ def test_ppo_defaults_raise_the_sampled_reward(tmp_path, half_trained, capsys):
 
 
 def test_lora_policy_reference_is_the_adapter_free_policy_and_the_critic_has_its_own_adapter(tmp_path, tiny_model_dir):
-    config = ppo_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=2, ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
+    config = ppo_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=2,
+                        ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
                         gradient_accumulation_steps=1)
     trainer = PPOTrainer(config)
     assert "reference" not in trainer.aux  # no second copy: the adapters are disabled instead
@@ -239,7 +247,8 @@ def test_the_trained_critic_is_saved_as_a_model_folder_a_later_run_starts_from(t
     from transformers import AutoModelForSequenceClassification
 
     lora = dict(use_lora=True, lora_target_modules=None) if use_lora else {}
-    trainer = PPOTrainer(ppo_config(tmp_path / "first", tiny_model_dir, max_steps=1, ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
+    trainer = PPOTrainer(ppo_config(tmp_path / "first", tiny_model_dir, max_steps=1,
+                                    ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"max_completion_length": 4},
                                     gradient_accumulation_steps=1, **lora))
     folder = trainer.train()["critic_dir"]
     batch = first_rollout(trainer)[0]
@@ -259,7 +268,9 @@ def test_the_trained_critic_is_saved_as_a_model_folder_a_later_run_starts_from(t
 def test_early_stopping_restores_the_best_checkpoints_critic_with_its_policy(tmp_path, tiny_model_dir):
     """A constant reward makes every eval_reward equal, so the first evaluation stays the best: after training both
     the policy and the critic are those of checkpoint-1, not of the last step."""
-    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, ppo={"epochs": 1, "num_mini_batches": 1}, rollout={"reward_funcs": ["tests.trainer.ppo_helpers:one"], "max_completion_length": 4},
+    trainer = PPOTrainer(ppo_config(tmp_path, tiny_model_dir, ppo={"epochs": 1, "num_mini_batches": 1},
+                                    rollout={"reward_funcs": ["tests.trainer.ppo_helpers:one"],
+                                             "max_completion_length": 4},
                                     max_steps=3, gradient_accumulation_steps=1,
                                     eval_strategy="steps", eval_steps=1,
                                     save_strategy="steps", save_steps=1, early_stopping_patience=10))
