@@ -34,8 +34,9 @@ def test_sft_rm_ppo_pipeline_raises_the_learned_reward(tmp_path, monkeypatch, ca
     rm_eval = [json.loads(line) for line in (outputs / "rlhf_rm" / "metrics.jsonl").read_text().splitlines()]
     assert [row for row in rm_eval if "eval/accuracy" in row][-1]["eval/accuracy"] >= 0.8  # the RM learned the task
     ppo_config = yaml.safe_load((outputs / "rlhf_ppo" / "final" / "rlhf_time_config.yaml").read_text())
-    assert Path(ppo_config["reward_model"]).resolve() == (outputs / "rlhf_rm" / "final").resolve()  # the learned reward
-    assert ppo_config["reward_funcs"] == []  # and nothing hand-written
+    rollout = ppo_config["rollout"]
+    assert Path(rollout["reward_model"]).resolve() == (outputs / "rlhf_rm" / "final").resolve()  # the learned reward
+    assert rollout["reward_funcs"] == []  # and nothing hand-written
 
     records = [json.loads(line) for line in (PIPELINE.parent / "data" / "grpo_eval.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in records]

@@ -16,7 +16,8 @@ CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device
 
 
 def _config(tmp_path, model_dir, **overrides):
-    return TrainingConfig(model_name=str(model_dir), output_dir=str(tmp_path), report_to="none", **overrides)
+    return TrainingConfig(stage="ppo", model_name=str(model_dir), output_dir=str(tmp_path), report_to="none",
+                          **overrides)
 
 
 def _rm_folder(tmp_path, model_dir):
@@ -31,9 +32,10 @@ def _rm_folder(tmp_path, model_dir):
 
 
 def test_value_model_source_defaults():
-    assert value_model_source(TrainingConfig()) == "policy"
-    assert value_model_source(TrainingConfig(rollout={"reward_model": "rm"})) == "rm"
-    assert value_model_source(TrainingConfig(ppo={"value_model": "policy"}, rollout={"reward_model": "rm"})) == "policy"
+    assert value_model_source(TrainingConfig(stage="ppo")) == "policy"
+    assert value_model_source(TrainingConfig(stage="ppo", rollout={"reward_model": "rm"})) == "rm"
+    assert value_model_source(TrainingConfig(stage="ppo", ppo={"value_model": "policy"},
+                                             rollout={"reward_model": "rm"})) == "policy"
 
 
 def test_critic_from_a_reward_model_reads_its_score_at_every_token(tmp_path, tiny_model_dir):
