@@ -40,3 +40,60 @@ def test_every_import_goes_down_the_layers():
         own = _layer(module)
         wrong += [f"{module} -> {target}" for target in _imports(path) if _layer(target) > own]
     assert wrong == []
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each rlhf_time module -> the rlhf_time modules it imports (lazy imports included; a package is its
+    __init__; `from package import module` names the module)."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        modules[".".join(("rlhf_time", *parts))] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: climb from this module's package
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                for alias in node.names:
+                    full = f"{base}.{alias.name}"
+                    targets.add(full if full in modules else base)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_no_import_cycle():
+    """No two modules import each other, directly or through others (strongly connected components of size 1)."""
+    graph = _module_graph()
+    order, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(module):
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        on_stack.add(module)
+        for target in graph[module]:
+            if target not in order:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], order[target])
+        if low[module] == order[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in graph:
+        if module not in order:
+            visit(module)
+    assert cycles == []
+    assert "rlhf_time.data.streaming" in graph["rlhf_time.data.validation"]  # the graph sees real imports

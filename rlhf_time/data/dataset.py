@@ -16,7 +16,7 @@ import numpy as np
 
 from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference
 from rlhf_time.data.mixing import mixture_indices
-from rlhf_time.data.prompts import load_prompt_dataset, validate_prompt_file
+from rlhf_time.data.prompts import load_prompt_dataset
 from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
 from rlhf_time.data.text import encode_documents, text_of
@@ -90,8 +90,9 @@ class PreferenceDataset(TokenizedDataset):
 
 
 # ----------------------------------------------------------------------------------------- entry points
-def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: Optional[str | Path] = None) -> None:
-    """Read and check every record of a data set (no tokenizer needed) so bad data fails before a model is loaded.
+def validate_records(path, config, kind: str = "conversation", *, cache_dir: Optional[str | Path] = None) -> None:
+    """Read and check every record of a data set read whole (no tokenizer needed) so bad data fails before a model
+    is loaded. rlhf_time.data.validation.validate_data_file is the entry point for every kind of data.
 
     path: a file / source, a list of them, or a DataSpec.
     kind: the data kind the stage trains on (its trainer's `data_kind`): "conversation", "preference" or "prompt".
@@ -99,13 +100,7 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
     marker named after (content fingerprint, settings) is kept in cache_dir/validated.
     """
     _check_kind(kind)
-    if kind == "prompt":  # on-policy stages: prompt-only records (rlhf_time.data.prompts)
-        return validate_prompt_file(path, config)
     spec = as_spec(path)
-    if getattr(config, "streaming", False) and spec.role == "train":  # a stream is checked as it is read
-        from rlhf_time.data.streaming import check_stream_sources
-
-        return check_stream_sources(spec, config, kind)
     marker = _validation_marker(spec, config, kind, Path(cache_dir)) if cache_dir is not None else None
     if marker is not None and marker.is_file():
         return
