@@ -200,3 +200,41 @@ def test_token_logps_never_hold_float32_logits_of_the_whole_batch():
     # float32 only per block; the bf16 gradient is the logits' own size
     assert recorder.largest == chunk * vocab < tokens * vocab
     assert logits.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("budget", [dict(), dict(chunk_bytes=4 * 11 * 3), dict(chunk_size=2)])
+def test_eval_sums_equal_full_logits_cross_entropy_and_argmax_whatever_the_chunk(budget):
+    """label_cross_entropy_and_hits (the SFT/KD evaluation) against F.cross_entropy and argmax on full logits; the byte
+    budget is taken by the function itself (3 rows of an 11-word vocabulary here), as an explicit chunk_size is."""
+    from rlhf_time.loss import label_cross_entropy_and_hits
+
+    torch.manual_seed(0)
+    hidden, head = torch.randn(2, 7, 5), torch.nn.Linear(5, 11)
+    labels = torch.randint(0, 11, (2, 7))
+    labels[0, :3] = -100  # a prompt: not a target
+    got = label_cross_entropy_and_hits(hidden, labels, head, **budget)
+    logits, targets = head(hidden)[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    torch.testing.assert_close(got["loss_sum"], F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+    assert got["correct"].item() == (logits[keep].argmax(-1) == targets[keep]).sum().item()
+    assert got["tokens"].item() == keep.sum().item() == 10
+    from_logits = label_cross_entropy_and_hits(head(hidden).detach(), labels, None, **budget)
+    torch.testing.assert_close(from_logits["loss_sum"], got["loss_sum"])
+
+
+def test_chunked_token_logps_and_kd_take_the_byte_budget_themselves():
+    """A budget of 2 logit rows gives the same numbers as one chunk: the stages pass loss_chunk_bytes through and
+    never convert it to rows."""
+    from rlhf_time.loss import chunked_token_logps
+    from rlhf_time.loss.distill import chunked_kd_loss
+
+    torch.manual_seed(1)
+    hidden, weight, labels = torch.randn(2, 6, 4), torch.randn(9, 4), torch.randint(0, 9, (2, 6))
+    whole = chunked_token_logps(hidden, weight, labels, chunk_size=64)
+    torch.testing.assert_close(chunked_token_logps(hidden, weight, labels, chunk_bytes=2 * 4 * 9), whole)
+    torch.testing.assert_close(whole, token_logps(hidden @ weight.T, labels))
+    teacher = torch.randn(2, 6, 9)
+    one = chunked_kd_loss(hidden @ weight.T, teacher, labels, alpha=0.3, chunk_size=64)
+    small = chunked_kd_loss(hidden @ weight.T, teacher, labels, alpha=0.3, chunk_bytes=2 * 4 * 9)
+    torch.testing.assert_close(small[0], one[0])
+    assert {k: v.item() for k, v in small[1].items()} == pytest.approx({k: v.item() for k, v in one[1].items()})

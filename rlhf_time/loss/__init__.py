@@ -6,7 +6,8 @@ from rlhf_time.loss.functions import (dpo_implicit_rewards, dpo_loss, kd_diverge
                                       policy_loss, sft_loss, value_loss)
 from rlhf_time.loss.grpo import aggregate_loss, clipped_tokens, group_advantages, k3_kl, loss_items
 from rlhf_time.loss.logps import (DEFAULT_CHUNK_BYTES, chunk_rows, chunked_sequence_logps, chunked_sft_loss,
-                                  chunked_token_logps, sequence_logps, token_entropy, token_logps)
+                                  chunked_token_logps, label_cross_entropy_and_hits, sequence_logps, token_entropy,
+                                  token_logps)
 from rlhf_time.loss.ppo import (AdaptiveKLController, explained_variance, gae, masked_moments, masked_whiten,
                                 mean_and_variance, token_rewards)
 from rlhf_time.loss.reduction import masked_mean
@@ -16,6 +17,7 @@ __all__ = [
     "create_loss", "LOSSES", "LossConfigError", "sft_loss", "pairwise_loss", "dpo_loss", "dpo_implicit_rewards",
     "policy_loss", "value_loss", "kd_loss", "kd_divergence", "chunked_kd_loss", "masked_mean", "sequence_logps",
     "token_logps", "chunked_sft_loss", "chunked_sequence_logps", "chunk_rows", "DEFAULT_CHUNK_BYTES",
+    "label_cross_entropy_and_hits",
     "chunked_token_logps", "token_entropy", "group_advantages", "k3_kl", "aggregate_loss", "loss_items", "clipped_tokens",
     "gae", "masked_whiten", "masked_moments", "mean_and_variance", "token_rewards", "explained_variance",
     "AdaptiveKLController",

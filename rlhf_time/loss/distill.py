@@ -14,13 +14,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rlhf_time.loss.functions import kd_divergence
+from rlhf_time.loss.logps import DEFAULT_CHUNK_BYTES, chunk_rows
 
 
 def chunked_kd_loss(student_states: torch.Tensor, teacher_states: torch.Tensor, labels: torch.Tensor, *,
                     student_head: Optional[nn.Module] = None, teacher_head: Optional[nn.Module] = None,
                     vocab_size: Optional[int] = None, alpha: float = 0.0, temperature: float = 1.0,
                     kind: str = "forward_kl", beta: float = 0.5, label_smoothing: float = 0.0,
-                    num_items_in_batch: Optional[int] = None, chunk_size: int = 1024,
+                    num_items_in_batch: Optional[int] = None, chunk_size: Optional[int] = None,
+                    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                     ignore_index: int = -100) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """loss = sum_t [alpha * CE_t + (1 - alpha) * KD_t] / num_items   over target positions t (labels shifted)
 
@@ -46,9 +48,11 @@ def chunked_kd_loss(student_states: torch.Tensor, teacher_states: torch.Tensor, 
     total = student.new_zeros((), dtype=torch.float32)
     sums = {name: total.new_zeros(()) for name in ("kd", "ce", "correct")}
     track = torch.is_grad_enabled() and (student.requires_grad or any(p.requires_grad for p in _parameters(student_head)))
-    for start in range(0, targets.numel(), chunk_size):
-        pieces = (student[start : start + chunk_size], teacher[start : start + chunk_size].detach(),
-                  targets[start : start + chunk_size])
+    # Sized by the student's logit rows (V float32 values per position) unless chunk_size is given.
+    rows = chunk_rows(vocab_size or (student_head.weight.shape[0] if student_head is not None else student.shape[-1]),
+                      chunk_size, chunk_bytes)
+    for start in range(0, targets.numel(), rows):
+        pieces = (student[start : start + rows], teacher[start : start + rows].detach(), targets[start : start + rows])
         if track:  # recompute the chunk's logits in backward instead of keeping them
             loss, kd, ce, correct = checkpoint(chunk_loss, *pieces, use_reentrant=False)
         else:

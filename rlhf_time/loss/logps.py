@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 
@@ -240,12 +242,13 @@ def chunked_sequence_logps(hidden_states: torch.Tensor, lm_head_weight: torch.Te
 
 def chunked_token_logps(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, *,
                         lm_head_bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                        chunk_size: int = 1024) -> torch.Tensor:
+                        chunk_size: Optional[int] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Per-position label log-probs (B, T-1) float32 (zeros where ignored) from final hidden states (B, T, H) and
     the LM head (V, H): token_logps(hidden @ W^T + b, labels), only target positions projected to the vocabulary.
     The PPO/GRPO log-probs; divide W and b by a temperature first for the log-probs of tempered sampling."""
     hidden, targets, mask = _targets(hidden_states, labels, ignore_index)  # (N, H), (N,), (B, T-1)
-    per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, chunk_size)  # (N,)
+    rows = chunk_rows(lm_head_weight.shape[0], chunk_size, chunk_bytes)
+    per_target = _ChunkedTargetLogps.apply(hidden, lm_head_weight, lm_head_bias, targets, rows)  # (N,)
     return per_target.new_zeros(mask.shape).masked_scatter(mask, per_target)
 
 
@@ -276,3 +279,28 @@ def token_entropy(states: torch.Tensor, labels: torch.Tensor, ignore_index: int 
               for start in range(0, rows.shape[0], step)]
     out = torch.zeros(mask.shape, dtype=torch.float32, device=states.device)
     return out.masked_scatter(mask, torch.cat(pieces)) if pieces else out
+
+
+def label_cross_entropy_and_hits(states: torch.Tensor, labels: torch.Tensor, lm_head: Optional[nn.Module] = None, *,
+                                 ignore_index: int = -100, chunk_size: Optional[int] = None,
+                                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> dict[str, torch.Tensor]:
+    """Evaluation sums over target positions t (labels shifted), a chunk of positions at a time, no gradient:
+
+        loss_sum = sum_t -log softmax(z_t)[y_t]    correct = #{t : argmax z_t = y_t}    tokens = #targets
+
+    states: final hidden states (B, T, H) with `lm_head`, or logits (B, T, V) without one; z_t in float32.
+    """
+    shifted = labels[:, 1:]  # (B, T-1)
+    targets = shifted != ignore_index
+    rows_of_states, wanted = states[:, :-1][targets], shifted[targets]  # (N, H or V), (N,)
+    vocab = lm_head.out_features if lm_head is not None else states.shape[-1]
+    rows = chunk_rows(vocab, chunk_size, chunk_bytes)
+    loss_sum = torch.zeros((), device=states.device)
+    correct = torch.zeros((), device=states.device)
+    for start in range(0, wanted.numel(), rows):
+        chunk = rows_of_states[start : start + rows]
+        logits = (lm_head(chunk) if lm_head is not None else chunk).float()  # (chunk, V)
+        answer = wanted[start : start + rows]
+        loss_sum += F.cross_entropy(logits, answer, reduction="sum")
+        correct += (logits.argmax(dim=-1) == answer).sum()
+    return {"loss_sum": loss_sum, "correct": correct, "tokens": targets.sum().float()}

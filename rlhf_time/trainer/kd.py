@@ -16,7 +16,7 @@ from torch import nn
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.tokenize import truncate
 from rlhf_time.generation import sample_completions
-from rlhf_time.loss import chunk_rows, chunked_kd_loss
+from rlhf_time.loss import chunked_kd_loss
 from rlhf_time.trainer import parallel
 from rlhf_time.trainer.auxiliary import AuxiliaryModel
 from rlhf_time.trainer.sft import SFTrainer
@@ -46,8 +46,7 @@ class KDTrainer(SFTrainer):
             student, teacher, batch["labels"], student_head=student_head, teacher_head=teacher_head,
             vocab_size=len(self.tokenizer), alpha=config.kd.alpha, temperature=config.kd.temperature,
             kind=KD_KINDS[config.kd.loss_type], beta=config.kd.beta, label_smoothing=label_smoothing,
-            num_items_in_batch=num_items,
-            chunk_size=chunk_rows(len(self.tokenizer), config.loss_chunk_size, config.loss_chunk_bytes),
+            num_items_in_batch=num_items, chunk_size=config.loss_chunk_size, chunk_bytes=config.loss_chunk_bytes,
         )
 
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):

@@ -22,7 +22,7 @@ from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
-from rlhf_time.loss import chunk_rows, chunked_token_logps, token_entropy, token_logps
+from rlhf_time.loss import chunked_token_logps, token_entropy, token_logps
 from rlhf_time.models.checks import require_reward_model
 from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
 from rlhf_time.rollout import Rollout, sample
@@ -154,19 +154,19 @@ class PromptTrainer(Trainer):
         with_entropy: also that distribution's entropy at each completion position (N, C), differentiable."""
         width, temperature = batch["loss_mask"].shape[1], self.config.temperature
         hidden, lm_head, labels = self._completion_states(model, batch)
-        chunk = chunk_rows(len(self.tokenizer), self.config.loss_chunk_size, self.config.loss_chunk_bytes)
+        chunk = dict(chunk_size=self.config.loss_chunk_size, chunk_bytes=self.config.loss_chunk_bytes)
         if lm_head is None:  # logits (LoRA on lm_head, FSDP)
             states, weight, bias = hidden / temperature, None, None
-            per_position = token_logps(states, labels, chunk_size=chunk)
+            per_position = token_logps(states, labels, **chunk)
         else:  # (h W^T + b) / T = h (W / T)^T + b / T
             states, weight, bias = hidden, lm_head.weight, lm_head.bias
             if temperature != 1.0:
                 weight, bias = weight / temperature, (bias / temperature if bias is not None else None)
-            per_position = chunked_token_logps(hidden, weight, labels, lm_head_bias=bias, chunk_size=chunk)  # (N, T-1)
+            per_position = chunked_token_logps(hidden, weight, labels, lm_head_bias=bias, **chunk)  # (N, T-1)
         logps = per_position[:, -width:]  # completion positions: the last C of the T-1 predictions
         if not with_entropy:
             return logps
-        entropy = token_entropy(states, labels, lm_head_weight=weight, lm_head_bias=bias, chunk_size=chunk)
+        entropy = token_entropy(states, labels, lm_head_weight=weight, lm_head_bias=bias, **chunk)
         return logps, entropy[:, -width:]
 
     def _completion_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):

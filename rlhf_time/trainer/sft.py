@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data import PackingCollator, PaddingCollator
-from rlhf_time.loss import chunk_rows, chunked_sft_loss, create_loss
+from rlhf_time.loss import chunked_sft_loss, create_loss, label_cross_entropy_and_hits
 from rlhf_time.trainer.loop import Trainer
 # Smallest packed row (sdpa/eager): short examples share a row; the (N x N) mask stays small.
 PACKED_ROW_TOKENS = 256
@@ -62,21 +61,8 @@ class SFTrainer(Trainer):
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Summed cross-entropy (no smoothing), correct argmax predictions and target count over a batch."""
         hidden, lm_head = self.final_hidden_states(model, batch)
-        labels = batch["labels"][:, 1:]  # (B, T-1)
-        targets = labels != IGNORE_INDEX
-        states = hidden[:, :-1][targets]  # (N, H) or (N, V) logits
-        wanted = labels[targets]  # (N,)
-        loss_sum = torch.zeros((), device=hidden.device)
-        correct = torch.zeros((), device=hidden.device)
-        vocab = lm_head.out_features if lm_head is not None else states.shape[-1]
-        rows = chunk_rows(vocab, self.config.loss_chunk_size, self.config.loss_chunk_bytes)
-        for start in range(0, wanted.numel(), rows):
-            chunk = states[start : start + rows]
-            logits = (lm_head(chunk) if lm_head is not None else chunk).float()  # (chunk, V)
-            answer = wanted[start : start + rows]
-            loss_sum += F.cross_entropy(logits, answer, reduction="sum")
-            correct += (logits.argmax(dim=-1) == answer).sum()
-        return {"loss_sum": loss_sum, "correct": correct, "tokens": targets.sum().float()}
+        return label_cross_entropy_and_hits(hidden, batch["labels"], lm_head, chunk_size=self.config.loss_chunk_size,
+                                            chunk_bytes=self.config.loss_chunk_bytes)
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         tokens = max(totals.get("tokens", 0.0), 1.0)
