@@ -91,6 +91,7 @@ def run_config(work: Path, args, name: str):
         warmup_steps_ratio=0.0, use_amp=True, packing=name == "sft_packing", attn_implementation=attention_kernel(args.cpu),
         device="cpu" if args.cpu else None, distributed=name if name in ("ddp", "fsdp") else "auto",
         eval_strategy="no", save_strategy="no", report_to="none", disable_progress_bar=True, logging_steps=1,
+        plot_metrics=False,  # a throughput run: charts and report.md samples are not what it measures
         data_cache_dir=str(work / "cache"), seed=0)
 
 
