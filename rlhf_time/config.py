@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.stages import SECTIONS, STAGES, Section
+from rlhf_time.stages import SECTIONS, STAGES
 
 MODEL_TYPES = ("Qwen", "Llama")
 DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "text")
