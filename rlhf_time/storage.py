@@ -87,12 +87,22 @@ def _no_space_message(target: Path, what: str, needed: Optional[int]) -> str:
             f"{what_is_kept(target.parent, but=target)}")
 
 
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first (by step)."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
 def what_is_kept(run_dir: Path, but: Optional[Path] = None) -> str:
     """After a failed write in run_dir: the checkpoint a run can resume from, or that there is none."""
-    steps = {int(m.group(1)): p for p in Path(run_dir).glob("checkpoint-*")
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p != but and p.is_dir()}
-    if steps:
-        latest = steps[max(steps)]
+    kept = [path for path in list_checkpoints(Path(run_dir)) if path != but]
+    if kept:
+        latest = kept[-1]
         return (f"Earlier checkpoints are intact (latest {latest.name}): free some space (or lower "
                 f"save_total_limit) and resume with resume_from_checkpoint=latest.")
     return ("No checkpoint was saved before this point, so the weights trained in this run are lost: free some "

@@ -95,11 +95,10 @@ def validate_records(path, config, kind: str = "conversation", *, cache_dir: Opt
     is loaded. rlhf_time.data.validation.validate_data_file is the entry point for every kind of data.
 
     path: a file / source, a list of them, or a DataSpec.
-    kind: the data kind the stage trains on (its trainer's `data_kind`): "conversation", "preference" or "prompt".
+    kind: "conversation" or "preference" (checked by the caller, rlhf_time.data.validation).
     With cache_dir, a data set that passed once with the same content and data settings is not read again: a
     marker named after (content fingerprint, settings) is kept in cache_dir/validated.
     """
-    _check_kind(kind)
     spec = as_spec(path)
     marker = _validation_marker(spec, config, kind, Path(cache_dir)) if cache_dir is not None else None
     if marker is not None and marker.is_file():
@@ -189,11 +188,11 @@ def load_preference_dataset(path, tokenizer, config, *, cache_dir=None,
 def load_dataset_of_kind(kind: str, path, tokenizer, config, *, cache_dir=None,
                          max_samples: Optional[int] = None) -> TokenizedDataset:
     """The tokenised data set of a stage's data kind ("conversation" or "preference")."""
-    _check_kind(kind)
+    check_data_kind(kind)
     return DATA_KINDS[kind](path, tokenizer, config, cache_dir=cache_dir, max_samples=max_samples)
 
 
-def _check_kind(kind: str) -> None:
+def check_data_kind(kind: str) -> None:
     if kind not in DATA_KINDS:
         raise RlhfTimeError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
 

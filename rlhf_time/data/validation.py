@@ -8,11 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from rlhf_time.data.dataset import DATA_KINDS, validate_records
+from rlhf_time.data.dataset import check_data_kind, validate_records
 from rlhf_time.data.prompts import validate_prompt_file
 from rlhf_time.data.sources import as_spec
 from rlhf_time.data.streaming import check_stream_sources
-from rlhf_time.errors import RlhfTimeError
 
 
 def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: Optional[str | Path] = None) -> None:
@@ -23,8 +22,7 @@ def validate_data_file(path, config, kind: str = "conversation", *, cache_dir: O
     With cache_dir, a data set read whole that passed once with the same content and data settings is not read
     again (a marker in cache_dir/validated).
     """
-    if kind not in DATA_KINDS:
-        raise RlhfTimeError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
+    check_data_kind(kind)
     if kind == "prompt":  # on-policy stages: prompt-only records (rlhf_time.data.prompts)
         validate_prompt_file(path, config)
         return

@@ -16,9 +16,8 @@ from torch import nn
 
 from rlhf_time.atomic import atomic_directory, move_to_trash, remove_trash
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.storage import disk_full_is_an_error, tensor_bytes
+from rlhf_time.storage import disk_full_is_an_error, list_checkpoints, tensor_bytes
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 STAGE_STATE_FILE = "stage_state.pt"
 DATA_STATE_FILE = "data_state.json"  # streamed train data: where each rank's stream continues
@@ -146,14 +145,6 @@ def _is_tied(model: nn.Module, name: str) -> bool:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = getattr(model.config, "tie_word_embeddings", False)
     return bool(tied and output is not None and name.endswith("lm_head.weight"))
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run, oldest first (by step)."""
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(found)]
 
 
 def resolve_checkpoint(value: str, run_dir: Path) -> Path:
