@@ -208,9 +208,11 @@ def _tuning(config) -> str:
 
 def _flat(values: dict[str, Any]) -> dict[str, Any]:
     """Config values with each option section's keys as `section.key`."""
+    from rlhf_time.stages import SECTIONS
+
     flat = {}
     for key, value in values.items():
-        if isinstance(value, dict) and key != "columns":
+        if key in SECTIONS:  # not every mapping: `columns` is one field
             flat.update({f"{key}.{name}": item for name, item in value.items()})
         else:
             flat[key] = value

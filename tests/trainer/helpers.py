@@ -10,6 +10,7 @@ import torch
 
 from rlhf_time import SFTrainer, TrainerCallback, TrainingConfig
 from rlhf_time.data.quickstart import EVAL_FILE, TRAIN_FILE
+from rlhf_time.stages import SECTIONS
 
 
 def tiny_config(tmp_path: Path, model_dir: Path, **overrides) -> TrainingConfig:
@@ -27,7 +28,7 @@ def merged(values: dict, overrides: dict) -> dict:
     """values with overrides applied; an option section given in both (e.g. ppo={...}) is merged key by key."""
     result = dict(values)
     for key, value in overrides.items():
-        both_sections = isinstance(value, dict) and isinstance(result.get(key), dict) and key != "columns"
+        both_sections = key in SECTIONS and isinstance(value, dict) and isinstance(result.get(key), dict)
         result[key] = {**result[key], **value} if both_sections else value
     return result
 
