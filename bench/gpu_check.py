@@ -97,7 +97,7 @@ def run_config(work: Path, args, name: str):
 
 def run_one(name: str, work: Path, args) -> None:
     """One single-process run (in a child process), its summary written to work/<name>.json."""
-    from rlhf_time.trainer import TrainerCallback, trainer_for
+    from rlhf_time.stages.trainers import TrainerCallback, trainer_for
 
     if args.cpu:
         torch.set_num_threads(args.threads)

@@ -155,7 +155,7 @@ def held_out_reward(model_dir: str, samples: int = 8, seed: int = 123) -> float:
 
     from grpo_rewards import digit_accuracy
     from rlhf_time.models.tiny import load_tiny_tokenizer
-    from rlhf_time.rollout import sample
+    from rlhf_time.experience.sampler import sample
 
     tokenizer = load_tiny_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

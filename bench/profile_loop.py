@@ -52,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from rlhf_time.trainer import trainer_for
-    from rlhf_time.trainer.sft import SFTrainer
+    from rlhf_time.stages.trainers import trainer_for
+    from rlhf_time.stages.sft import SFTrainer
 
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)

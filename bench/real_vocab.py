@@ -149,9 +149,9 @@ class StepClock:
 
 
 def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = False) -> dict:
-    from rlhf_time.trainer.callbacks import TrainerCallback
-    from rlhf_time.trainer.dpo import DPOTrainer
-    from rlhf_time.trainer.sft import SFTrainer
+    from rlhf_time.runtime.callbacks import TrainerCallback
+    from rlhf_time.stages.dpo import DPOTrainer
+    from rlhf_time.stages.sft import SFTrainer
 
     clock, reference_seconds = StepClock(), [0.0]
     if precompute:  # the up-front reference pass is part of the cost: timed and added

@@ -91,7 +91,7 @@ def rlhf_time_config(work: Path, args, **overrides):
 
 # ------------------------------------------------------------------------------------------ variants
 def run_rlhf_time(work: Path, args, packing: bool):
-    from rlhf_time.trainer.sft import SFTrainer
+    from rlhf_time.stages.sft import SFTrainer
 
     trainer = SFTrainer(rlhf_time_config(work, args, name=f"rt_{packing}", packing=packing))
     start = time.perf_counter()
@@ -207,7 +207,7 @@ def run_variant(name: str, work: Path, args) -> None:
 def prepare(work: Path, args) -> dict:
     from rlhf_time.data import load_sft_dataset
     from rlhf_time.models.tiny import load_tiny_tokenizer
-    from rlhf_time.trainer.throughput import device_peak_flops
+    from rlhf_time.runtime.throughput import device_peak_flops
 
     count = args.steps * args.batch_size
     records = make_records(count + EVAL_EXAMPLES, seed=SEED)

@@ -15,7 +15,7 @@ __all__ = ["TrainingConfig", "RlhfTimeError", *_TRAINER_NAMES, "InferenceModel",
 def __getattr__(name: str):
     # Trainers import torch and transformers; keep `import rlhf_time` (and the CLI's --help) fast.
     if name in _TRAINER_NAMES:
-        import rlhf_time.trainer as trainer
+        import rlhf_time.stages.trainers as trainer
 
         return getattr(trainer, name)
     if name == "InferenceModel":

@@ -135,8 +135,8 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainingConfig(**parse_overrides(args.overrides))
     else:
         config = TrainingConfig.from_yaml(args.config, args.overrides)  # bad configs fail before torch is imported
-    from rlhf_time.trainer import trainer_for
-    from rlhf_time.trainer.run_folder import refuse_occupied_run_folder
+    from rlhf_time.stages.trainers import trainer_for
+    from rlhf_time.runtime.run_folder import refuse_occupied_run_folder
 
     refuse_occupied_run_folder(config)  # an occupied run folder fails before the model loads
 
@@ -156,7 +156,7 @@ def _exec_torchrun(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from rlhf_time.config import TrainingConfig
-    from rlhf_time.trainer import trainer_for
+    from rlhf_time.stages.trainers import trainer_for
 
     config = TrainingConfig.from_yaml(args.config, args.overrides)
     if not config.eval_file and not (config.eval_split and config.train_file):

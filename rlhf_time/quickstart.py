@@ -32,7 +32,7 @@ def exact_match(trainer, records: list[dict[str, str]]) -> float:
 
 def run_quickstart(overrides: list[str] | None = None) -> dict:
     """Exact match before training, train, exact match after, and one sample answer (printed and returned)."""
-    from rlhf_time.trainer import SFTrainer
+    from rlhf_time.stages.trainers import SFTrainer
 
     trainer = SFTrainer(quickstart_config(overrides))
     records = [json.loads(line) for line in EVAL_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]

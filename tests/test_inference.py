@@ -8,7 +8,7 @@ import yaml
 
 from rlhf_time import InferenceModel, RewardTrainer, RlhfTimeError, SFTrainer
 from rlhf_time.cli import main
-from rlhf_time.trainer import loop
+from rlhf_time.runtime import loop
 
 from .conftest import write_jsonl
 from .trainer.helpers import tiny_config

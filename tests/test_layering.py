@@ -1,6 +1,9 @@
-"""The package's layers import downwards only: config, data, loss and models below generation/inference, those
-below the trainer, the trainer below the quickstart and the CLI. Checked on every import statement, including
-the lazy ones inside functions."""
+"""The package's layers import downwards only: config, data, loss and models below the sampler and inference,
+those below the runtime, the runtime below the experience layer, that below the stages' trainers, and those below
+the quickstart and the CLI. Checked on every import statement, including the lazy ones inside functions.
+
+A module's layer is that of the longest dotted prefix listed: `stages` (the registry and each stage's options,
+which the config reads) is at the bottom while `stages.sft` (a trainer) is near the top."""
 
 import ast
 from pathlib import Path
@@ -8,19 +11,32 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_time"
 # Lower number = lower layer; a module may import its own layer or any lower one.
 LAYERS = {
-    "errors": 0, "constants": 0, "stages": 0, "atomic": 0, "downloads": 0, "logs": 0, "storage": 0, "__main__": 7,
+    "errors": 0, "constants": 0, "atomic": 0, "downloads": 0, "logs": 0, "storage": 0,
+    "stages": 0, "stages.section": 0,  # the stage registry and the option sections (torch-free)
     "config": 1, "config_docs": 1,
     "loss": 2, "data": 2, "templates": 2,
     "models": 3,
-    "generation": 4, "plots": 4, "rollout": 4, "inference": 5, "report": 5, "rewards": 5,
-    "trainer": 6,
-    "quickstart": 7, "cli": 7, "__init__": 8,
+    "experience": 4, "experience.sampler": 4, "plots": 4, "generation": 4,
+    "inference": 5, "report": 5, "experience.rewards": 5,
+    "runtime": 6,
+    "experience.critic": 7, "experience.experience": 7,
+    "stages.trainers": 8, "stages.sft": 8, "stages.preference": 8, "stages.reward": 8, "stages.dpo": 8,
+    "stages.kd": 8, "stages.on_policy": 8, "stages.grpo": 8, "stages.ppo": 8,
+    "quickstart": 9, "cli": 9, "__init__": 10, "__main__": 10,
 }
 
 
 def _layer(module: str) -> int:
-    parts = module.split(".")
-    return LAYERS[parts[1] if len(parts) > 1 else "__init__"]
+    parts = module.split(".")[1:] or ["__init__"]
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in LAYERS:
+            if prefix == "stages" and len(parts) > 1 and not parts[1].endswith("_options"):
+                raise AssertionError(f"rlhf_time.{'.'.join(parts)}: add its layer to LAYERS")
+            return LAYERS[prefix]
+    raise AssertionError(f"rlhf_time.{'.'.join(parts)}: add its layer to LAYERS")
 
 
 def _imports(path: Path) -> list[str]:

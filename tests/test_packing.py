@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_time.data import PackingCollator, PaddingCollator, first_fit_decreasing
-from rlhf_time.trainer.sft import SFTrainer
+from rlhf_time.stages.sft import SFTrainer
 from tests.trainer.helpers import assert_resume_is_exact, tiny_config, weights
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhf_time.config import TrainingConfig
-from rlhf_time.rewards import (RewardFunctionError, RewardModelReward, RewardScorer, call_reward_function,
+from rlhf_time.experience.rewards import (RewardFunctionError, RewardModelReward, RewardScorer, call_reward_function,
                                load_reward_function, weighted_sum)
 
 

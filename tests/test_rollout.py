@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from rlhf_time.rollout import filter_logits, sample
+from rlhf_time.experience.sampler import filter_logits, sample
 
 PROMPTS = ["把数字写成中文：407", "你好", "The quick brown fox jumps over the lazy dog. 把数字写成中文：12"]
 

@@ -7,8 +7,8 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from rlhf_time.data import PackingCollator, PaddingCollator
-from rlhf_time.trainer import throughput
-from rlhf_time.trainer.throughput import ThroughputMeter, example_lengths
+from rlhf_time.runtime import throughput
+from rlhf_time.runtime.throughput import ThroughputMeter, example_lengths
 
 
 def _examples(lengths):

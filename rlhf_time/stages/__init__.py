@@ -1,7 +1,7 @@
 """The one list of training stages: each stage's trainer class and the option sections it reads.
 
 The config builds its stage sections from this list and validates `stage` against it without importing torch;
-`rlhf_time.trainer.TRAINERS` imports the trainer classes from here. A new stage is its trainer module, its options
+`rlhf_time.stages.trainers.TRAINERS` imports the trainer classes from here. A new stage is its trainer module, its options
 module (a `Section`) and one line in each dict below.
 """
 
@@ -35,12 +35,12 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 STAGES: dict[str, Stage] = {
-    "sft": Stage("rlhf_time.trainer.sft:SFTrainer"),
-    "rm": Stage("rlhf_time.trainer.reward:RewardTrainer", ("rm",)),
-    "dpo": Stage("rlhf_time.trainer.dpo:DPOTrainer", ("dpo",)),
-    "kd": Stage("rlhf_time.trainer.kd:KDTrainer", ("kd",)),
-    "grpo": Stage("rlhf_time.trainer.grpo:GRPOTrainer", ("grpo", "rollout")),
-    "ppo": Stage("rlhf_time.trainer.ppo:PPOTrainer", ("ppo", "rollout")),
+    "sft": Stage("rlhf_time.stages.sft:SFTrainer"),
+    "rm": Stage("rlhf_time.stages.reward:RewardTrainer", ("rm",)),
+    "dpo": Stage("rlhf_time.stages.dpo:DPOTrainer", ("dpo",)),
+    "kd": Stage("rlhf_time.stages.kd:KDTrainer", ("kd",)),
+    "grpo": Stage("rlhf_time.stages.grpo:GRPOTrainer", ("grpo", "rollout")),
+    "ppo": Stage("rlhf_time.stages.ppo:PPOTrainer", ("ppo", "rollout")),
 }
 
 STAGE_TRAINERS: dict[str, str] = {name: stage.trainer for name, stage in STAGES.items()}

@@ -6,7 +6,7 @@ import pytest
 
 from rlhf_time import TrainingConfig
 from rlhf_time.data import load_sft_dataset, read_prompts, validate_data_file
-from rlhf_time.trainer import TRAINERS
+from rlhf_time.stages.trainers import TRAINERS
 from rlhf_time.errors import RlhfTimeError
 from tests.conftest import write_jsonl
 

@@ -22,9 +22,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from rlhf_time.config import TrainingConfig, parse_overrides
 from rlhf_time.models import apply_tuning, load_causal_lm, model_family
 from rlhf_time.models import load_tokenizer
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model
-from rlhf_time.trainer.distributed import init_distributed
+from rlhf_time.runtime import parallel
+from rlhf_time.runtime.auxiliary import AuxiliaryModel, build_auxiliary_model
+from rlhf_time.runtime.distributed import init_distributed
 from tests.distributed import exit_probe
 
 torch.set_num_threads(1)

@@ -70,3 +70,12 @@ def preference_files(folder: Path) -> dict[str, str]:
 def teacher_dir(model_dir: Path) -> Path:
     """Where the distillation scenarios' teacher lives (built by the test before torchrun starts)."""
     return Path(model_dir).parent / "kd-teacher"
+
+
+def failure_report(result) -> str:
+    """What a failed torchrun printed that says why: each rank's own traceback (torchrun prefixes its lines with
+    [rankN]; the rank that failed first is usually not the last one printed), then the tail of the rest."""
+    lines = result.stderr.splitlines()
+    ranks = sorted({line.split("]")[0] + "]" for line in lines if line.startswith("[rank")})
+    per_rank = ["\n".join([line for line in lines if line.startswith(rank)][-40:]) for rank in ranks]
+    return "\n\n".join([*per_rank, result.stderr[-1500:]])

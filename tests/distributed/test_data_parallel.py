@@ -18,11 +18,11 @@ import yaml
 from safetensors.torch import load_file
 
 from rlhf_time import TrainerCallback
-from rlhf_time.trainer import trainer_for
+from rlhf_time.stages.trainers import trainer_for
 from tests.trainer.helpers import approx_metrics, build_teacher, train_losses
 
 from .exit_probe import assert_no_gloo_thread_at_exit
-from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, single_process_config, teacher_dir
+from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, failure_report, single_process_config, teacher_dir
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
@@ -42,7 +42,7 @@ def launched(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
     build_teacher(teacher_dir(tiny_model_dir), tiny_model_dir)
     result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=480)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result)
     return out
 
 
@@ -191,7 +191,7 @@ def test_cli_nproc_launches_torchrun_with_tensorboard_on_rank_zero(tmp_path, tin
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "rlhf_time", "train", str(config), "--nproc", "2"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result)
     run_dir = Path(values["output_dir"]) / values["experiment_name"]
     assert len(list((run_dir / "tensorboard").iterdir())) == 1
     assert result.stdout.count('"global_step": 2') == 1  # the results are printed by rank 0 only

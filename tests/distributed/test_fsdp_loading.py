@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .exit_probe import assert_no_gloo_thread_at_exit
+from .settings import failure_report
 from .test_data_parallel import torchrun
 
 WORKER = str(Path(__file__).with_name("loading_worker.py"))
@@ -35,7 +36,7 @@ def model_of_known_size(tmp_path_factory):
 
 def _launch(model_dir, out, mode, *overrides):
     result = torchrun(WORKER, str(model_dir), str(out), mode, *overrides, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result)
     assert_no_gloo_thread_at_exit(out, launch=mode)  # what made a rank abort at exit, now and then, under load
     return [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -12,7 +12,7 @@ from tests.trainer.grpo_helpers import InjectedGRPOTrainer
 from tests.trainer.helpers import merged, tiny_config, train_losses
 
 from .exit_probe import assert_no_gloo_thread_at_exit
-from .settings import EXACT, WORLD_SIZE
+from .settings import EXACT, WORLD_SIZE, failure_report
 from .test_data_parallel import torchrun
 
 WORKER = Path(__file__).with_name("grpo_worker.py")
@@ -35,7 +35,7 @@ def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **over
 def launched(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("torchrun-grpo")
     result = torchrun(str(WORKER), str(tiny_model_dir), str(out), "injected", "sampled", "fsdp", timeout=400)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result)
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from .exit_probe import assert_no_gloo_thread_at_exit
-from .settings import WORLD_SIZE
+from .settings import WORLD_SIZE, failure_report
 from .test_data_parallel import torchrun
 
 WORKER = Path(__file__).with_name("ppo_worker.py")
@@ -22,7 +22,7 @@ SCENARIOS = ("ddp", "fsdp", "fsdp_resume")
 def launched(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("torchrun-ppo")
     result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=480)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result)
     return out
 
 

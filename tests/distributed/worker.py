@@ -12,7 +12,7 @@ import torch
 
 from rlhf_time import TrainerCallback
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.trainer import trainer_for
+from rlhf_time.stages.trainers import trainer_for
 from tests.distributed import exit_probe
 from tests.distributed.settings import distributed_config
 

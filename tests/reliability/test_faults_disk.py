@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from rlhf_time import SFTrainer
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.trainer.checkpoint import load_trainer_state
+from rlhf_time.runtime.checkpoint import load_trainer_state
 
 from ..trainer.helpers import tiny_config
 

@@ -160,7 +160,7 @@ def test_a_diverging_critic_is_never_saved(tmp_path, tiny_model_dir):
                    save_steps=1)
     with pytest.raises(RlhfTimeError, match=r"critic: non-finite|NaN/inf"):
         trainer.train()
-    from rlhf_time.trainer.checkpoint import load_stage_state
+    from rlhf_time.runtime.checkpoint import load_stage_state
 
     for checkpoint in trainer.run_dir.glob("checkpoint-*"):
         assert _critic_is_finite(load_stage_state(checkpoint)), checkpoint

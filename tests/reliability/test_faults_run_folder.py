@@ -17,7 +17,7 @@ import pytest
 from rlhf_time import SFTrainer
 from rlhf_time.cli import main
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.trainer import checkpoint as ckpt
+from rlhf_time.runtime import checkpoint as ckpt
 
 from ..trainer.helpers import tiny_config
 

@@ -20,7 +20,7 @@ import yaml
 from rlhf_time import SFTrainer
 from rlhf_time.data.quickstart import TRAIN_FILE
 from rlhf_time.errors import TrainingInterrupted
-from rlhf_time.trainer.reporting import drop_metrics_after
+from rlhf_time.runtime.reporting import drop_metrics_after
 
 from ..trainer.helpers import tiny_config, train_losses, weights
 

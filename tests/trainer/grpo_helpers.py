@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_time import GRPOTrainer
-from rlhf_time.rollout import Rollout
+from rlhf_time.experience.sampler import Rollout
 
 
 def char_share(prompts, completions, response, **_):
@@ -17,7 +17,7 @@ def char_share(prompts, completions, response, **_):
 def teacher_forced_rollout(model, prompt_ids: list[list[int]], completions: list[list[int]], *, pad_token_id: int,
                            temperature: float = 1.0, truncated: list[bool] | None = None) -> Rollout:
     """A Rollout of given completions, laid out as sampling lays them out, with log-probs from one full forward
-    (written out here: log_softmax of the logits / temperature), independent of rlhf_time.rollout.sample."""
+    (written out here: log_softmax of the logits / temperature), independent of rlhf_time.experience.sampler.sample."""
     prompt_length, width = max(map(len, prompt_ids)), max(map(len, completions))
     rows, masks = [], []
     for prompt, completion in zip(prompt_ids, completions):

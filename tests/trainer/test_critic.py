@@ -9,8 +9,8 @@ from transformers import AutoModelForSequenceClassification
 from rlhf_time import TrainingConfig
 from rlhf_time.loss import create_loss
 from rlhf_time.models import load_tokenizer, model_family
-from rlhf_time.trainer.critic import CriticOptimizer, build_critic, value_model_source
-from rlhf_time.trainer.distributed import DistributedContext
+from rlhf_time.experience.critic import CriticOptimizer, build_critic, value_model_source
+from rlhf_time.runtime.distributed import DistributedContext
 
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # one process
 

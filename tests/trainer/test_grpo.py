@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from rlhf_time import GRPOTrainer
-from rlhf_time.rewards import RewardFunctionError
-from rlhf_time.rollout import sample
+from rlhf_time.experience.rewards import RewardFunctionError
+from rlhf_time.experience.sampler import sample
 
 from .grpo_helpers import InjectedGRPOTrainer
 from .helpers import merged, Recorder, interrupted_then_resumed, tiny_config, weights

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_time import PPOTrainer
-from rlhf_time.rollout import sample
+from rlhf_time.experience.sampler import sample
 
 from .helpers import merged, Recorder, interrupted_then_resumed, tiny_config, weights
 

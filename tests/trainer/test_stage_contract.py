@@ -11,7 +11,7 @@ from rlhf_time import DPOTrainer, SFTrainer, TrainerCallback, TrainingConfig
 from rlhf_time.config import ConfigError
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.stages import STAGE_TRAINERS
-from rlhf_time.trainer import TRAINERS, AuxiliaryModel, Trainer
+from rlhf_time.stages.trainers import TRAINERS, AuxiliaryModel, Trainer
 
 from .helpers import tiny_config, weights
 from .test_reward import preference_files

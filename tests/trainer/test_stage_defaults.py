@@ -10,7 +10,7 @@ import pytest
 
 from rlhf_time import TrainingConfig
 from rlhf_time.data.quickstart import EVAL_FILE, TRAIN_FILE
-from rlhf_time.trainer import trainer_for
+from rlhf_time.stages.trainers import trainer_for
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 PREFERENCE = dict(train_file=str(EXAMPLE_DATA / "preference_train.jsonl"),

@@ -7,7 +7,7 @@ import pytest
 
 from rlhf_time import SFTrainer
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.trainer import trainer_for
+from rlhf_time.stages.trainers import trainer_for
 from tests.distributed.settings import preference_files
 
 from .helpers import assert_resume_is_exact, tiny_config, train_losses

@@ -4,9 +4,9 @@ import importlib
 
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.stages import STAGE_TRAINERS
-from rlhf_time.trainer.auxiliary import AuxiliaryModel
-from rlhf_time.trainer.callbacks import TrainerCallback
-from rlhf_time.trainer.loop import Trainer
+from rlhf_time.runtime.auxiliary import AuxiliaryModel
+from rlhf_time.runtime.callbacks import TrainerCallback
+from rlhf_time.runtime.loop import Trainer
 
 
 def _import(target: str) -> type[Trainer]:

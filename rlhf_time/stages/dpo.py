@@ -17,8 +17,8 @@ from torch import nn
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import chunked_sequence_logps, create_loss, dpo_implicit_rewards, sequence_logps
-from rlhf_time.trainer.auxiliary import AuxiliaryModel
-from rlhf_time.trainer.preference import PreferenceTrainer
+from rlhf_time.runtime.auxiliary import AuxiliaryModel
+from rlhf_time.stages.preference import PreferenceTrainer
 
 
 class DPOTrainer(PreferenceTrainer):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_time.data import PreferenceCollator
-from rlhf_time.trainer.loop import Trainer
+from rlhf_time.runtime.loop import Trainer
 
 
 class PreferenceTrainer(Trainer):

@@ -10,7 +10,7 @@ from torch import nn
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data import PackingCollator, PaddingCollator
 from rlhf_time.loss import chunked_sft_loss, create_loss, label_cross_entropy_and_hits
-from rlhf_time.trainer.loop import Trainer
+from rlhf_time.runtime.loop import Trainer
 # Smallest packed row (sdpa/eager): short examples share a row; the (N x N) mask stays small.
 PACKED_ROW_TOKENS = 256
 

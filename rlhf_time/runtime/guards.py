@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.trainer.checkpoint import list_checkpoints
-from rlhf_time.trainer.distributed import all_reduce_sum
+from rlhf_time.runtime.checkpoint import list_checkpoints
+from rlhf_time.runtime.distributed import all_reduce_sum
 
 log = logging.getLogger("rlhf_time")
 

@@ -1,8 +1,8 @@
 """What the on-policy stages (GRPO, PPO) share: prompt-only data, micro-batches of prompt indices that prepare_step
 turns into sampled, scored experience, and the pieces that experience is made of:
 
-- sampling with a KV cache (rlhf_time.rollout), from an RNG that is a pure function of (seed, step, rank, micro-batch);
-- scoring with the reward functions and/or a reward-model folder (rlhf_time.rewards; the reward model lives in the
+- sampling with a KV cache (rlhf_time.experience.sampler), from an RNG that is a pure function of (seed, step, rank, micro-batch);
+- scoring with the reward functions and/or a reward-model folder (rlhf_time.experience.rewards; the reward model lives in the
   stage contract's model slot: device, AMP dtype, FSDP sharding);
 - the log-probs of the sampled tokens by the training forward (policy) and by the frozen initial policy
   (reference; under LoRA the adapter-disabled policy), from final hidden states with only completion positions
@@ -24,11 +24,11 @@ from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
 from rlhf_time.loss import chunked_token_logps, token_entropy, token_logps
 from rlhf_time.models.checks import require_reward_model
-from rlhf_time.rewards import RewardModelReward, RewardScorer, load_reward_function
-from rlhf_time.rollout import Rollout, sample
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import AuxiliaryModel
-from rlhf_time.trainer.loop import Trainer
+from rlhf_time.experience.rewards import RewardModelReward, RewardScorer, load_reward_function
+from rlhf_time.experience.sampler import Rollout, sample
+from rlhf_time.runtime import parallel
+from rlhf_time.runtime.auxiliary import AuxiliaryModel
+from rlhf_time.runtime.loop import Trainer
 
 SAMPLES_LOGGED = 4  # prompts written to completions.jsonl every logging_steps
 
@@ -37,7 +37,7 @@ class PromptTrainer(Trainer):
     """Base of the stages that generate their own training sequences from prompts.
 
     Subclasses say whether they need the reference (`needs_reference`) and fill prepare_step / update /
-    compute_loss; `reward_funcs` are callables or specs as in rlhf_time.rewards.
+    compute_loss; `reward_funcs` are callables or specs as in rlhf_time.experience.rewards.
     """
 
     data_kind = "prompt"

@@ -30,7 +30,7 @@ class RunReporter:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if config.report_to:
-            from rlhf_time.trainer.trackers import flat_config, open_trackers
+            from rlhf_time.runtime.trackers import flat_config, open_trackers
 
             self.trackers = open_trackers(config, run_dir)
             for tracker in self.trackers:

@@ -20,9 +20,9 @@ from torch import nn
 
 from rlhf_time.data.prompts import PromptDataset
 from rlhf_time.loss import aggregate_loss, clipped_tokens, create_loss, group_advantages, k3_kl, loss_items
-from rlhf_time.rollout import Rollout
-from rlhf_time.trainer.distributed import all_reduce_sum
-from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer
+from rlhf_time.experience.sampler import Rollout
+from rlhf_time.runtime.distributed import all_reduce_sum
+from rlhf_time.stages.on_policy import SAMPLES_LOGGED, PromptTrainer
 
 # Train metrics that prepare_step already normalised by the step's completion tokens (not per loss item).
 _PER_TOKEN_METRICS = ("clip_ratio/low", "clip_ratio/high", "kl")
@@ -40,7 +40,7 @@ class ScoredRollout:
 
 
 class GRPOTrainer(PromptTrainer):
-    """GRPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as in rlhf_time.rewards."""
+    """GRPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as in rlhf_time.experience.rewards."""
 
     def __init__(self, config, reward_funcs=None) -> None:
         super().__init__(config, reward_funcs)

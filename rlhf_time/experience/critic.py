@@ -23,10 +23,10 @@ from torch import nn
 from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models import apply_tuning, load_causal_lm, load_tokenizer, resolve_model_path
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import check_same_vocabulary
-from rlhf_time.trainer.distributed import DistributedContext
-from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
+from rlhf_time.runtime import parallel
+from rlhf_time.runtime.auxiliary import check_same_vocabulary
+from rlhf_time.runtime.distributed import DistributedContext
+from rlhf_time.runtime.optimization import build_optimizer, build_scheduler
 
 log = logging.getLogger("rlhf_time")
 
@@ -123,7 +123,7 @@ class CriticOptimizer:
     def step(self, allow_update: Optional[Callable[[float], bool]] = None) -> float:
         """Clip, step, schedule, zero; returns the gradient norm before clipping.
 
-        allow_update(grad_norm): the non-finite guard's decision (rlhf_time.trainer.guards); when it refuses, the
+        allow_update(grad_norm): the non-finite guard's decision (rlhf_time.runtime.guards); when it refuses, the
         update is dropped and, as for the policy, the schedule still advances. `last_update_applied` says which.
         """
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))

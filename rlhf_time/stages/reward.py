@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rlhf_time.loss import create_loss
-from rlhf_time.trainer.preference import PreferenceTrainer
+from rlhf_time.stages.preference import PreferenceTrainer
 
 
 class RewardTrainer(PreferenceTrainer):

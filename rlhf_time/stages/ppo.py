@@ -10,7 +10,7 @@ One loop step = one rollout:
     (clipped surrogate, create_loss("policy")) and one critic step (clipped value loss x vf_coef, own AdamW)
   -> stage metrics.
 Prompt data, sampling, scoring, log-probs and evaluation (the mean reward of greedy completions of the eval
-prompts) are GRPO's: rlhf_time.trainer.on_policy.
+prompts) are GRPO's: rlhf_time.stages.on_policy.
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import (AdaptiveKLController, clipped_tokens, create_loss, explained_variance, gae, k3_kl,
                             masked_moments, masked_whiten, token_rewards)
 from rlhf_time.models.checks import require_reward_model
-from rlhf_time.rollout import Rollout
-from rlhf_time.trainer import checkpoint as ckpt
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.critic import CriticOptimizer, build_critic
-from rlhf_time.trainer.distributed import all_reduce_sum, barrier
-from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
-from rlhf_time.trainer.on_policy import SAMPLES_LOGGED, PromptTrainer, disable_dropout
+from rlhf_time.experience.sampler import Rollout
+from rlhf_time.runtime import checkpoint as ckpt
+from rlhf_time.runtime import parallel
+from rlhf_time.experience.critic import CriticOptimizer, build_critic
+from rlhf_time.runtime.distributed import all_reduce_sum, barrier
+from rlhf_time.runtime.guards import NonFiniteGuard, require_finite_weights
+from rlhf_time.stages.on_policy import SAMPLES_LOGGED, PromptTrainer, disable_dropout
 
 
 class PPOTrainer(PromptTrainer):
     """PPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as GRPO's
-    (rlhf_time.rewards), optional when reward_model is set."""
+    (rlhf_time.experience.rewards), optional when reward_model is set."""
 
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
         if not (reward_funcs or config.rollout.reward_funcs or config.rollout.reward_model):

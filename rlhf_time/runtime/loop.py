@@ -29,19 +29,19 @@ from rlhf_time.report import RunReport
 from rlhf_time.templates import apply_training_template
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
 from rlhf_time.storage import check_output_folders
-from rlhf_time.trainer import checkpoint as ckpt
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import AuxiliaryModel, build_auxiliary_model, check_auxiliary_sources
-from rlhf_time.trainer.callbacks import fire
-from rlhf_time.trainer.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, main_rank_first
-from rlhf_time.trainer.guards import NonFiniteGuard, require_finite_weights
-from rlhf_time.trainer.optimization import build_optimizer, build_scheduler
-from rlhf_time.trainer.reporting import RunReporter, drop_metrics_after
-from rlhf_time.trainer.resume_checks import check_data_position, check_work_left
-from rlhf_time.trainer.run_folder import claim_run_folder, run_folder_lock
-from rlhf_time.trainer.signals import StopSignals
-from rlhf_time.trainer.trackers import check_trackers_installed
-from rlhf_time.trainer.throughput import ThroughputMeter
+from rlhf_time.runtime import checkpoint as ckpt
+from rlhf_time.runtime import parallel
+from rlhf_time.runtime.auxiliary import AuxiliaryModel, build_auxiliary_model, check_auxiliary_sources
+from rlhf_time.runtime.callbacks import fire
+from rlhf_time.runtime.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, main_rank_first
+from rlhf_time.runtime.guards import NonFiniteGuard, require_finite_weights
+from rlhf_time.runtime.optimization import build_optimizer, build_scheduler
+from rlhf_time.runtime.reporting import RunReporter, drop_metrics_after
+from rlhf_time.runtime.resume_checks import check_data_position, check_work_left
+from rlhf_time.runtime.run_folder import claim_run_folder, run_folder_lock
+from rlhf_time.runtime.signals import StopSignals
+from rlhf_time.runtime.trackers import check_trackers_installed
+from rlhf_time.runtime.throughput import ThroughputMeter
 
 log = logging.getLogger("rlhf_time")
 

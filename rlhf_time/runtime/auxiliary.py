@@ -23,8 +23,8 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf_time.models.checks import require_reward_model, require_safetensors
 from rlhf_time.models.loading import merge_lora_adapter, require_model_source
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.distributed import DistributedContext
+from rlhf_time.runtime import parallel
+from rlhf_time.runtime.distributed import DistributedContext
 
 log = logging.getLogger("rlhf_time")
 

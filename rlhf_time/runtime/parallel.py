@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rlhf_time.config import TrainingConfig
 from rlhf_time.models.families import decoder_layers
-from rlhf_time.trainer import checkpoint as ckpt
-from rlhf_time.trainer.distributed import DistributedContext
+from rlhf_time.runtime import checkpoint as ckpt
+from rlhf_time.runtime.distributed import DistributedContext
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

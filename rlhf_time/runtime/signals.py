@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from rlhf_time.errors import TrainingInterrupted
-from rlhf_time.trainer.distributed import DistributedContext, all_reduce_sum
+from rlhf_time.runtime.distributed import DistributedContext, all_reduce_sum
 
 log = logging.getLogger("rlhf_time")
 

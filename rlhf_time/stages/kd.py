@@ -17,9 +17,9 @@ from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.tokenize import truncate
 from rlhf_time.generation import sample_completions
 from rlhf_time.loss import chunked_kd_loss
-from rlhf_time.trainer import parallel
-from rlhf_time.trainer.auxiliary import AuxiliaryModel
-from rlhf_time.trainer.sft import SFTrainer
+from rlhf_time.runtime import parallel
+from rlhf_time.runtime.auxiliary import AuxiliaryModel
+from rlhf_time.stages.sft import SFTrainer
 
 # config.kd.loss_type -> the loss library's divergence names
 KD_KINDS = {"forward": "forward_kl", "reverse": "reverse_kl", "jsd": "jsd"}
