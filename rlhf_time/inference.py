@@ -13,11 +13,13 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from rlhf_time.config import TrainingConfig, parse_overrides
 from rlhf_time.data.formats import Messages
 from rlhf_time.data.tokenize import ConversationEncoder, truncate
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.experience.sampler import KVCacheEngine, SamplingEngine, SamplingParams
 
 SAVED_CONFIG = "rlhf_time_config.yaml"
 # What a trained folder's saved config may set for inference: layout and generation settings, nothing else
@@ -37,11 +39,21 @@ def saved_config(folder: str | Path) -> dict[str, Any]:
     return stored if isinstance(stored, dict) else {}
 
 
+def render_generation_prompt(tokenizer, messages: list[dict[str, str]], *, prompt_template: Optional[str] = None,
+                             response_template: Optional[str] = None, system_prompt: Optional[str] = None) -> str:
+    """The text the model continues: the training layout, ending where the assistant's answer starts."""
+    encoder = ConversationEncoder(tokenizer, prompt_template=prompt_template, response_template=response_template,
+                                  system_prompt=system_prompt)
+    return encoder.generation_prompt(messages)
+
+
 class InferenceModel:
     """A causal LM (predict, chat) or a reward model (score) with its tokenizer and the training layout."""
 
-    def __init__(self, model: nn.Module, tokenizer, config: TrainingConfig, family=None, head: str = "causal_lm"):
+    def __init__(self, model: nn.Module, tokenizer, config: TrainingConfig, family=None, head: str = "causal_lm",
+                 engine: Optional[SamplingEngine] = None):
         self.model, self.tokenizer, self.config, self.family, self.head = model, tokenizer, config, family, head
+        self.engine = engine if engine is not None else KVCacheEngine(model)  # the one sampler (experience.sampler)
 
     # ---------------------------------------------------------------------------------------- loading
     @classmethod
@@ -83,9 +95,8 @@ class InferenceModel:
         return self.complete([self.encoder.generation_prompt(messages) for messages in conversations], **overrides)
 
     def complete(self, texts: list[str], **overrides: Any) -> list[str]:
-        """The continuation of each text as given (already rendered, or plain text for a pre-trained LM)."""
-        from rlhf_time.generation import generate
-
+        """The continuation of each text as given (already rendered, or plain text for a pre-trained LM): greedy or
+        sampled by the sampling engine, in batches of batch_size, each cut after its first stop token."""
         if self.head != "causal_lm":
             raise RlhfTimeError(f"predict/chat need a causal LM; this is a {self.head} model (use score)")
         config = self.config
@@ -95,8 +106,17 @@ class InferenceModel:
         if unknown:
             raise RlhfTimeError(f"unknown generation options {sorted(unknown)}; allowed: {sorted(settings)}")
         settings.update(overrides)
-        return generate(self.model, self.tokenizer, texts, stop_token_ids=self.stop_token_ids(),
-                        progress=not config.disable_progress_bar, **settings)
+        batch_size = settings.pop("batch_size")
+        params = SamplingParams(pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=tuple(self.stop_token_ids()),
+                                **settings)
+        prompt_ids = [self.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+        outputs: list[str] = []
+        starts = range(0, len(prompt_ids), batch_size)
+        for start in tqdm(starts, desc="generate", unit="batch", leave=False, dynamic_ncols=True,
+                          disable=config.disable_progress_bar or len(starts) < 2):
+            rollout = self.engine.sample(prompt_ids[start : start + batch_size], params)
+            outputs += self.tokenizer.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
+        return [text.strip() for text in outputs]
 
     def stop_token_ids(self) -> list[int]:
         """EOS and the family's end-of-turn token: generation ends at either."""

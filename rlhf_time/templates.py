@@ -1,6 +1,6 @@
 """prompt_template / response_template as a Jinja chat template, so a trained model folder carries its layout.
 
-A run with custom templates lays out text as (data/tokenize.py and generation.py):
+A run with custom templates lays out text as (data/tokenize.py and inference.py):
 
     [bos] [system_prompt + "\\n" when no system message] then per message
       system:    content + "\\n"

@@ -128,8 +128,15 @@ class Reader:
             runner(block)
 
     def _run_python(self, block: Block) -> None:
+        from rlhf_time.stages import STAGES
+
         tree = with_max_steps(ast.parse(block.code, filename=block.id))
-        exec(compile(tree, block.id, "exec"), {"__name__": "__docs__"})  # noqa: S102 - the page's own code
+        registered = dict(STAGES)
+        try:
+            exec(compile(tree, block.id, "exec"), {"__name__": "__docs__"})  # noqa: S102 - the page's own code
+        finally:  # a stage a page registers (register_stage) stays that page's
+            STAGES.clear()
+            STAGES.update(registered)
 
     def _run_bash(self, block: Block) -> None:
         for words in shell_commands(block.code):

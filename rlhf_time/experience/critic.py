@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,31 +109,16 @@ def critic_learning_rate(config: TrainingConfig) -> float:
 
 
 class CriticOptimizer:
-    """The critic's AdamW and schedule (the policy's schedule shape at critic_learning_rate) and its clipping.
-    state_dict is the optimiser's full state keyed by parameter name (gathered under FSDP: call it on every rank)."""
+    """The critic's AdamW and schedule (the policy's schedule shape at critic_learning_rate). Its steps run through
+    the loop's own machinery (rlhf_time.runtime.update.ModelUpdate: accumulation, GradScaler, clipping, the
+    non-finite guard). state_dict is the optimiser's full state keyed by parameter name (gathered under FSDP: call
+    it on every rank)."""
 
     def __init__(self, critic: nn.Module, config: TrainingConfig, total_steps: int) -> None:
         critic_config = config.model_copy(update={"learning_rate": critic_learning_rate(config)})
         self.critic = critic
-        self.parameters = [p for p in critic.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(critic, critic_config)
         self.scheduler = build_scheduler(self.optimizer, critic_config, total_steps)
-        self.max_grad_norm = config.max_grad_norm
-
-    def step(self, allow_update: Optional[Callable[[float], bool]] = None) -> float:
-        """Clip, step, schedule, zero; returns the gradient norm before clipping.
-
-        allow_update(grad_norm): the non-finite guard's decision (rlhf_time.runtime.guards); when it refuses, the
-        update is dropped and, as for the policy, the schedule still advances. `last_update_applied` says which.
-        """
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        self.last_update_applied = allow_update is None or allow_update(norm)
-        if self.last_update_applied:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def state_dict(self) -> dict[str, Any]:
         full = parallel.FullStateOptimizer(self.critic, self.optimizer).gather().state_dict()

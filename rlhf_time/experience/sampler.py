@@ -1,6 +1,11 @@
-"""Rollouts for on-policy stages: batched sampling with a KV cache, returning what training needs.
+"""The one generation path: prompts (token ids) in, completions with their sampling log-probs out.
 
-Shared by GRPO (G completions per prompt) and PPO (one per prompt; its critic scores `Rollout.input_ids`).
+Used by every on-policy stage (GRPO: G completions per prompt; PPO: one, its critic scores `Rollout.input_ids`;
+on-policy KD: the student's replies) and by predict / chat (greedy or sampled). An engine is anything with
+`sample(prompts, params, num_samples=, generator=) -> Rollout` (the `SamplingEngine` protocol); `KVCacheEngine`
+runs the model itself with a KV cache. Another engine (vLLM, continuous batching) is one class that fills the
+protocol and returns the same `Rollout`.
+
 Layout of every row: the prompt left-padded to P tokens, then the completion right-padded to C tokens, so the
 training forward runs on exactly the sequence and positions that were sampled:
 
@@ -15,8 +20,9 @@ loss differentiates; top-k / top-p only restrict which tokens may be drawn (as i
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -149,3 +155,46 @@ def sample(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens
         logps=logps[:, :width],
         entropies=entropies[:, :width],
     )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How completions are drawn. Greedy (do_sample=False) takes the argmax; its log-probs are those of temperature
+    1. stop_early=False keeps every row to max_new_tokens forwards (FSDP: every rank runs the same forwards)."""
+
+    max_new_tokens: int
+    pad_token_id: int
+    stop_token_ids: tuple[int, ...]
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_early: bool = True
+
+
+class SamplingEngine(Protocol):
+    """Prompts in, token ids and sampling log-probs out: the contract every engine fills."""
+
+    def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, num_samples: int = 1,
+               generator: Optional[torch.Generator] = None) -> Rollout: ...
+
+
+class KVCacheEngine:
+    """Sampling by the model being trained, in this process, batched with a KV cache (see `sample`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, num_samples: int = 1,
+               generator: Optional[torch.Generator] = None) -> Rollout:
+        return sample(self.model, prompts, max_new_tokens=params.max_new_tokens, pad_token_id=params.pad_token_id,
+                      stop_token_ids=params.stop_token_ids, num_samples=num_samples, do_sample=params.do_sample,
+                      temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, generator=generator,
+                      stop_early=params.stop_early)
+
+
+def sampling_generator(seed: int, step: int, rank: int, micro_batch: int, device) -> torch.Generator:
+    """The sampling RNG of one micro-batch, a pure function of (seed, step, rank, micro-batch): a resumed run
+    samples exactly what the uninterrupted run sampled, and ranks sample independently."""
+    state = np.random.SeedSequence([seed, step, rank, micro_batch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state >> 1))

@@ -1,9 +1,10 @@
 """The training loop shared by every stage, readable top to bottom.
 
-A stage (sft.py, reward.py, dpo.py, kd.py) only says what it needs and how a batch becomes a loss; everything else
-lives here once: set-up, auxiliary models, exact gradient accumulation, mixed precision, clipping, schedules,
-evaluation, early stopping, checkpoints and exact resume, logging and callbacks, and data parallelism under torchrun.
-The stage hooks are at the bottom of `Trainer`; docs/stages.md ("Writing a stage") describes the contract.
+A stage (rlhf_time/stages/) only says what it needs and how a batch becomes a loss; everything else lives in the
+runtime once: set-up, auxiliary models, the batch source (batches.py), the optimiser step with exact accumulation,
+mixed precision, clipping and the non-finite guard (update.py), evaluation, early stopping, checkpoints and exact
+resume (saving.py), logging and callbacks, and data parallelism under torchrun. The hooks a stage fills are in
+hooks.py; docs/stages.md ("Writing a stage") describes the contract.
 """
 
 from __future__ import annotations
@@ -22,36 +23,38 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlhf_time.config import TrainingConfig
-from rlhf_time.data import eval_spec, load_dataset_of_kind, plan_batches, shard_batches, train_spec, validate_data_file
-from rlhf_time.data.streaming import StreamedBatches, dumps_states, loads_states
+from rlhf_time.data import eval_spec, plan_batches, shard_batches, train_spec, validate_data_file
+from rlhf_time.data.streaming import StreamedBatches
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.report import RunReport
-from rlhf_time.templates import apply_training_template
+from rlhf_time.experience.sampler import KVCacheEngine, SamplingEngine
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
-from rlhf_time.storage import check_output_folders
+from rlhf_time.report import RunReport
 from rlhf_time.runtime import checkpoint as ckpt
 from rlhf_time.runtime import parallel
-from rlhf_time.runtime.auxiliary import AuxiliaryModel, build_auxiliary_model, check_auxiliary_sources
+from rlhf_time.runtime.auxiliary import build_auxiliary_model, check_auxiliary_sources
+from rlhf_time.runtime.batches import PlannedBatches, StreamedSource
 from rlhf_time.runtime.callbacks import fire
-from rlhf_time.runtime.distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed, main_rank_first
-from rlhf_time.runtime.guards import NonFiniteGuard, require_finite_weights
+from rlhf_time.runtime.distributed import all_reduce_sum, barrier, init_distributed, main_rank_first
+from rlhf_time.runtime.guards import NonFiniteGuard
+from rlhf_time.runtime.hooks import StageHooks
 from rlhf_time.runtime.optimization import build_optimizer, build_scheduler
 from rlhf_time.runtime.reporting import RunReporter, drop_metrics_after
-from rlhf_time.runtime.resume_checks import check_data_position, check_work_left
+from rlhf_time.runtime.resume_checks import check_work_left
+from rlhf_time.runtime.saving import Checkpointing
 from rlhf_time.runtime.run_folder import claim_run_folder, run_folder_lock
 from rlhf_time.runtime.signals import StopSignals
 from rlhf_time.runtime.trackers import check_trackers_installed
+from rlhf_time.runtime.update import ModelUpdate
 from rlhf_time.runtime.throughput import ThroughputMeter
+from rlhf_time.storage import check_output_folders
+from rlhf_time.templates import apply_training_template
 
 log = logging.getLogger("rlhf_time")
 
 
-class Trainer:
-    """Base trainer. A stage sets the class attributes below and fills the stage hooks at the bottom of this class."""
-
-    data_kind = "conversation"  # what its data files hold: "conversation" (SFT records) or "preference" (pairs)
-    model_head = "causal_lm"  # the policy's head: "causal_lm" or "reward" (1-label sequence classification)
-    default_metric_for_best_model = "eval_loss"  # the eval metric that picks the best model unless the user names one
+class Trainer(StageHooks, Checkpointing):
+    """The loop. A stage sets the class attributes and fills the hooks of StageHooks (rlhf_time.runtime.hooks);
+    checkpoints and resume are Checkpointing's (rlhf_time.runtime.saving)."""
 
     # ------------------------------------------------------------------------------------------ set-up
     def __init__(self, config: TrainingConfig) -> None:
@@ -59,8 +62,6 @@ class Trainer:
         self.config = config
         self.callbacks: list = []
         self.global_step = 0
-        self.epoch = 0  # epoch of the next batch
-        self.batch_index = 0  # index of the next batch within that epoch's plan
         self.best_metric: Optional[float] = None
         self.best_checkpoint: Optional[str] = None  # a checkpoint folder that exists and holds the best weights
         self.best_step: Optional[int] = None  # the step of the best evaluation (saved or not)
@@ -92,6 +93,8 @@ class Trainer:
                                       task_type=self.peft_task_type), config, self.dist)
         if config.torch_compile:  # in place: parameter names, checkpoints and hooks stay those of the eager model
             self.model.compile()
+        # The one generation path: on-policy sampling, KD's student replies, predict and chat (experience.sampler).
+        self.sampling_engine: SamplingEngine = KVCacheEngine(self.model)
         trainable, total = count_parameters(self.model)
         self._log(f"model {config.model_name} ({self.family.name}): {trainable:,} trainable of {total:,} parameters")
         self.amp_dtype = self._amp_dtype()
@@ -108,6 +111,7 @@ class Trainer:
             if dataset is not None:
                 self._log(f"{name} data: {dataset.stats.summary()}")
 
+        self.batches = self._batch_source()  # the train data's micro-batches, step by step (None: no train_file)
         self.train_model = parallel.wrap_model(self.model, config, self.dist) if self.dist.enabled else self.model
         if parallel.is_fsdp(self.model):  # frozen models are sharded as the policy is: each rank holds 1/N
             for model in self.aux.values():
@@ -119,10 +123,6 @@ class Trainer:
         self._resumed_checkpoint: Optional[Path] = None  # loaded, and train() has not yet trimmed metrics.jsonl
         self._stage_metrics: dict[str, float] = {}
         self.nan_guard = NonFiniteGuard(config.nan_policy, config.nan_max_consecutive_skips)
-
-    @property
-    def peft_task_type(self) -> str:
-        return "SEQ_CLS" if self.model_head == "reward" else "CAUSAL_LM"
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if not self.config.use_amp:
@@ -154,6 +154,23 @@ class Trainer:
             epoch=epoch,
         )
         return shard_batches(batches, self.dist.rank, self.dist.world_size)
+
+    def _batch_source(self):
+        if self.train_dataset is None:
+            return None
+        if self.streamed:
+            return StreamedSource(self.train_dataset, self.config.gradient_accumulation_steps)
+        return PlannedBatches(self.train_dataset, self.epoch_plan, self.config.gradient_accumulation_steps)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next micro-batch."""
+        return self.batches.epoch if self.batches is not None else 0
+
+    @property
+    def batch_index(self) -> int:
+        """Micro-batches taken in that epoch (streamed: in the run)."""
+        return self.batches.batch_index if self.batches is not None else 0
 
     def total_steps(self) -> int:
         """Loop steps of the run (each takes one planned group of micro-batches and calls `update` once)."""
@@ -191,6 +208,10 @@ class Trainer:
         if self.optimizer is None:
             self.optimizer = build_optimizer(self.model, config)
             self.scheduler = build_scheduler(self.optimizer, config, total_steps * self.optimizer_steps_per_update())
+            self.policy_update = ModelUpdate(self.model, self.train_model, self.optimizer, self.scheduler,
+                                             self.nan_guard, max_grad_norm=config.max_grad_norm,
+                                             world_size=self.dist.world_size, device=self.device, scaler=self.scaler,
+                                             autocast=self._autocast)
         if config.resume_from_checkpoint and self._resume_from is None:
             self.load_from_checkpoint(ckpt.resolve_checkpoint(config.resume_from_checkpoint, self.run_dir))
         if self._resume_from is not None:
@@ -217,27 +238,13 @@ class Trainer:
                         disable=config.disable_progress_bar or not self.dist.is_main)
         fire(self.callbacks, "on_train_begin", self)
         start, losses, stop_early = time.perf_counter(), [], False
-        plan_epoch, plan = -1, []
-
         while self.global_step < total_steps and not stop_early:
             self._stage_metrics = {}
-            if self.streamed:  # the stream's next micro-batches (lists of examples); its epochs run on
-                group = self.train_dataset.next_micro_batches(config.gradient_accumulation_steps)
-                self.epoch = self.train_dataset.epoch
-                collated = [self.collate(list(range(len(examples))), examples) for examples in group]
-            else:
-                if plan_epoch != self.epoch:
-                    plan_epoch, plan = self.epoch, self.epoch_plan(self.epoch)
-                if self.batch_index >= len(plan):  # epoch finished: move on
-                    self.epoch, self.batch_index = self.epoch + 1, 0
-                    continue
-                group = plan[self.batch_index : self.batch_index + config.gradient_accumulation_steps]
-                collated = [self.collate(indices) for indices in group]
-            micro_batches = self.prepare_step(collated)
+            collated = [self.collate(indices, dataset) for indices, dataset in self.batches.next()]
+            micro_batches = self.prepare_step(collated, self.train_dataset)
             step_metrics = {**self.update(micro_batches), **self._stage_metrics}
-            self.batch_index += len(group)
             self.global_step += 1
-            epoch_ended = not self.streamed and self.batch_index >= len(plan)
+            epoch_ended = self.batches.epoch_ended
             losses.append(step_metrics["train/loss"])
 
             progress.update(1)
@@ -245,7 +252,7 @@ class Trainer:
                                  tok_s=f"{step_metrics['train/tokens_per_sec']:.0f}")
             is_last = self.global_step >= total_steps
             if self.global_step % config.logging_steps == 0 or is_last:
-                reporter.report(self.global_step, {**step_metrics, "train/epoch": self._epoch_progress(plan)})
+                reporter.report(self.global_step, {**step_metrics, "train/epoch": self.batches.progress()})
             fire(self.callbacks, "on_step_end", self, step_metrics)
 
             evaluated = False
@@ -293,72 +300,26 @@ class Trainer:
         return results
 
     def optimizer_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One optimiser step over `micro_batches`, normalised by their global number of loss items.
-
-        Forward/backward of each micro-batch (gradients synchronised on the last only), AMP, the non-finite check,
-        clipping, the optimiser and scheduler step. Returns the step's metrics (train/loss, lr, grad_norm, the
-        stage's summed metrics per item, throughput). Stages that run several passes over one prepared batch call it
-        several times from `update`.
-        """
-        model, meter, step_start = self.train_model, self._meter, time.perf_counter()
-        model.train()
-        # The loss of the step is sum(per-item losses) / items in the WHOLE step (all micro-batches, all
-        # ranks), so accumulation and data parallelism do not change the update.
-        num_items = int(all_reduce_sum(torch.tensor(sum(self.count_items(b) for b in micro_batches), device=self.device)))
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            sync = i == len(micro_batches) - 1
-            with self._no_sync(sync), self._autocast():
-                loss, metrics = self.compute_loss(model, batch, num_items)
-            # DDP averages gradients over ranks; scaling by world size turns that average into the global sum.
-            scaled = loss * self.dist.world_size
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            sums["loss"] += loss.detach()
-            for key, value in metrics.items():
-                sums[key] += value.detach()
-            meter.add_batch(batch)
-        totals = {key: float(all_reduce_sum(value)) for key, value in sums.items()}
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip_gradients()
-        # An inf gradient under fp16 is the scaler's business (it skips the step and lowers the scale).
-        update = self.nan_guard.allow_update(self.global_step + 1, totals["loss"], None if self.scaler else grad_norm,
-                                             self.run_dir)
-        if self.scaler:
-            if update:
-                self.scaler.step(self.optimizer)
-            self.scaler.update()
-        elif update:
-            self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        step_metrics = {"train/loss": totals.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm}
-        if not update:
+        """One optimiser step of the policy over `micro_batches`, normalised by their global number of loss items
+        (rlhf_time.runtime.update: accumulation, AMP, clipping, the non-finite guard, the schedule). Returns the
+        step's metrics (train/loss, lr, grad_norm, the stage's summed metrics per item, throughput). Stages that
+        run several passes over one prepared batch call it several times from `update`."""
+        step_start = time.perf_counter()
+        result = self.policy_update.step(micro_batches, self.compute_loss, self.count_items,
+                                         global_step=self.global_step + 1, run_dir=self.run_dir,
+                                         on_batch=self._meter.add_batch)
+        step_metrics = {"train/loss": result.loss, "train/lr": result.lr, "train/grad_norm": result.grad_norm}
+        if not result.applied:
             step_metrics["train/update_skipped"] = 1.0
-        step_metrics.update({f"train/{k}": self.reduce_train_metric(k, v, num_items) for k, v in totals.items()})
-        step_metrics.update(meter.end_step(time.perf_counter() - step_start, self.dist.world_size))
+        step_metrics.update({f"train/{k}": self.reduce_train_metric(k, v, result.num_items)
+                             for k, v in result.sums.items()})
+        step_metrics.update(self._meter.end_step(time.perf_counter() - step_start, self.dist.world_size))
         return step_metrics
-
-    def _clip_gradients(self) -> float:
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.config.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm) if parameters else torch.zeros(())
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-    def _no_sync(self, sync: bool):
-        return contextlib.nullcontext() if sync else parallel.no_sync(self.train_model)
 
     def _due(self, strategy: str, every: int, epoch_ended: bool, is_last: bool) -> bool:
         if strategy == "steps":
             return self.global_step % every == 0 or is_last
         return strategy == "epoch" and (epoch_ended or is_last)
-
-    def _epoch_progress(self, plan: list) -> float:
-        if self.streamed:  # passes the stream's reader has completed (no length to divide by)
-            return float(self.train_dataset.epoch)
-        return self.epoch + self.batch_index / max(1, len(plan))
 
     @property
     def streamed(self) -> bool:
@@ -389,7 +350,7 @@ class Trainer:
             batch = self.collate(batches[index] if weight else batches[0], dataset)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                for key, value in self.eval_sums(model, batch).items():
+                for key, value in self.eval_sums(model, batch, dataset).items():
                     sums[key] += weight * value.double()
         totals = {key: float(all_reduce_sum(value)) for key, value in sums.items()}
         metrics = self.eval_metrics(totals)
@@ -432,210 +393,9 @@ class Trainer:
                   f"(save_strategy={self.config.save_strategy}): final/ holds the last step's weights")
         return None
 
-    # ------------------------------------------------------------------------------------- checkpoints
-    def trainer_state(self) -> dict[str, Any]:
-        return {
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "batch_index": self.batch_index,
-            "best_metric": self.best_metric,
-            "best_checkpoint": self.best_checkpoint,
-            "best_step": self.best_step,
-            "evals_without_improvement": self.evals_without_improvement,
-            "world_size": self.dist.world_size,
-            "non_finite_skips": self.nan_guard.state_dict(),
-        }
-
-    def save_checkpoint(self) -> Path:
-        """Write checkpoint-<step> atomically (main rank) and rotate old ones, keeping the best."""
-        folder = self.run_dir / f"checkpoint-{self.global_step}"
-        require_finite_weights(self.model, folder, self.global_step, self.run_dir)
-        if self.best_step == self.global_step:  # this checkpoint holds the best weights so far
-            self.best_checkpoint = str(folder)
-        model, optimizer = self._gather_for_save(), self._optimizer_for_checkpoint().gather()
-        stage_state = self.stage_state()  # on every rank: a stage may gather shards
-        # Every rank's stream position (collective), so each rank continues exactly where it stopped.
-        data_state = dumps_states(all_gather_objects(self.train_dataset.state_dict())) if self.streamed else None
-        if self.dist.is_main:
-            ckpt.save_checkpoint(
-                folder, model=model, tokenizer=self.tokenizer, optimizer=optimizer, scheduler=self.scheduler,
-                scaler=self.scaler, trainer_state=self.trainer_state(), config_yaml=_config_yaml(self.config),
-                stage_state=stage_state, data_state=data_state,
-            )
-            best = Path(self.best_checkpoint) if self.best_checkpoint else None
-            ckpt.rotate_checkpoints(self.run_dir, self.config.save_total_limit, keep=best)
-            self._log(f"saved {folder}")
-        barrier()
-        fire(self.callbacks, "on_save", self, str(folder))
-        return folder
-
-    def _gather_for_save(self):
-        """The object whose save_pretrained writes the model; under FSDP the full weights are gathered (all ranks)."""
-        return parallel.GatheredModel(self.model) if parallel.is_fsdp(self.model) else self.model
-
-    def _optimizer_for_checkpoint(self) -> parallel.FullStateOptimizer:
-        """The optimizer as checkpoints see it: full state keyed by parameter name, so N ranks resume on M."""
-        return parallel.FullStateOptimizer(self.model, self.optimizer)
-
-    def _restore_stage_state(self, folder: Path) -> None:
-        """The stage's own state saved in checkpoint `folder` (stage_state.pt), when it saved one."""
-        stage_state = ckpt.load_stage_state(folder)
-        if stage_state is not None:
-            self.load_stage_state(stage_state)
-
-    def _load_model_weights(self, folder: Path) -> None:
-        if parallel.is_fsdp(self.model):
-            parallel.load_full_weights(self.model, folder)
-        else:
-            ckpt.load_model_weights(self.model, folder)
-
-    def _save_model(self, folder: Path) -> None:
-        require_finite_weights(self.model, folder, self.global_step, self.run_dir)
-        model = self._gather_for_save()
-        if self.dist.is_main:
-            ckpt.save_model(folder, model=model, tokenizer=self.tokenizer, config_yaml=_config_yaml(self.config))
-        barrier()
-
-    def load_from_checkpoint(self, path: str | Path) -> None:
-        """Load weights and training position from a checkpoint; the next train() continues exactly from there."""
-        folder = Path(path)
-        state = ckpt.load_trainer_state(folder)
-        data_state = ckpt.load_data_state(folder)
-        if self.train_dataset is not None and self.streamed != (data_state is not None):
-            raise RlhfTimeError(f"{folder}: saved with streaming: {str(data_state is not None).lower()}; resume it with "
-                                f"the same setting")
-        if not self.streamed:  # a stream restores each rank's own position (data_state.json)
-            check_data_position(folder, self.config, state.get("world_size", 1), self.dist.world_size)
-        self._load_model_weights(folder)
-        self.global_step = state["global_step"]
-        self.epoch, self.batch_index = state["epoch"], state["batch_index"]
-        self.best_metric, self.best_checkpoint = state["best_metric"], state["best_checkpoint"]
-        self.best_step = state.get("best_step")
-        self.evals_without_improvement = state["evals_without_improvement"]
-        self.nan_guard.load_state_dict(state.get("non_finite_skips", {}))  # absent in older checkpoints: none
-        if state.get("world_size", 1) != self.dist.world_size:
-            # The data plan is sharded per rank; re-map the position to the same point in the global plan.
-            self.batch_index = state["batch_index"] * state["world_size"] // self.dist.world_size
-        if self.streamed:
-            self.train_dataset.load_state_dict(loads_states(data_state))
-        self._restore_stage_state(folder)
-        self._resume_from = self._resumed_checkpoint = folder
-        self._log(f"resumed from {folder} at step {self.global_step} (epoch {self.epoch}, batch {self.batch_index})")
-        if self.optimizer is not None:
-            ckpt.load_optimizer_states(folder, self._optimizer_for_checkpoint(), self.scheduler, self.scaler)
-            ckpt.restore_rng(folder, state)
-            self._resume_from = None
-
-    # -------------------------------------------------------------------------------------- inference
-    @property
-    def inference(self):
-        """predict / chat / score on the model being trained, laid out as in training (rlhf_time.inference)."""
-        from rlhf_time.inference import InferenceModel
-
-        return InferenceModel(self.model, self.tokenizer, self.config, self.family, head=self.model_head)
-
-    def predict(self, prompts: list[str], **generation: Any) -> list[str]:
-        """Answer each prompt (single-turn); keyword overrides: max_new_tokens, do_sample, temperature, top_p, top_k."""
-        return self.inference.predict(prompts, **generation)
-
-    def chat(self, messages: list[dict[str, str]], **generation: Any) -> str:
-        """The assistant's reply to a conversation of {"role", "content"} messages."""
-        return self.inference.chat(messages, **generation)
-
-    # ---------------------------------------------------------------------------- helpers for stages
-    def final_hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        """(final hidden states (B, T, H), lm_head) of `model` -- or (logits (B, T, V), None) when its head cannot be
-        applied outside forward: LoRA on lm_head, or FSDP (lm_head's weight is only a shard outside forward).
-
-        Losses formed from hidden states project only target positions, a chunk at a time: never (B, T, V) in fp32.
-        """
-        core = getattr(model, "module", model)  # DDP keeps the model in .module
-        lm_head = core.get_output_embeddings()
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        if type(lm_head) is not nn.Linear or parallel.is_fsdp(core):
-            return model(**inputs, use_cache=False).logits, None
-        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        return outputs.hidden_states[-1], lm_head
-
-    def record_metrics(self, metrics: dict[str, float]) -> None:
-        """Add stage metrics (already reduced over ranks) to this step's logged metrics, e.g. from prepare_step."""
-        self._stage_metrics.update(metrics)
-
-    def data_cache_dir(self) -> str:
-        return self.config.data_cache_dir or str(self.config.run_dir.parent / ".cache")
-
-    # -------------------------------------------------------------------------------------- stage hooks
-    def auxiliary_models(self) -> list[AuxiliaryModel]:
-        """The frozen models this stage needs besides the policy (built once into `self.aux[name]`)."""
-        return []
-
-    def load_dataset(self, path: str, max_samples: Optional[int]):
-        """The tokenised data set of `path`, of this stage's data_kind (cached under data_cache_dir); with
-        streaming, the train data as this rank's endless stream of micro-batches."""
-        if self.config.streaming and path.role == "train":
-            return StreamedBatches(self.data_kind, path, self.tokenizer, self.config, rank=self.dist.rank,
-                                   world_size=self.dist.world_size, max_samples=max_samples)
-        return load_dataset_of_kind(self.data_kind, path, self.tokenizer, self.config, cache_dir=self.data_cache_dir(),
-                                    max_samples=max_samples)
-
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
-        """The micro-batch (tensors) of these example indices of `dataset` (default: the train set)."""
-        raise NotImplementedError
-
-    def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Turn a step's collated micro-batches into what the loss trains on, before their items are counted.
-
-        Runs once per loop step on this rank's micro-batches: on-policy stages generate, score and compute
-        advantages or reference log-probs here, so the step's loss is still divided by the items of the whole step
-        (all micro-batches, all ranks). Default: the batches as collated.
-        """
-        return micro_batches
-
-    def update(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """How one loop step updates the model. Default: one optimiser step; stages that reuse one prepared batch
-        (several epochs or mini-batches over a rollout) call self.optimizer_step several times and return the
-        metrics to log (and set optimizer_steps_per_update to match)."""
-        return self.optimizer_step(micro_batches)
-
-    def optimizer_steps_per_update(self) -> int:
-        """Optimiser (and scheduler) steps each `update` takes; the schedule spans total_steps x this."""
-        return 1
-
-    def stage_state(self) -> Optional[dict[str, Any]]:
-        """The stage's own trained state to checkpoint besides the policy (e.g. a critic and its optimizer):
-        tensors and plain values, saved as stage_state.pt. Called on every rank. Default: none."""
-        return None
-
-    def load_stage_state(self, state: dict[str, Any]) -> None:
-        """Restore what stage_state() returned, when resuming from a checkpoint."""
-
-    def count_items(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many loss items (target tokens, pairs) a batch holds; the step loss is divided by their sum."""
-        raise NotImplementedError
-
-    def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
-        """(loss already divided by num_items, {metric name: summed value}) for one micro-batch."""
-        raise NotImplementedError
-
-    def reduce_train_metric(self, name: str, total: float, num_items: int) -> float:
-        """Turn a summed training metric into the logged value (default: per item)."""
-        return total / max(1, num_items)
-
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        raise NotImplementedError
-
     def _log(self, message: str) -> None:
         if self.dist.is_main:
             log.info(message)
-
-
-def _config_yaml(config: TrainingConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 def _quiet_libraries() -> None:

@@ -20,7 +20,7 @@ from rlhf_time.stages.section import Section
 
 @dataclass(frozen=True)
 class Stage:
-    trainer: str  # "module:Class", imported only when the stage runs
+    trainer: str | type  # "module:Class", imported only when the stage runs (or the class itself)
     sections: tuple[str, ...] = ()  # the option sections the stage reads (its own first)
 
 
@@ -44,3 +44,15 @@ STAGES: dict[str, Stage] = {
 }
 
 STAGE_TRAINERS: dict[str, str] = {name: stage.trainer for name, stage in STAGES.items()}
+
+
+def register_stage(name: str, trainer: str | type, sections: tuple[str, ...] = ()) -> None:
+    """Add a stage defined outside the package (a trainer class, or "module:Class"): `TrainingConfig(stage=name)`
+    then accepts it with the option sections it reads (existing ones, e.g. "rollout"), and
+    `rlhf_time.stages.trainers.trainer_for` builds it. The built-in stages are the two tables above."""
+    unknown = [section for section in sections if section not in SECTIONS]
+    if unknown:
+        raise ValueError(f"stage {name!r}: unknown option sections {unknown}; known: {', '.join(SECTIONS)}")
+    if name in STAGES:
+        raise ValueError(f"stage {name!r} already exists")
+    STAGES[name] = Stage(trainer, tuple(sections))

@@ -30,12 +30,12 @@ class DPOTrainer(PreferenceTrainer):
         super().__init__(config)
         self.dpo_loss = create_loss("dpo", beta=config.dpo.beta, loss_type=config.dpo.loss_type,
                                     label_smoothing=config.dpo.label_smoothing, reduction="none")
-        self._precomputed: dict[int, torch.Tensor] = {}  # id(dataset) -> (N, 2) reference log-probs
+        self._precomputed: dict[str, torch.Tensor] = {}  # "train" / "eval" -> (N, 2) reference log-probs
         if config.dpo.precompute_ref_logps:
             # Before any update the policy IS the reference: no copy is made at all.
-            for dataset in (self.train_dataset, self.eval_dataset):
+            for role, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
                 if dataset is not None:
-                    self._precomputed[id(dataset)] = self._reference_logps_of(dataset)
+                    self._precomputed[role] = self._reference_logps_of(dataset)
 
     def auxiliary_models(self) -> list[AuxiliaryModel]:
         """The reference is `ref_model` when given, else the initial policy: a frozen copy, unless LoRA (the policy
@@ -53,11 +53,11 @@ class DPOTrainer(PreferenceTrainer):
         return self.aux.get("reference")
 
     # -------------------------------------------------------------------------------------------- data
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
-        dataset = dataset if dataset is not None else self.train_dataset
+    def collate(self, indices: list[int], dataset) -> dict[str, torch.Tensor]:
         batch = super().collate(indices, dataset)
-        if id(dataset) in getattr(self, "_precomputed", {}):
-            reference = self._precomputed[id(dataset)][indices]  # (B, 2)
+        role = "train" if dataset is self.train_dataset else "eval" if dataset is self.eval_dataset else None
+        if role in getattr(self, "_precomputed", {}):  # (empty while _reference_logps_of is filling it)
+            reference = self._precomputed[role][indices]  # (B, 2)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = reference[:, 0], reference[:, 1]
         return batch
 
@@ -129,7 +129,7 @@ class DPOTrainer(PreferenceTrainer):
         per_pair, metrics = self._pair_terms(model, batch)
         return per_pair.sum() / num_items, metrics
 
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], dataset) -> dict[str, torch.Tensor]:
         per_pair, metrics = self._pair_terms(model, batch)
         return {"loss_sum": per_pair.sum(), "pairs": torch.tensor(float(per_pair.numel()), device=per_pair.device),
                 **metrics}

@@ -15,7 +15,7 @@ from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.tokenize import truncate
-from rlhf_time.generation import sample_completions
+from rlhf_time.experience.sampler import SamplingParams, sampling_generator
 from rlhf_time.loss import chunked_kd_loss
 from rlhf_time.runtime import parallel
 from rlhf_time.runtime.auxiliary import AuxiliaryModel
@@ -53,7 +53,7 @@ class KDTrainer(SFTrainer):
         loss, sums = self.kd_terms(model, batch, num_items, self.config.label_smoothing)
         return loss, {"kd_loss": sums["kd"], "ce_loss": sums["ce"]}
 
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], dataset) -> dict[str, torch.Tensor]:
         _, sums = self.kd_terms(model, batch, None, 0.0)
         return {"loss_sum": sums["ce"], "kd_sum": sums["kd"], "correct": sums["correct"], "tokens": sums["tokens"]}
 
@@ -63,31 +63,37 @@ class KDTrainer(SFTrainer):
         return metrics
 
     # -------------------------------------------------------------------------------- on-policy steps
-    def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]], dataset) -> list[dict[str, torch.Tensor]]:
         """With probability kd_on_policy_ratio (the same draw on every rank, from seed and step), replace each
         example's reply by the student's own sample; the teacher then scores the student's tokens."""
         ratio = self.config.kd.on_policy_ratio
         on_policy = ratio > 0 and random.Random(f"{self.config.seed}:{self.global_step}").random() < ratio
         self.record_metrics({"train/on_policy": float(on_policy)})
-        return [self.student_rollout(batch) for batch in micro_batches] if on_policy else micro_batches
+        if not on_policy:
+            return micro_batches
+        return [self.student_rollout(batch, i) for i, batch in enumerate(micro_batches)]
 
-    def student_rollout(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch's prompts (everything before each row's last reply) continued by the student; targets = the
-        sampled tokens, up to and including the stop token."""
+    def student_rollout(self, batch: dict[str, torch.Tensor], micro_index: int = 0) -> dict[str, torch.Tensor]:
+        """The batch's prompts (everything before each row's last reply) continued by the student through the one
+        sampler (rlhf_time.experience.sampler; its RNG a pure function of seed, step, rank and micro-batch, so a
+        resumed run samples what the uninterrupted one did); targets = the sampled tokens, up to and including the
+        stop token."""
         config = self.config
         prompts = []
         for ids, labels, length in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
                                        batch["attention_mask"].sum(-1).tolist()):
             prompts.append(ids[: _last_reply_start(labels[:length])])
         room = config.max_seq_length - max(map(len, prompts))
-        completions = sample_completions(
-            self.model, prompts, pad_token_id=self.tokenizer.pad_token_id,
-            stop_token_ids=self.inference.stop_token_ids(), max_new_tokens=max(1, min(config.max_new_tokens, room)),
-            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-            synced_gpus=parallel.is_fsdp(self.model),
-        )
+        params = SamplingParams(max_new_tokens=max(1, min(config.max_new_tokens, room)),
+                                pad_token_id=self.tokenizer.pad_token_id,
+                                stop_token_ids=tuple(self.inference.stop_token_ids()), temperature=config.temperature,
+                                top_p=config.top_p, top_k=config.top_k,
+                                stop_early=not parallel.is_fsdp(self.model))  # FSDP ranks must run the same forwards
+        generator = sampling_generator(config.seed, self.global_step, self.dist.rank, micro_index, self.device)
+        with self._autocast():
+            rollout = self.sampling_engine.sample(prompts, params, generator=generator)
         examples = []
-        for prompt, completion in zip(prompts, completions):
+        for prompt, completion in zip(prompts, rollout.completion_lists()):
             ids, labels, _ = truncate(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion, config.max_seq_length)
             examples.append({"input_ids": ids, "labels": labels})
         return self.collator(examples)

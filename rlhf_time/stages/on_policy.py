@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
+from rlhf_time.experience.experience import Experience, collect, experience_metrics, score
+from rlhf_time.experience.rewards import RewardModelReward, RewardScorer, load_reward_function
+from rlhf_time.experience.sampler import Rollout, SamplingParams, sampling_generator
 from rlhf_time.loss import chunked_token_logps, token_entropy, token_logps
 from rlhf_time.models.checks import require_reward_model
-from rlhf_time.experience.rewards import RewardModelReward, RewardScorer, load_reward_function
-from rlhf_time.experience.sampler import Rollout, sample
 from rlhf_time.runtime import parallel
 from rlhf_time.runtime.auxiliary import AuxiliaryModel
 from rlhf_time.runtime.loop import Trainer
@@ -89,63 +88,52 @@ class PromptTrainer(Trainer):
     def load_dataset(self, path: str, max_samples: Optional[int]) -> PromptDataset:
         return load_prompt_dataset(path, self.tokenizer, self.config, max_samples=max_samples)
 
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
-        """Prompt indices only: the tensors the loss trains on are made in prepare_step."""
-        dataset = dataset if dataset is not None else self.train_dataset
-        return {"prompt_index": torch.tensor(indices, dtype=torch.long),
-                "dataset": torch.tensor(self.dataset_key(dataset))}
-
-    def dataset_key(self, dataset: PromptDataset) -> int:
-        """A small integer naming `dataset` inside a batch (train, eval, or one passed to evaluate())."""
-        known = self.__dict__.setdefault("prompt_datasets", [])
-        if not any(d is dataset for d in known):
-            known.append(dataset)
-        return next(i for i, d in enumerate(known) if d is dataset)
-
-    def prompt_dataset(self, batch: dict[str, torch.Tensor]) -> PromptDataset:
-        return self.prompt_datasets[int(batch["dataset"])]
+    def collate(self, indices: list[int], dataset: PromptDataset) -> dict[str, torch.Tensor]:
+        """Prompt indices only: the tensors the loss trains on are made in prepare_step, which gets the dataset."""
+        return {"prompt_index": torch.tensor(indices, dtype=torch.long)}
 
     # ------------------------------------------------------------------------------- sampling, scoring
     def stop_token_ids(self) -> list[int]:
         return self.inference.stop_token_ids()
 
+    def sampling_params(self, *, greedy: bool) -> SamplingParams:
+        config = self.config
+        return SamplingParams(max_new_tokens=config.rollout.max_completion_length,
+                              pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=tuple(self.stop_token_ids()),
+                              do_sample=not greedy, temperature=config.temperature, top_p=config.top_p,
+                              top_k=config.top_k,
+                              stop_early=not parallel.is_fsdp(self.model))  # FSDP ranks must run the same forwards
+
     def sample_rollout(self, prompt_ids: list[list[int]], *, num_samples: int = 1, greedy: bool,
                        generator: Optional[torch.Generator]) -> Rollout:
-        """num_samples completions of each prompt by the current policy, batched with a KV cache (tests override
-        this to inject completions)."""
-        config = self.config
+        """num_samples completions of each prompt by the current policy, through the trainer's sampling engine
+        (tests override this to inject completions)."""
         with self._autocast():
-            return sample(self.model, prompt_ids, num_samples=num_samples, max_new_tokens=config.rollout.max_completion_length,
-                          pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=self.stop_token_ids(),
-                          do_sample=not greedy, temperature=config.temperature, top_p=config.top_p,
-                          top_k=config.top_k, generator=generator,
-                          stop_early=not parallel.is_fsdp(self.model))  # FSDP ranks must run the same forwards
+            return self.sampling_engine.sample(prompt_ids, self.sampling_params(greedy=greedy),
+                                               num_samples=num_samples, generator=generator)
 
     def sampling_generator(self, micro_index: int) -> torch.Generator:
-        """The sampling RNG of one micro-batch, a pure function of (seed, step, rank, micro-batch): a resumed run
-        samples exactly what the uninterrupted run sampled, and ranks sample independently."""
-        seed = np.random.SeedSequence([self.config.seed, self.global_step, self.dist.rank, micro_index])
-        return torch.Generator(device=self.device).manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+        """The sampling RNG of one micro-batch of this step (see rlhf_time.experience.sampler.sampling_generator)."""
+        return sampling_generator(self.config.seed, self.global_step, self.dist.rank, micro_index, self.device)
 
-    def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout, repeat: int = 1):
-        """(weighted rewards (N,), each function's values, completion texts) of a rollout of dataset[indices], each
-        prompt's `repeat` completions in consecutive rows."""
-        completion_ids = rollout.completion_lists()
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [dataset.prompts[i] for i in indices for _ in range(repeat)]
-        columns = {**dataset.reward_columns(indices, repeat), "completion_ids": completion_ids}
-        totals, per_function = self.rewards(prompts, texts, columns)
-        return torch.tensor(totals, dtype=torch.float32), per_function, texts
+    def score_rollout(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
+                      group_size: int = 1) -> Experience:
+        """A rollout of dataset[indices] (each prompt's group_size completions in consecutive rows), scored."""
+        return score(self.rewards, self.tokenizer, dataset, indices, rollout, group_size)
 
-    @staticmethod
-    def rollout_batch(rollout: Rollout) -> dict[str, torch.Tensor]:
-        """The tensors of a rollout a micro-batch trains on; labels mark the sampled tokens (log-probs are taken
-        there), loss_mask the completion tokens (N, C), old_logps sampling's own log-probs."""
-        labels = rollout.input_ids.masked_fill(rollout.attention_mask == 0, IGNORE_INDEX)
-        labels[:, : rollout.prompt_length] = IGNORE_INDEX
-        return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
-                "position_ids": rollout.position_ids, "labels": labels, "loss_mask": rollout.completion_mask,
-                "old_logps": rollout.logps, "truncated": rollout.truncated, "entropies": rollout.entropies}
+    def collect_experience(self, micro_batches: list[dict[str, torch.Tensor]], dataset: PromptDataset,
+                           group_size: int = 1) -> list[Experience]:
+        """The step's experience, one per micro-batch of prompt indices: sampled (group_size per prompt), scored,
+        its metrics recorded under the names every on-policy stage shares, a few samples logged."""
+        experiences = collect(self.sample_rollout, self.rewards, self.tokenizer, dataset,
+                              [batch["prompt_index"].tolist() for batch in micro_batches], group_size=group_size,
+                              generators=[self.sampling_generator(i) for i in range(len(micro_batches))])
+        for experience in experiences:
+            experience.rollout = experience.rollout.to(self.device)
+        self.record_metrics(experience_metrics(experiences, self.rewards.names))
+        if self.dist.is_main and (self.global_step + 1) % self.config.logging_steps == 0:
+            self._log_samples(dataset, experiences[0])
+        return experiences
 
     # ------------------------------------------------------------------------------------------ log-probs
     def completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], *, with_entropy: bool = False):
@@ -216,9 +204,14 @@ class PromptTrainer(Trainer):
                 self.model.train(was_training)
 
     # ------------------------------------------------------------------------------------------ samples
-    def log_samples(self, records: list[dict[str, Any]], value_key: str) -> None:
-        """A few prompts, completions and their reward (`value_key`) of this step: appended to completions.jsonl in
+    def _log_samples(self, dataset: PromptDataset, experience: Experience) -> None:
+        """The first completion of a few prompts of this step with its rewards: appended to completions.jsonl in
         the run folder, and a TensorBoard text table when TensorBoard is on."""
+        group, step = experience.group_size, self.global_step + 1
+        records = [{"step": step, "prompt": dataset.prompts[experience.indices[row // group]],
+                    "completion": experience.texts[row], "reward": float(experience.rewards[row]),
+                    **{name: experience.per_function[f][row] for f, name in enumerate(self.rewards.names)}}
+                   for row in range(0, min(len(experience.texts), SAMPLES_LOGGED * group), group)]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
@@ -227,21 +220,20 @@ class PromptTrainer(Trainer):
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._text_writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
-            table = f"| prompt | completion | {value_key} |\n|---|---|---|\n" + "\n".join(
-                f"| {r['prompt']} | {r['completion']} | {r[value_key]:.3f} |" for r in records)
+            table = "| prompt | completion | reward |\n|---|---|---|\n" + "\n".join(
+                f"| {r['prompt']} | {r['completion']} | {r['reward']:.3f} |" for r in records)
             self._text_writer.add_text("completions", table, records[0]["step"])
             self._text_writer.flush()
 
     # --------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], dataset: PromptDataset) -> dict[str, torch.Tensor]:
         """Rewards of greedy completions of the eval prompts, summed (in total and per reward function)."""
-        dataset = self.prompt_dataset(batch)
         indices = batch["prompt_index"].tolist()
         rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], num_samples=1, greedy=True,
                                       generator=None)
-        rewards, per_function, _ = self.score(dataset, indices, rollout)
-        device = self.device
+        experience = self.score_rollout(dataset, indices, rollout)
+        rewards, per_function, device = experience.rewards, experience.per_function, self.device
         sums = {"reward_sum": rewards.sum().to(device), "prompts": torch.tensor(float(len(indices)), device=device),
                 "length_sum": rollout.completion_lengths.sum().float().to(device)}
         for f, name in enumerate(self.rewards.names):

@@ -15,7 +15,6 @@ prompts) are GRPO's: rlhf_time.stages.on_policy.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -28,13 +27,14 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.loss import (AdaptiveKLController, clipped_tokens, create_loss, explained_variance, gae, k3_kl,
                             masked_moments, masked_whiten, token_rewards)
 from rlhf_time.models.checks import require_reward_model
-from rlhf_time.experience.sampler import Rollout
+from rlhf_time.experience.experience import Experience
 from rlhf_time.runtime import checkpoint as ckpt
 from rlhf_time.runtime import parallel
 from rlhf_time.experience.critic import CriticOptimizer, build_critic
 from rlhf_time.runtime.distributed import all_reduce_sum, barrier
 from rlhf_time.runtime.guards import NonFiniteGuard, require_finite_weights
-from rlhf_time.stages.on_policy import SAMPLES_LOGGED, PromptTrainer, disable_dropout
+from rlhf_time.runtime.update import ModelUpdate
+from rlhf_time.stages.on_policy import PromptTrainer, disable_dropout
 
 
 class PPOTrainer(PromptTrainer):
@@ -54,25 +54,24 @@ class PPOTrainer(PromptTrainer):
         steps = (self.total_steps() if self.train_dataset is not None else 1) * self.optimizer_steps_per_update()
         self.critic_optimizer = CriticOptimizer(self.critic, config, steps)
         self.critic_guard = NonFiniteGuard(config.nan_policy, config.nan_max_consecutive_skips, subject="critic")
+        self.critic_scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.critic_update = ModelUpdate(self.critic, self.train_critic, self.critic_optimizer.optimizer,
+                                         self.critic_optimizer.scheduler, self.critic_guard,
+                                         max_grad_norm=config.max_grad_norm, world_size=self.dist.world_size,
+                                         device=self.device, scaler=self.critic_scaler, autocast=self._autocast)
         self.value_loss = create_loss("value", clip_eps=config.ppo.value_clip, reduction="sum")
         self.policy_loss = create_loss("policy", clip_eps=config.rollout.epsilon, clip_eps_high=config.rollout.epsilon_high,
                                        reduction="none")
         self.update_history: list[dict[str, float]] = []  # each optimiser step of the last update (diagnostics)
 
     # ------------------------------------------------------------------------------------- experience
-    def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Sample one completion per prompt, score it, and turn each micro-batch into PPO's experience."""
+    def prepare_step(self, micro_batches: list[dict[str, torch.Tensor]], dataset) -> list[dict[str, torch.Tensor]]:
+        """Sample and score one completion per prompt (the shared experience path), then turn each micro-batch into
+        PPO's experience: old/reference log-probs, values, per-token rewards, GAE advantages and returns."""
         config = self.config
-        dataset = self.prompt_dataset(micro_batches[0])
-        prepared, scores, sampled = [], [], []
-        for i, batch in enumerate(micro_batches):
-            indices = batch["prompt_index"].tolist()
-            rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], greedy=False,
-                                          generator=self.sampling_generator(i)).to(self.device)
-            rewards, _, texts = self.score(dataset, indices, rollout)
-            sampled.append((indices, rewards, texts))
-            scores.append(self._adjusted_scores(rewards.to(self.device), rollout.truncated))
-            prepared.append(self._forward_experience(rollout))
+        experiences = self.collect_experience(micro_batches, dataset)
+        prepared = [self._forward_experience(e) for e in experiences]
+        scores = [self._adjusted_scores(e.rewards.to(self.device), e.rollout.truncated) for e in experiences]
         scaled = scores
         if config.ppo.whiten_rewards:  # unit spread, mean kept (Ziegler et al.): the sign of a score keeps its meaning
             flat = torch.cat(scores)
@@ -85,15 +84,13 @@ class PPOTrainer(PromptTrainer):
             rewards, non_score = token_rewards(batch["old_logps"], batch["ref_logps"], reward_score, mask,
                                                kl_coef=kl_coef)
             advantages, returns = gae(rewards, batch["values"], mask, gamma=config.ppo.gamma, lam=config.ppo.lam)
-            # scores: as the reward gave them (the logged train/score), before whitening
+            # scores: after missing_eos_penalty and reward_clip, before whitening (train/rlhf_reward)
             batch.update(scores=score, non_score_rewards=non_score, advantages=advantages, returns=returns)
         if config.ppo.whiten_advantages:
             moments = all_reduce_sum(sum(masked_moments(b["advantages"], b["loss_mask"]) for b in prepared))
             for batch in prepared:
                 batch["advantages"] = masked_whiten(batch["advantages"], batch["loss_mask"], moments=moments)
         self._record_experience_metrics(prepared, kl_coef)
-        if self.dist.is_main and (self.global_step + 1) % config.logging_steps == 0:
-            self._log_completions(dataset, *sampled[0])
         return prepared
 
     def _adjusted_scores(self, scores: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
@@ -106,10 +103,10 @@ class PPOTrainer(PromptTrainer):
         return scores
 
     @torch.no_grad()
-    def _forward_experience(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+    def _forward_experience(self, experience: Experience) -> dict[str, torch.Tensor]:
         """The tensors a micro-batch trains on. old_logps are recomputed by the forward the loss uses, so the first
         mini-batch of the first epoch has ratio exactly 1; sampling's own log-probs are kept to report the gap."""
-        batch = self.rollout_batch(rollout)
+        batch = experience.batch()
         batch["sampled_logps"] = batch["old_logps"]
         with self._autocast():
             batch["old_logps"] = self.completion_logps(self.model, batch) * batch["loss_mask"]
@@ -179,70 +176,53 @@ class PPOTrainer(PromptTrainer):
         return per_token.sum() / max(num_items, 1), metrics
 
     def critic_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """One step of the critic's own optimiser on these micro-batches, normalised like the policy's step."""
-        config, critic = self.config, self.train_critic
-        critic.train()
-        num_items = float(all_reduce_sum(torch.tensor(float(sum(self.count_items(b) for b in micro_batches)),
-                                                      device=self.device)))
-        sums = torch.zeros(2, device=self.device)  # value loss, clipped values
-        for i, batch in enumerate(micro_batches):
-            sync = i == len(micro_batches) - 1
-            with (parallel.no_sync(critic) if not sync else contextlib.nullcontext()), self._autocast():
-                values = self.completion_values(critic, batch)
-                mask = batch["loss_mask"]
-                loss = config.ppo.vf_coef * self.value_loss(values, batch["values"], batch["returns"], mask) / max(num_items, 1.0)
-            (loss * self.dist.world_size).backward()
-            clipped = ((values.detach() - batch["values"]).abs() > config.ppo.value_clip) & mask.bool()
-            sums += torch.stack([loss.detach() / config.ppo.vf_coef, clipped.sum().float()])
-        value_loss, clipped = all_reduce_sum(sums).tolist()
-        grad_norm = self.critic_optimizer.step(
-            lambda norm: self.critic_guard.allow_update(self.global_step + 1, value_loss, norm, self.run_dir))
-        metrics = {"train/value/loss": value_loss, "train/value/clipfrac": clipped / max(num_items, 1.0),
-                   "train/value/grad_norm": grad_norm}
-        if not self.critic_optimizer.last_update_applied:
+        """One step of the critic's optimiser on these micro-batches through the loop's machinery (ModelUpdate),
+        normalised like the policy's step: vf_coef x the clipped value loss summed over completion tokens / the
+        step's tokens (all micro-batches, all ranks)."""
+        result = self.critic_update.step(micro_batches, self.value_loss_of, self.count_items,
+                                         global_step=self.global_step + 1, run_dir=self.run_dir)
+        metrics = {"train/value/loss": result.loss / self.config.ppo.vf_coef,
+                   "train/value/clipfrac": result.sums["clipped"] / max(result.num_items, 1),
+                   "train/value/grad_norm": result.grad_norm}
+        if not result.applied:
             metrics["train/value/update_skipped"] = 1.0
         return metrics
 
+    def value_loss_of(self, critic: nn.Module, batch: dict[str, torch.Tensor], num_items: int):
+        """(vf_coef x clipped value loss / num_items, {"clipped": values clipped}) of one micro-batch."""
+        config, mask = self.config, batch["loss_mask"]
+        values = self.completion_values(critic, batch)
+        loss = config.ppo.vf_coef * self.value_loss(values, batch["values"], batch["returns"], mask) / max(num_items, 1)
+        clipped = ((values.detach() - batch["values"]).abs() > config.ppo.value_clip) & mask.bool()
+        return loss, {"clipped": clipped.sum().float()}
+
     # ---------------------------------------------------------------------------------------- metrics
     def _record_experience_metrics(self, prepared: list[dict[str, torch.Tensor]], kl_coef: float) -> None:
-        """Rollout statistics over all ranks; then the adaptive KL controller sees this step's KL."""
+        """PPO's own statistics over all ranks (the shared reward/length/entropy metrics are collect_experience's);
+        then the adaptive KL controller sees this step's KL."""
         device = self.device
-        sums = torch.zeros(9, dtype=torch.float64, device=device)
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         for b in prepared:
             mask = b["loss_mask"]
             k1 = ((b["old_logps"] - b["ref_logps"]) * mask).sum(-1)  # per-sequence KL estimates
             k3 = (k3_kl(b["old_logps"], b["ref_logps"]) * mask).sum(-1)
-            sums += torch.stack([
-                torch.tensor(float(mask.shape[0]), device=device), b["scores"].sum(), (b["scores"] ** 2).sum(),
-                b["non_score_rewards"].sum(), k1.sum(), k3.sum(), mask.sum().float(), b["truncated"].float().sum(),
-                (b["entropies"] * mask).sum(),
-            ]).double()
-        n, score, score_sq, non_score, k1, k3, tokens, truncated, entropy = all_reduce_sum(sums).tolist()
+            sums += torch.stack([torch.tensor(float(mask.shape[0]), device=device), b["scores"].sum(),
+                                 b["non_score_rewards"].sum(), k1.sum(), k3.sum()]).double()
+        n, score, non_score, k1, k3 = all_reduce_sum(sums).tolist()
         mismatch = max(float(((b["sampled_logps"] - b["old_logps"]).abs() * b["loss_mask"]).max()) for b in prepared)
         values = torch.cat([b["values"].flatten() for b in prepared])
         returns = torch.cat([b["returns"].flatten() for b in prepared])
         mask = torch.cat([b["loss_mask"].flatten() for b in prepared])
-        score_mean = score / max(n, 1.0)
+        n = max(n, 1.0)
         metrics = {
-            "train/score": score_mean,
-            "train/score_std": max(score_sq - n * score_mean**2, 0.0) ** 0.5 / max(n - 1.0, 1.0) ** 0.5,
-            "train/non_score_reward": non_score / max(n, 1.0),
-            "train/rlhf_reward": score_mean + non_score / max(n, 1.0),
-            "train/kl": k1 / max(n, 1.0), "train/kl_k3": k3 / max(n, 1.0), "train/kl_coef": kl_coef,
-            "train/completions/mean_length": tokens / max(n, 1.0),
-            "train/completions/truncated_ratio": truncated / max(n, 1.0),
-            "train/entropy": entropy / max(tokens, 1.0),
+            "train/non_score_reward": non_score / n,
+            "train/rlhf_reward": (score + non_score) / n,  # the objective: adjusted score + the KL part
+            "train/kl": k1 / n, "train/kl_k3": k3 / n, "train/kl_coef": kl_coef,
             "train/value/explained_variance": explained_variance(values, returns, mask, reduce=all_reduce_sum),
             "train/logps_sampling_gap": mismatch,  # max |sampling log-prob - training forward's| (this rank)
         }
         self.record_metrics(metrics)
-        self.kl_controller.update(k1 / max(n, 1.0), int(n))
-
-    def _log_completions(self, dataset, indices: list[int], scores: torch.Tensor, texts: list[str]) -> None:
-        """A few prompts, completions and scores of this step (see log_samples)."""
-        step = self.global_step + 1
-        self.log_samples([{"step": step, "prompt": dataset.prompts[index], "completion": text, "score": float(score)}
-                          for index, text, score in list(zip(indices, texts, scores.tolist()))[:SAMPLES_LOGGED]], "score")
+        self.kl_controller.update(k1 / n, int(n))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def train(self) -> dict[str, Any]:
@@ -270,14 +250,19 @@ class PPOTrainer(PromptTrainer):
         FSDP the shards are gathered (every rank calls this). A non-finite critic is never checkpointed."""
         target = self.run_dir / f"checkpoint-{self.global_step}" / ckpt.STAGE_STATE_FILE
         require_finite_weights(self.critic, target, self.global_step, self.run_dir)
-        return {"critic": parallel.full_weights(self.critic), "critic_optimizer": self.critic_optimizer.state_dict(),
-                "kl_controller": self.kl_controller.state_dict(), "critic_guard": self.critic_guard.state_dict()}
+        state = {"critic": parallel.full_weights(self.critic), "critic_optimizer": self.critic_optimizer.state_dict(),
+                 "kl_controller": self.kl_controller.state_dict(), "critic_guard": self.critic_guard.state_dict()}
+        if self.critic_scaler is not None:
+            state["critic_scaler"] = self.critic_scaler.state_dict()
+        return state
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
         parallel.load_full_state(self.critic, state["critic"])
         self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.critic_guard.load_state_dict(state.get("critic_guard", {}))  # absent in older checkpoints: none
+        if self.critic_scaler is not None and "critic_scaler" in state:
+            self.critic_scaler.load_state_dict(state["critic_scaler"])
 
 
 __all__ = ["PPOTrainer"]

@@ -14,9 +14,8 @@ class PreferenceTrainer(Trainer):
 
     data_kind = "preference"
 
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
+    def collate(self, indices: list[int], dataset) -> dict[str, torch.Tensor]:
         """Chosen rows then rejected rows, one (2B, T) batch, plus "margin" (B,)."""
-        dataset = dataset if dataset is not None else self.train_dataset
         return self.collator([dataset[i] for i in indices])
 
     @property

@@ -42,7 +42,7 @@ class RewardTrainer(PreferenceTrainer):
         metrics = {"accuracy": (chosen > rejected).float().sum(), "margin": (chosen - rejected).sum()}
         return loss_sum / num_items, metrics
 
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], dataset) -> dict[str, torch.Tensor]:
         chosen, rejected = self.rewards(model, batch)
         both = torch.cat([chosen, rejected])
         return {

@@ -21,8 +21,7 @@ class SFTrainer(Trainer):
     data_kind = "conversation"
     model_head = "causal_lm"
 
-    def collate(self, indices: list[int], dataset=None) -> dict[str, torch.Tensor]:
-        dataset = dataset if dataset is not None else self.train_dataset
+    def collate(self, indices: list[int], dataset) -> dict[str, torch.Tensor]:
         return self.collator([dataset[i] for i in indices])
 
     @property
@@ -58,7 +57,7 @@ class SFTrainer(Trainer):
             self._sft_loss = create_loss("sft", label_smoothing=self.config.label_smoothing)
         return self._sft_loss
 
-    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], dataset) -> dict[str, torch.Tensor]:
         """Summed cross-entropy (no smoothing), correct argmax predictions and target count over a batch."""
         hidden, lm_head = self.final_hidden_states(model, batch)
         return label_cross_entropy_and_hits(hidden, batch["labels"], lm_head, chunk_size=self.config.loss_chunk_size,

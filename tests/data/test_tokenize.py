@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from rlhf_time import TrainingConfig
 from rlhf_time.data import load_sft_dataset
-from rlhf_time.generation import render_generation_prompt
+from rlhf_time.inference import render_generation_prompt
 from tests.conftest import write_jsonl
 
 IGNORE = -100

@@ -10,6 +10,8 @@ from rlhf_time import TrainingConfig
 from rlhf_time.loss import create_loss
 from rlhf_time.models import load_tokenizer, model_family
 from rlhf_time.experience.critic import CriticOptimizer, build_critic, value_model_source
+from rlhf_time.runtime.guards import NonFiniteGuard
+from rlhf_time.runtime.update import ModelUpdate
 from rlhf_time.runtime.distributed import DistributedContext
 
 CPU = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))  # one process
@@ -78,13 +80,17 @@ def test_critic_optimizer_lowers_the_value_loss_on_a_fixed_batch(tmp_path, tiny_
     loss_mask = torch.tensor([[t < n for t in range(12)] for n in (12, 7, 3, 9)])
     returns = torch.randn(4, 12, generator=generator)
     value_loss = create_loss("value", clip_eps=10.0)
-    losses = []
-    for _ in range(8):
-        values = critic(ids, mask)
-        loss = value_loss(values, values.detach(), returns, loss_mask)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    # The critic steps through the loop's own machinery (as PPO's critic_step does).
+    update = ModelUpdate(critic, critic, optimizer.optimizer, optimizer.scheduler,
+                         NonFiniteGuard("stop", 3, subject="critic"), max_grad_norm=config.max_grad_norm,
+                         world_size=1, device=torch.device("cpu"))
+
+    def loss_fn(model, batch, num_items):
+        values = model(batch["ids"], batch["mask"])
+        return value_loss(values, values.detach(), batch["returns"], batch["loss_mask"]), {}
+
+    batch = {"ids": ids, "mask": mask, "loss_mask": loss_mask, "returns": returns}
+    losses = [update.step([batch], loss_fn, lambda b: 1, global_step=i + 1, run_dir=tmp_path).loss for i in range(8)]
     assert losses[-1] < 0.5 * losses[0], losses
     state = optimizer.state_dict()
     restored = CriticOptimizer(critic, config, total_steps=10)

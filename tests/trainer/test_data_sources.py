@@ -62,7 +62,7 @@ def test_continued_pretraining_trains_on_every_token(tmp_path, tiny_model_dir):
     assert trainer.config.packing
     stats = trainer.train_dataset.stats
     assert stats.target_tokens == stats.total_tokens - stats.examples  # all but each example's first token
-    batch = trainer.collate(list(range(8)))
+    batch = trainer.collate(list(range(8)), trainer.train_dataset)
     # every position of every packed example is a target, except the first token of each example
     assert int((batch["labels"] != -100).sum()) == sum(len(trainer.train_dataset[i]["input_ids"]) - 1 for i in range(8))
     before = weights(trainer.model)

@@ -28,7 +28,7 @@ def test_first_loss_is_log2_and_logps_match_an_independent_computation(tmp_path,
     config = tiny_config(tmp_path, tiny_model_dir, stage="dpo", batch_size=4, max_steps=2, use_lora=use_lora,
                          lora_target_modules=None, learning_rate=1e-2, **preference_files(tmp_path, 8, 4))
     trainer = DPOTrainer(config)
-    batch = trainer.collate([0, 1, 2])
+    batch = trainer.collate([0, 1, 2], trainer.train_dataset)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     independent = independent_logps(base, batch["input_ids"], batch["labels"])  # (2B,) chosen then rejected
     torch.testing.assert_close(trainer.sequence_logps(trainer.model, batch).detach(), independent, rtol=1e-5, atol=1e-4)
@@ -72,7 +72,7 @@ def test_rpo_adds_the_per_token_nll_of_the_chosen_reply(tmp_path, tiny_model_dir
     config = tiny_config(tmp_path, tiny_model_dir, stage="dpo", dpo={"rpo_alpha": 0.5},
                          **preference_files(tmp_path, 4, 4))
     trainer = DPOTrainer(config)
-    batch = trainer.collate([0, 1, 2])
+    batch = trainer.collate([0, 1, 2], trainer.train_dataset)
     loss, _ = trainer.compute_loss(trainer.model, batch, num_items=3)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     chosen = independent_logps(base, batch["input_ids"][:3], batch["labels"][:3])

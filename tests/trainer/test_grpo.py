@@ -40,7 +40,7 @@ def full_logits_logps(model, batch, temperature):
 def test_generation_logps_equal_the_training_forward_and_nothing_is_clipped(tmp_path, tiny_model_dir, temperature):
     trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, temperature=temperature, eval_strategy="steps",
                                       eval_steps=2, report_to="tensorboard", overwrite_output_dir=True))
-    batch = trainer.prepare_step([trainer.collate([0, 1])])[0]
+    batch = trainer.prepare_step([trainer.collate([0, 1], trainer.train_dataset)], trainer.train_dataset)[0]
     mask = batch["labels"][:, -batch["old_logps"].shape[1]:] != -100
     assert torch.equal(mask, batch["loss_mask"]) and mask.any()
     recomputed = trainer.completion_logps(trainer.train_model, batch).detach()
@@ -79,7 +79,7 @@ def test_generation_logps_equal_the_training_forward_and_nothing_is_clipped(tmp_
 def test_the_shared_prompt_forward_equals_the_full_forward_with_gradients(tmp_path, tiny_model_dir):
     """A prompt read once for its G completions (cache repeated) gives the full forward's log-probs and gradients."""
     trainer = InjectedGRPOTrainer(grpo_config(tmp_path, tiny_model_dir, temperature=0.8))
-    batch = trainer.prepare_step([trainer.collate([0, 1, 2])])[0]
+    batch = trainer.prepare_step([trainer.collate([0, 1, 2], trainer.train_dataset)], trainer.train_dataset)[0]
     assert int(batch["group_size"]) == 4
     upstream = torch.randn_like(batch["old_logps"])
     results = []
@@ -98,7 +98,7 @@ def test_the_shared_prompt_forward_equals_the_full_forward_with_gradients(tmp_pa
 
 def test_flat_reward_groups_give_exactly_zero_gradient(tmp_path, tiny_model_dir):
     trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir), reward_funcs=[lambda p, c, **_: [0.5] * len(c)])
-    batch = trainer.prepare_step([trainer.collate([0, 1, 2])])[0]
+    batch = trainer.prepare_step([trainer.collate([0, 1, 2], trainer.train_dataset)], trainer.train_dataset)[0]
     assert torch.equal(batch["advantages"], torch.zeros(12))
     assert trainer._stage_metrics["train/frac_reward_zero_std"] == 1.0
     loss, _ = trainer.compute_loss(trainer.train_model, batch, trainer.count_items(batch))
@@ -128,7 +128,7 @@ def test_losses_equal_hand_computed_values(tmp_path, tiny_model_dir, loss_type):
                                               temperature=0.9))
     with torch.no_grad():  # the policy moves away from the reference, so the KL term is not 0
         next(trainer.model.parameters()).add_(0.05 * torch.randn_like(next(trainer.model.parameters())))
-    batch = trainer.prepare_step([trainer.collate([0, 1])])[0]
+    batch = trainer.prepare_step([trainer.collate([0, 1], trainer.train_dataset)], trainer.train_dataset)[0]
     loss, _ = trainer.compute_loss(trainer.train_model, batch, trainer.count_items(batch))
 
     texts = trainer.tokenizer.batch_decode([row[m].tolist() for row, m in zip(batch["input_ids"][:, -batch["loss_mask"].shape[1]:],
@@ -175,7 +175,7 @@ def test_kl_is_zero_at_the_first_step(tmp_path, tiny_model_dir, use_lora):
 def test_no_reference_model_without_kl(tmp_path, tiny_model_dir):
     trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, max_steps=1))
     assert trainer.aux == {}
-    batch = trainer.prepare_step([trainer.collate([0])])[0]
+    batch = trainer.prepare_step([trainer.collate([0], trainer.train_dataset)], trainer.train_dataset)[0]
     assert "ref_logps" not in batch
 
 
@@ -215,7 +215,7 @@ def held_out_reward(trainer, seed=123, samples=8):
                      max_new_tokens=config.rollout.max_completion_length, pad_token_id=trainer.tokenizer.pad_token_id,
                      stop_token_ids=trainer.stop_token_ids(), temperature=config.temperature, top_k=config.top_k,
                      generator=torch.Generator().manual_seed(seed))
-    rewards, _, _ = trainer.score(dataset, indices, rollout, samples)
+    rewards = trainer.score_rollout(dataset, indices, rollout, samples).rewards
     answers = trainer.predict(dataset.prompts)
     exact = sum(a == r for a, r in zip(answers, dataset.columns["response"])) / len(indices)
     return rewards.mean().item(), exact
@@ -241,7 +241,7 @@ def test_mask_truncated_completions_leaves_them_out_of_the_loss(tmp_path, tiny_m
     trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"mask_truncated_completions": True},
                                       rollout={"max_completion_length": 3, "reward_funcs": ["length_penalty"]},
                                       top_k=0))
-    batch = trainer.prepare_step([trainer.collate([0, 1, 2, 3])])[0]
+    batch = trainer.prepare_step([trainer.collate([0, 1, 2, 3], trainer.train_dataset)], trainer.train_dataset)[0]
     sampled = batch["labels"][:, -batch["loss_mask"].shape[1]:] != -100
     assert batch["truncated"].any()  # an untrained model rarely stops within 3 tokens
     assert torch.equal(batch["loss_mask"], sampled & ~batch["truncated"][:, None])
@@ -266,7 +266,8 @@ def test_a_reward_model_folder_is_one_more_reward(tmp_path, tiny_model_dir, tiny
     dataset = trainer.train_dataset
     rollout = trainer.sample_rollout([dataset.input_ids[i] for i in (0, 1)], num_samples=4, greedy=False,
                                      generator=torch.Generator().manual_seed(0))
-    rewards, per_function, texts = trainer.score(dataset, [0, 1], rollout, 4)
+    scored = trainer.score_rollout(dataset, [0, 1], rollout, 4)
+    rewards, per_function, texts = scored.rewards, scored.per_function, scored.texts
     expected = InferenceModel.load(str(folder)).score([dataset.prompts[i] for i in (0, 1) for _ in range(4)], texts)
     assert per_function[1] == pytest.approx(expected, abs=1e-5)
     assert rewards.tolist() == pytest.approx(expected, abs=1e-5)  # weights 0 and 1

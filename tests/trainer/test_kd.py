@@ -50,7 +50,7 @@ def test_kd_term_equals_an_independent_full_logits_computation(tmp_path, tiny_mo
     trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir,
                                   kd={"loss_type": kind, "temperature": 2.0, "beta": 0.3},
                                   loss_chunk_size=7))
-    batch = trainer.collate([0, 1, 2, 3])
+    batch = trainer.collate([0, 1, 2, 3], trainer.train_dataset)
     loss, sums = trainer.kd_terms(trainer.model, batch, num_items=None, label_smoothing=0.0)
     student = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
@@ -69,7 +69,7 @@ def test_kd_term_equals_an_independent_full_logits_computation(tmp_path, tiny_mo
 @pytest.mark.parametrize("kind", KINDS)
 def test_student_equal_to_teacher_gives_zero_loss_and_zero_gradients(tmp_path, tiny_model_dir, kind):
     trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, tiny_model_dir, kd={"loss_type": kind, "temperature": 1.5}))
-    batch = trainer.collate([0, 1, 2])
+    batch = trainer.collate([0, 1, 2], trainer.train_dataset)
     loss, sums = trainer.kd_terms(trainer.model, batch, num_items=None, label_smoothing=0.0)
     loss.backward()
     assert sums["kd"].item() == pytest.approx(0.0, abs=1e-6)
@@ -117,7 +117,7 @@ def test_a_trained_teacher_teaches_a_fresh_student_without_any_ground_truth_loss
 def test_on_policy_steps_train_on_the_students_own_samples(tmp_path, tiny_model_dir, teacher_dir):
     trainer = KDTrainer(kd_config(tmp_path, tiny_model_dir, teacher_dir, kd={"on_policy_ratio": 1.0}, max_new_tokens=6,
                                   logging_steps=1, temperature=1.0))
-    batch = trainer.collate([0, 1, 2])
+    batch = trainer.collate([0, 1, 2], trainer.train_dataset)
     torch.manual_seed(0)
     rolled = trainer.student_rollout(batch)
     stop = set(trainer.inference.stop_token_ids())

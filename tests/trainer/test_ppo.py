@@ -27,7 +27,7 @@ def ppo_config(tmp_path, model_dir, **overrides):
 
 def first_rollout(trainer):
     plan = trainer.epoch_plan(0)[: trainer.config.gradient_accumulation_steps]
-    return trainer.prepare_step([trainer.collate(indices) for indices in plan])
+    return trainer.prepare_step([trainer.collate(indices, trainer.train_dataset) for indices in plan], trainer.train_dataset)
 
 
 def test_first_minibatch_has_ratio_one_and_nothing_clipped_and_kl_is_zero(tmp_path, tiny_model_dir):
@@ -47,7 +47,7 @@ def test_first_minibatch_has_ratio_one_and_nothing_clipped_and_kl_is_zero(tmp_pa
     assert any(m["train/policy/ratio_deviation"] > 0 for m in first_step_history[1:])
     assert len(first_step_history) == 4  # ppo_epochs x num_mini_batches
     assert recorder.steps[1]["train/kl"] != 0.0
-    for key in ("train/score", "train/score_std", "train/kl_coef", "train/value/explained_variance",
+    for key in ("train/reward", "train/reward_std", "train/kl_coef", "train/value/explained_variance",
                 "train/value/loss", "train/value/clipfrac", "train/completions/mean_length", "train/entropy",
                 "train/rlhf_reward"):
         assert key in step0, key
@@ -141,7 +141,7 @@ def test_resume_mid_run_is_exact(tmp_path, tiny_model_dir):
     rows = {}
     for name, trainer in (("full", full), ("resumed", resumed)):
         lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-        rows[name] = {line["step"]: (line["train/loss"], line["train/score"], line["train/value/loss"])
+        rows[name] = {line["step"]: (line["train/loss"], line["train/reward"], line["train/value/loss"])
                       for line in lines if "train/loss" in line}
     assert all(rows["resumed"][step] == rows["full"][step] for step in (3, 4))
 

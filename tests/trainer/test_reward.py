@@ -73,7 +73,7 @@ def test_reward_is_read_at_the_last_real_token_of_right_padded_rows(tmp_path, ti
     assert trainer.tokenizer.pad_token_id != trainer.tokenizer.eos_token_id
     lengths = trainer.train_dataset.lengths
     indices = sorted(range(len(lengths)), key=lengths.__getitem__)[::5][:4]  # rows of different lengths
-    batch = trainer.collate(indices)
+    batch = trainer.collate(indices, trainer.train_dataset)
     assert (batch["attention_mask"] == 0).any()  # some rows really are padded
     with torch.no_grad():
         chosen, rejected = trainer.rewards(trainer.model, batch)
@@ -94,7 +94,7 @@ def test_pairwise_loss_with_per_pair_margins_centering_and_identical_pairs(tmp_p
                          rm={"margin": 0.5, "centering": 0.01})
     trainer = RewardTrainer(config)
     assert len(trainer.train_dataset) == 4 and trainer.train_dataset.stats.identical_pairs_dropped == 1
-    batch = trainer.collate([0, 1, 2, 3])
+    batch = trainer.collate([0, 1, 2, 3], trainer.train_dataset)
     chosen, rejected = trainer.rewards(trainer.model, batch)
     loss, metrics = trainer.compute_loss(trainer.model, batch, num_items=8)  # as if the step had 8 pairs
     margins = torch.tensor([0.5, 2.0, 0.5, 0.5])

@@ -28,7 +28,7 @@ def test_the_stage_list_is_the_trainer_registry():
 
 
 def test_no_stage_overrides_a_private_method_of_the_loop():
-    private = {name for name in vars(Trainer) if name.startswith("_") and not name.startswith("__")}
+    private = {name for cls in Trainer.__mro__ for name in vars(cls) if name.startswith("_") and not name.startswith("__")}
     for stage, trainer in TRAINERS.items():
         for cls in trainer.__mro__[: trainer.__mro__.index(Trainer)]:
             assert private.isdisjoint(vars(cls)), f"{stage}: {cls.__name__} overrides {private & set(vars(cls))}"
@@ -59,7 +59,7 @@ class HalfTargets(SFTrainer):
 
     seen: list = []
 
-    def prepare_step(self, micro_batches):
+    def prepare_step(self, micro_batches, dataset):
         for batch in micro_batches:
             for row in batch["labels"]:
                 targets = (row != IGNORE_INDEX).nonzero().flatten()
@@ -126,7 +126,7 @@ class CountingStage(SFTrainer):
         super().__init__(config)
         self.tokens_seen = torch.zeros((), dtype=torch.long)
 
-    def prepare_step(self, micro_batches):
+    def prepare_step(self, micro_batches, dataset):
         self.tokens_seen += sum(self.count_items(b) for b in micro_batches)
         return micro_batches
 
@@ -148,3 +148,25 @@ def test_a_stage_state_is_checkpointed_and_restored(tmp_path, tiny_model_dir):
     assert resumed.tokens_seen == at_two > 0
     resumed.train()
     assert resumed.tokens_seen == full.tokens_seen
+
+
+def test_a_stage_registered_outside_the_package_is_a_stage(tmp_path, tiny_model_dir):
+    from rlhf_time.stages import STAGES, register_stage
+    from rlhf_time.stages.trainers import trainer_for
+
+    class Mine(SFTrainer):
+        pass
+
+    with pytest.raises(ValueError, match="unknown option sections"):
+        register_stage("mine", Mine, sections=("nonsense",))
+    with pytest.raises(ValueError, match="already exists"):
+        register_stage("sft", Mine)
+    register_stage("mine", Mine, sections=("rollout",))
+    try:
+        config = tiny_config(tmp_path, tiny_model_dir, stage="mine", rollout={"max_completion_length": 5})
+        assert config.rollout.max_completion_length == 5
+        with pytest.raises(ConfigError, match="grpo"):
+            TrainingConfig(stage="mine", grpo={"num_generations": 2})  # a section the stage does not read
+        assert type(trainer_for(config)) is Mine
+    finally:
+        STAGES.pop("mine")

@@ -1,0 +1,124 @@
+"""One path from prompts to experience for every on-policy stage: sample -> score -> per-step metrics.
+
+`collect` samples each micro-batch of prompt indices through a sampling engine, scores the completions with the
+reward scorer, and returns one `Experience` per micro-batch; `experience_metrics` turns a step's experience into
+the metrics every on-policy stage logs under the same names:
+
+    train/reward, train/reward_std, train/rewards/<fn>     the rewards as the reward functions / model gave them
+    train/frac_reward_zero_std                             groups whose completions all got the same reward (G > 1)
+    train/completions/{mean,min,max}_length, train/completions/truncated_ratio
+    train/entropy                                          of the sampling distribution, per sampled token
+
+A stage adds its own (GRPO's clip ratios, PPO's KL and value metrics) next to these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as torch_dist
+
+from rlhf_time.constants import IGNORE_INDEX
+from rlhf_time.data.prompts import PromptDataset
+from rlhf_time.experience.rewards import RewardScorer
+from rlhf_time.experience.sampler import Rollout
+from rlhf_time.runtime.distributed import all_reduce_sum
+
+
+@dataclass
+class Experience:
+    """One micro-batch of sampled, scored completions; rows i*G .. i*G+G-1 are prompt indices[i]'s G samples."""
+
+    indices: list[int]  # prompt indices in the data set
+    rollout: Rollout
+    rewards: torch.Tensor  # (N,) float32: the weighted sum of the rewards
+    per_function: list[list[Optional[float]]]  # each reward function's values (None: does not apply)
+    texts: list[str]  # the completions as the reward functions saw them
+    group_size: int = 1  # G completions per prompt
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        """The tensors a micro-batch trains on: the sequences, labels on the sampled tokens (log-probs are taken
+        there), loss_mask on the completion tokens (N, C), old_logps sampling's own log-probs."""
+        rollout = self.rollout
+        labels = rollout.input_ids.masked_fill(rollout.attention_mask == 0, IGNORE_INDEX)
+        labels[:, : rollout.prompt_length] = IGNORE_INDEX
+        return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+                "position_ids": rollout.position_ids, "labels": labels, "loss_mask": rollout.completion_mask,
+                "old_logps": rollout.logps, "truncated": rollout.truncated, "entropies": rollout.entropies}
+
+
+def score(scorer: RewardScorer, tokenizer, dataset: PromptDataset, indices: list[int], rollout: Rollout,
+          group_size: int = 1) -> Experience:
+    """A rollout of dataset[indices] (each prompt's group_size completions in consecutive rows), scored."""
+    completion_ids = rollout.completion_lists()
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompts = [dataset.prompts[i] for i in indices for _ in range(group_size)]
+    columns = {**dataset.reward_columns(indices, group_size), "completion_ids": completion_ids}
+    totals, per_function = scorer(prompts, texts, columns)
+    return Experience(indices, rollout, torch.tensor(totals, dtype=torch.float32), per_function, texts, group_size)
+
+
+def collect(sample: Callable[..., Rollout], scorer: RewardScorer, tokenizer, dataset: PromptDataset,
+            micro_batches: Sequence[list[int]], *, group_size: int = 1,
+            generators: Optional[Sequence[torch.Generator]] = None) -> list[Experience]:
+    """Each micro-batch of prompt indices sampled (`sample(prompt_ids, num_samples=, greedy=, generator=)`,
+    group_size completions per prompt) and scored."""
+    experiences = []
+    for i, indices in enumerate(micro_batches):
+        rollout = sample([dataset.input_ids[j] for j in indices], num_samples=group_size, greedy=False,
+                         generator=generators[i] if generators is not None else None)
+        experiences.append(score(scorer, tokenizer, dataset, indices, rollout, group_size))
+    return experiences
+
+
+def global_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sample standard deviation (n - 1) of `values` over all ranks (each rank passes its own)."""
+    n = all_reduce_sum(torch.tensor(float(values.numel()), device=values.device, dtype=torch.float64))
+    total = all_reduce_sum(values.double().sum())
+    squares = all_reduce_sum((values.double() ** 2).sum())
+    mean = total / n
+    std = ((squares - n * mean**2).clamp(min=0) / (n - 1).clamp(min=1)).sqrt()
+    return mean.to(values.dtype), std.to(values.dtype)
+
+
+def experience_metrics(experiences: Sequence[Experience], reward_names: Sequence[str]) -> dict[str, float]:
+    """The step's reward, group, length and entropy statistics over all ranks (the names in the module doc)."""
+    device = experiences[0].rollout.input_ids.device
+    rewards = torch.cat([e.rewards for e in experiences]).to(device)
+    lengths = torch.cat([e.rollout.completion_lengths for e in experiences]).float().to(device)
+    truncated = torch.cat([e.rollout.truncated for e in experiences]).float().to(device)
+    entropy = sum(e.rollout.entropies.sum() for e in experiences).to(device)  # 0 past each completion's end
+    mean, std = global_mean_std(rewards)
+    n = all_reduce_sum(torch.tensor(float(rewards.numel()), device=device))
+    sums = all_reduce_sum(torch.stack([lengths.sum(), truncated.sum(), entropy.float()]))
+    length, truncated_rows, entropy = sums.tolist()
+    n = max(float(n), 1.0)
+    metrics = {
+        "train/reward": float(mean), "train/reward_std": float(std),
+        "train/completions/mean_length": length / n,
+        "train/completions/min_length": _all_reduce(lengths.min(), torch_dist.ReduceOp.MIN),
+        "train/completions/max_length": _all_reduce(lengths.max(), torch_dist.ReduceOp.MAX),
+        "train/completions/truncated_ratio": truncated_rows / n,
+        "train/entropy": entropy / max(length, 1.0),
+    }
+    group = experiences[0].group_size
+    if group > 1:
+        grouped = rewards.view(-1, group)
+        flat = all_reduce_sum(torch.stack([(grouped.amax(1) == grouped.amin(1)).float().sum(),
+                                           torch.tensor(float(grouped.shape[0]), device=device)]))
+        metrics["train/frac_reward_zero_std"] = float(flat[0]) / max(float(flat[1]), 1.0)
+    for f, name in enumerate(reward_names):
+        values = [v for e in experiences for v in e.per_function[f] if v is not None]
+        total, count = all_reduce_sum(torch.tensor([float(sum(values)), float(len(values))], device=device)).tolist()
+        if count:
+            metrics[f"train/rewards/{name}"] = total / count
+    return metrics
+
+
+def _all_reduce(value: torch.Tensor, op) -> float:
+    value = value.detach().float().clone()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(value, op=op)
+    return float(value)
