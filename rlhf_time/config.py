@@ -2,22 +2,22 @@
 
 The field names and defaults of the original RLHF_time trainer are kept as they were; the rest are what a
 trainer needs beyond them. One YAML file mirrors this class field for field.
+
+Beside it: config_errors (ConfigError and the wording of its messages), config_checks (value checks a type cannot
+express), config_yaml (a YAML file and `key=value` overrides as plain values), config_docs (the reference).
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import os
-import re
-import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from rlhf_time.errors import RlhfTimeError
+from rlhf_time.config_checks import check_device, check_sections_belong_to_stage, first_non_finite
+from rlhf_time.config_errors import ConfigError, unknown_keys_message, validation_message
+from rlhf_time.config_yaml import read_yaml_mapping, resolve_relative_paths, typed_value
 from rlhf_time.stages import SECTIONS, STAGES
 
 MODEL_TYPES = ("Qwen", "Llama")
@@ -26,10 +26,6 @@ TINY_MODEL_NAME = "tiny"
 # This tool's record field names, which `columns` may map to the data's own column names.
 DATA_FIELDS = ("prompt", "response", "system", "messages", "conversations", "instruction", "input", "output",
                "chosen", "rejected", "margin", "text")
-
-
-class ConfigError(RlhfTimeError, ValueError):
-    """A config value is wrong: the message names the field and what is allowed."""
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -299,7 +295,7 @@ class TrainingConfig(_StageSections):
     @classmethod
     def _finite_numbers(cls, value: Any) -> Any:
         # Nested too: reward_weights=[nan] or mix_weights=[inf] would otherwise poison a run silently.
-        bad = _first_non_finite(value)
+        bad = first_non_finite(value)
         if bad is not None:
             where, number = bad
             raise ValueError(f"every number must be finite, {where} is {number}" if where else "must be a finite number")
@@ -363,20 +359,20 @@ class TrainingConfig(_StageSections):
     def __init__(self, **data: Any) -> None:
         unknown = [key for key in data if key not in type(self).model_fields]
         if unknown:
-            raise ConfigError(_unknown_keys_message(unknown, data.get("stage", "sft")))
-        _check_sections_belong_to_stage(data)
+            raise ConfigError(unknown_keys_message(unknown, TrainingConfig.model_fields, data.get("stage", "sft")))
+        check_sections_belong_to_stage(data)
         try:
             super().__init__(**data)
         except ValidationError as error:
-            raise ConfigError(_validation_message(error)) from None
+            raise ConfigError(validation_message(error)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in type(self).model_fields:
-            raise ConfigError(_unknown_keys_message([name], self.stage))
+            raise ConfigError(unknown_keys_message([name], TrainingConfig.model_fields, self.stage))
         try:
             super().__setattr__(name, value)
         except ValidationError as error:
-            raise ConfigError(_validation_message(error)) from None
+            raise ConfigError(validation_message(error)) from None
 
     # --- derived values ------------------------------------------------------------------------------
     @property
@@ -399,22 +395,7 @@ class TrainingConfig(_StageSections):
     def from_yaml(cls, path: str | Path, overrides: Optional[list[str]] = None) -> "TrainingConfig":
         """Read a YAML file (safe loader) and apply `key=value` overrides typed by the schema."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, whatever yaml says
-            raise ConfigError(f"{path}:{where} invalid YAML ({problem})") from None
-        except UnicodeDecodeError as error:
-            raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-        if values is None:  # an empty file would otherwise silently mean "all defaults" (an 8B download)
-            raise ConfigError(f"{path}: empty config; set at least model_name and train_file")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
-        values = resolve_relative_paths(values, path.parent)
+        values = resolve_relative_paths(read_yaml_mapping(path), path.parent)
         odd_keys = [key for key in values if not isinstance(key, str)]
         if odd_keys:  # e.g. `1: x` or a bare `?`: YAML allows any key, a config only field names
             raise ConfigError(f"{path}: config keys must be field names, got {odd_keys[0]!r}")
@@ -448,154 +429,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if dot:
             fields = SECTIONS[section].model_fields if section in SECTIONS else {}
             if name not in fields:
-                raise ConfigError(_unknown_keys_message([key]))
-            values.setdefault(section, {})[name] = _typed_value(fields[name].annotation, raw)
+                raise ConfigError(unknown_keys_message([key], TrainingConfig.model_fields))
+            values.setdefault(section, {})[name] = typed_value(fields[name].annotation, raw)
         elif key not in TrainingConfig.model_fields:
-            raise ConfigError(_unknown_keys_message([key]))
+            raise ConfigError(unknown_keys_message([key], TrainingConfig.model_fields))
         elif key in SECTIONS:
             raise ConfigError(f"{key} is a section: set its options one by one, e.g. {key}.{next(iter(SECTIONS[key].model_fields))}=...")
         else:
-            values[key] = _typed_value(TrainingConfig.model_fields[key].annotation, raw)
+            values[key] = typed_value(TrainingConfig.model_fields[key].annotation, raw)
     return values
 
-
-# Data and model paths a YAML file may give relative to itself: shared fields, then (section, field) pairs.
-YAML_RELATIVE_FIELDS = ("train_file", "eval_file", "model_name")
-YAML_RELATIVE_SECTION_FIELDS = (("rollout", "reward_model"), ("ppo", "value_model"), ("dpo", "ref_model"),
-                                ("kd", "teacher_model"), ("kd", "teacher_adapter"))
-
-
-def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Relative data/model paths written in a YAML file name files next to that YAML (so examples run from any
-    working directory), as do reward-function files (`rewards.py:function` in reward_funcs); a path that does not
-    exist there is left as written (relative to the working directory)."""
-
-    def resolve(path: Any) -> Any:
-        if isinstance(path, str) and path and not Path(path).is_absolute() and (folder / path).exists():
-            return os.path.normpath(folder / path)
-        return path
-
-    def resolve_function_file(spec: Any) -> Any:
-        file, colon, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", spec)
-        return f"{resolve(file)}:{name}" if colon and file.endswith(".py") else spec
-
-    values = dict(values)
-    for key in YAML_RELATIVE_FIELDS:
-        if key in values:
-            value = values[key]
-            values[key] = [resolve(v) for v in value] if isinstance(value, list) else resolve(value)
-    for section, key in YAML_RELATIVE_SECTION_FIELDS:
-        if isinstance(values.get(section), dict) and key in values[section]:
-            values[section] = {**values[section], key: resolve(values[section][key])}
-    rollout = values.get("rollout")
-    if isinstance(rollout, dict) and isinstance(rollout.get("reward_funcs"), list):
-        values["rollout"] = {**rollout, "reward_funcs": [resolve_function_file(spec) for spec in rollout["reward_funcs"]]}
-    return values
-
-
-def _typed_value(annotation: Any, raw: str) -> Any:
-    wants_str = annotation is str or (typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation))
-    if typing.get_origin(annotation) is Literal:  # e.g. report_to=none stays the string "none"
-        return raw
-    if raw.strip().lower() in ("null", "none", "~"):
-        return None
-    takes_list = any(typing.get_origin(arg) is list for arg in typing.get_args(annotation))
-    if wants_str and not (takes_list and raw.lstrip().startswith("[")):  # train_file=[a.jsonl,b.parquet] is a list
-        return raw
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def _unknown_keys_message(keys: list[str], stage: str = "sft") -> str:
-    """One line for keys that are not fields: a key that moved into a section names its new place."""
-    fields = list(TrainingConfig.model_fields) + [f"{name}.{field}" for name, section in SECTIONS.items()
-                                                  for field in section.model_fields]
-    parts = []
-    for key in keys:
-        moved = _new_places(key, stage)
-        if moved:
-            parts.append(f"{key} is now {' or '.join(moved)}")
-            continue
-        section, dot, name = key.partition(".")
-        if dot and section in SECTIONS:  # a misspelt option of a known section: suggest that section's options
-            close = [f"{section}.{match}" for match in
-                     difflib.get_close_matches(name, list(SECTIONS[section].model_fields), n=3)]
-            parts.append(f"unknown option {key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-            continue
-        close = difflib.get_close_matches(key, fields, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        parts.append(f"unknown config key {key!r}{hint}")
-    return "; ".join(parts) + ". Run `rlhf-time train --help-config` for the list of fields."
-
-
-def _new_places(key: str, stage: str) -> list[str]:
-    """The section fields a former flat key moved to; the run's own section first when several took it (kl_coef)."""
-    places = [f"{name}.{section.former_names[key]}" for name, section in SECTIONS.items() if key in section.former_names]
-    own = [place for place in places if place.partition(".")[0] in STAGES.get(stage, STAGES["sft"]).sections]
-    return own or places
-
-
-def _check_sections_belong_to_stage(data: dict[str, Any]) -> None:
-    """A section for another stage than the run's would silently do nothing: refuse it."""
-    stage = data.get("stage", "sft")
-    if stage not in STAGES:
-        return  # the stage validator names the valid stages
-    foreign = [name for name in SECTIONS if data.get(name) is not None and name not in STAGES[stage].sections]
-    if foreign:
-        owners = {name: [s for s, entry in STAGES.items() if name in entry.sections] for name in foreign}
-        raise ConfigError("; ".join(f"section {name!r} holds options of stage {' and '.join(owners[name])}, "
-                                    f"not of this run's stage {stage!r}: remove it or set stage" for name in foreign))
-
-
-def _first_non_finite(value: Any, where: str = "") -> Optional[tuple[str, float]]:
-    """(where, number) of the first inf/NaN float in value, lists and dicts searched (where: '[1]', "['a']")."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (where, value)
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for key, item in items:
-        found = _first_non_finite(item, f"{where}[{key!r}]")
-        if found is not None:
-            return found
-    return None
-
-
-def _validation_message(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "config"
-        if item["type"] == "extra_forbidden" and len(item["loc"]) == 2:  # a key inside a section
-            name, key = (str(part) for part in item["loc"])
-            close = [f"{name}.{match}" for match in difflib.get_close_matches(key, list(SECTIONS[name].model_fields), n=3)]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            parts.append(f"unknown option {field!r}{hint}")
-            continue
-        message = item["msg"].removeprefix("Value error, ")
-        got = item.get("input")
-        # A model validator's input is the whole config (~3 KB): its message already names the fields.
-        shown = "" if isinstance(got, (dict, BaseModel)) else f" (got {got!r})"
-        parts.append(f"{field}: {message}{shown}")
-    return "invalid config: " + "; ".join(parts)
-
-
-DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
-
-
-def check_device(device: str) -> None:
-    """Raise ValueError unless `device` is cpu, mps, cuda or cuda:N and that device exists on this machine."""
-    if not DEVICE_PATTERN.match(device):
-        raise ValueError("use cpu, cuda, cuda:N or mps (or leave it unset to pick cuda when available)")
-    if device == "cpu":
-        return
-    import torch  # only for an explicit accelerator, so configs without one validate without torch
-
-    if device == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError("mps is not available on this machine")
-        return
-    if not torch.cuda.is_available():
-        raise ValueError("CUDA is not available on this machine (no GPU, or a CPU-only torch build); use device=cpu")
-    index = int(device.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s), so {device} does not exist")

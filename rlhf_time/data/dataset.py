@@ -1,60 +1,31 @@
-"""Data sets ready for the trainer: read, convert, tokenise, truncate, count, and cache the result."""
+"""Data sets ready for the trainer: each source read and tokenised (builders.py), the sources mixed, and the result
+cached; and the checks and prompt reading that need no tokenizer."""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
-import multiprocessing
-import os
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
+from rlhf_time.data.builders import (DataStats, build_in_chunks, build_preference, build_sft, count_tokens,
+                                     source_chunks)
 from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference
 from rlhf_time.data.mixing import mixture_indices
 from rlhf_time.data.prompts import load_prompt_dataset
 from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
-from rlhf_time.data.text import encode_documents, text_of
-from rlhf_time.data.token_store import (GatheredRows, TokenCacheWriter, TokenRows, map_npz, row_lengths,
-                                        targets_per_row)
-from rlhf_time.data.tokenize import (ConversationEncoder, has_target, tokenize_preference_pairs,
-                                     truncate)
+from rlhf_time.data.text import text_of
+from rlhf_time.data.token_store import GatheredRows, TokenCacheWriter, TokenRows, map_npz, row_lengths
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.storage import format_bytes, free_bytes
 
 CACHE_VERSION = "4"  # bump when the tokenised result of the same inputs changes
-RECORDS_PER_CHUNK = 1000  # unit of work of a tokenising process and of the progress bar
-AUTO_PARALLEL_RECORDS = 20_000  # num_proc=None tokenises in parallel from this many records on
-
-
-@dataclass
-class DataStats:
-    """How a data file became examples. records = examples + dropped."""
-
-    records: int = 0
-    examples: int = 0
-    truncated: int = 0  # examples cut to max_seq_length (kept or not)
-    dropped: int = 0  # records that gave no example: no target token left, or chosen == rejected
-    identical_pairs_dropped: int = 0  # of those, preference pairs whose chosen equals rejected
-    target_tokens: int = 0  # tokens with a label (the loss is computed on them)
-    total_tokens: int = 0
-
-    def summary(self) -> str:
-        text = (f"{self.examples} examples from {self.records} records, {self.total_tokens} tokens "
-                f"({self.target_tokens} trained), {self.truncated} truncated, {self.dropped} dropped")
-        if self.dropped:
-            reasons = []
-            if self.dropped > self.identical_pairs_dropped:
-                reasons.append(f"{self.dropped - self.identical_pairs_dropped} with no target left")
-            if self.identical_pairs_dropped:
-                reasons.append(f"{self.identical_pairs_dropped} with chosen == rejected")
-            text += f" ({', '.join(reasons)})"
-        return text
 
 
 class TokenizedDataset:
@@ -176,13 +147,13 @@ def load_sft_dataset(path, tokenizer, config, *, cache_dir=None, max_samples: Op
     Cached under cache_dir, or config.data_cache_dir when cache_dir is None (no cache when both are None).
     max_samples keeps the first N records of each source. data_format text: every token is a target.
     """
-    return _load(path, tokenizer, config, cache_dir, max_samples, TokenizedDataset, _build_sft)
+    return _load(path, tokenizer, config, cache_dir, max_samples, TokenizedDataset, build_sft)
 
 
 def load_preference_dataset(path, tokenizer, config, *, cache_dir=None,
                             max_samples: Optional[int] = None) -> PreferenceDataset:
     """Tokenised preference pairs (cached as load_sft_dataset is); only the chosen/rejected reply is a target."""
-    return _load(path, tokenizer, config, cache_dir, max_samples, PreferenceDataset, _build_preference)
+    return _load(path, tokenizer, config, cache_dir, max_samples, PreferenceDataset, build_preference)
 
 
 def load_dataset_of_kind(kind: str, path, tokenizer, config, *, cache_dir=None,
@@ -197,69 +168,7 @@ def check_data_kind(kind: str) -> None:
         raise RlhfTimeError(f"unknown data kind {kind!r}; known: {', '.join(DATA_KINDS)}")
 
 
-# ------------------------------------------------------------------------------------------ building
-def _encoder(tokenizer, config) -> ConversationEncoder:
-    return ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
-                               response_template=config.response_template, system_prompt=config.system_prompt,
-                               max_seq_length=config.max_seq_length)
-
-
-def _build_sft(records: list[Record], tokenizer, config) -> tuple[dict[str, list], DataStats]:
-    fmt = detect_format(records[0], config.data_format)
-    if fmt == "text":
-        return _build_text(records, tokenizer, config)
-    encoder = _encoder(tokenizer, config)
-    segments = [encoder.segments(to_messages(r, fmt), r.location) for r in records]
-    stats = DataStats(records=len(records))
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
-    for input_ids, labels in encoder.encode_many(segments):
-        input_ids, labels, cut = truncate(input_ids, labels, config.max_seq_length)
-        stats.truncated += cut
-        if not has_target(labels):
-            stats.dropped += 1
-            continue
-        columns["input_ids"].append(input_ids)
-        columns["labels"].append(labels)
-    return columns, stats
-
-
-def _build_text(records: list[Record], tokenizer, config) -> tuple[dict[str, list], DataStats]:
-    """Continued pre-training: documents cut into blocks, labels == input_ids (see text.py)."""
-    stats = DataStats(records=len(records))
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
-    for block in encode_documents([text_of(r) for r in records], tokenizer, config.max_seq_length):
-        if len(block) < 2:  # a 1-token tail predicts nothing
-            stats.dropped += 1
-            continue
-        columns["input_ids"].append(block)
-        columns["labels"].append(list(block))
-    return columns, stats
-
-
-def _build_preference(records: list[Record], tokenizer, config) -> tuple[dict[str, list], DataStats]:
-    encoder = _encoder(tokenizer, config)
-    pairs = [to_preference(r) for r in records]
-    stats = DataStats(records=len(records))
-    kept = [(r, p) for r, p in zip(records, pairs) if p.chosen != p.rejected]
-    stats.identical_pairs_dropped = stats.dropped = len(pairs) - len(kept)
-    encoded = tokenize_preference_pairs([p for _, p in kept], encoder, [r.location for r, _ in kept])
-    columns: dict[str, list] = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids",
-                                                "rejected_labels", "margin")}
-    for (_, pair), example in zip(kept, encoded):  # each side is truncated on its own, keeping its reply's start
-        chosen = truncate(example["chosen_input_ids"], example["chosen_labels"], config.max_seq_length)
-        rejected = truncate(example["rejected_input_ids"], example["rejected_labels"], config.max_seq_length)
-        stats.truncated += chosen[2] or rejected[2]
-        if not (has_target(chosen[1]) and has_target(rejected[1])):
-            stats.dropped += 1
-            continue
-        columns["chosen_input_ids"].append(chosen[0])
-        columns["chosen_labels"].append(chosen[1])
-        columns["rejected_input_ids"].append(rejected[0])
-        columns["rejected_labels"].append(rejected[1])
-        columns["margin"].append(pair.margin)
-    return columns, stats
-
-
+# ------------------------------------------------------------------------------------------- loading
 def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[TokenizedDataset],
           build: Callable) -> TokenizedDataset:
     spec = as_spec(path)
@@ -276,7 +185,7 @@ def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[T
     stats = DataStats(records=sum(s.records for _, s in parts), truncated=sum(s.truncated for _, s in parts),
                       dropped=sum(s.dropped for _, s in parts),
                       identical_pairs_dropped=sum(s.identical_pairs_dropped for _, s in parts))
-    _count_tokens(columns, stats, dataset_class)
+    count_tokens(columns, stats, dataset_class.length_of)
     return dataset_class(columns, stats)
 
 
@@ -291,22 +200,19 @@ def _load_source(source: str, role: str, tokenizer, config, cache_dir, max_sampl
         cached = _read_cache(cache_file)
         if cached is not None:
             return cached
-    total, chunks = record_chunks(source, config, role, limit=max_samples, size=RECORDS_PER_CHUNK)
-    first = next(chunks)
-    # The format is the source's (its first record's), not each chunk's.
-    config = config.model_copy(update={"data_format": detect_format(first[0], config.data_format)})
-    records = itertools.chain([first], chunks)
+    total, records, config = source_chunks(source, role, config, max_samples)
     if cache_file is None:  # rows held as lists
         columns: dict[str, list] = {}
-        stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class,
-                                 lambda part: [columns.setdefault(key, []).extend(rows) for key, rows in part.items()])
+        stats = build_in_chunks(records, total, tokenizer, config, build, source, dataset_class.length_of,
+                                lambda part: [columns.setdefault(key, []).extend(rows) for key, rows in part.items()])
         _require_examples(source, stats)
         return columns, stats
     # Each chunk's rows go straight to the cache file, which is then memory-mapped: never all as Python lists.
     try:
         writer = TokenCacheWriter(cache_file)
         try:
-            stats = _build_in_chunks(records, total, tokenizer, config, build, source, dataset_class, writer.add)
+            stats = build_in_chunks(records, total, tokenizer, config, build, source, dataset_class.length_of,
+                                    writer.add)
             _require_examples(source, stats)
             writer.finish(json.dumps(asdict(stats)))
         finally:
@@ -327,82 +233,8 @@ def _require_examples(source: str, stats: DataStats) -> None:
                             f"raise max_seq_length or check the data")
 
 
-def _count_tokens(columns: dict[str, list], stats: DataStats, dataset_class: type[TokenizedDataset]) -> None:
-    stats.total_tokens = stats.target_tokens = 0
-    for ids_key in dataset_class.length_of:
-        labels_key = ids_key.replace("input_ids", "labels")
-        stats.total_tokens += int(row_lengths(columns[ids_key]).sum())
-        stats.target_tokens += int(targets_per_row(columns[labels_key]).sum())
-    stats.examples = len(columns[dataset_class.length_of[0]])
-
-
-# ------------------------------------------------------------------------------- parallel tokenisation
-_worker_job: Optional[tuple[Callable, Any, Any]] = None  # (build, tokenizer, config), inherited by forked workers
-
-
-def _build_chunk(records: list[Record]) -> tuple[dict[str, list], DataStats]:
-    build, tokenizer, config = _worker_job
-    return build(records, tokenizer, config)
-
-
-def _build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, config, build: Callable, source: str,
-                     dataset_class: type[TokenizedDataset], add: Callable[[dict[str, list]], Any]) -> DataStats:
-    """build() over consecutive chunks of records, in order, in num_proc processes, with a progress bar; each
-    chunk's columns are passed to add() in order, so together they equal build(all records) (every record is
-    tokenised on its own). Returns the statistics of the whole."""
-    global _worker_job
-    from tqdm.auto import tqdm
-
-    processes = num_processes(config, total) if total > RECORDS_PER_CHUNK else 1
-    progress = tqdm(total=total, desc="tokenize", postfix=source, unit=" records", dynamic_ncols=True,
-                    disable=config.disable_progress_bar or total <= RECORDS_PER_CHUNK)
-    stats = DataStats(records=total)
-
-    def take(columns: dict[str, list], part: DataStats) -> None:
-        add(columns)
-        counted = DataStats()
-        _count_tokens(columns, counted, dataset_class)
-        stats.examples += counted.examples
-        stats.total_tokens += counted.total_tokens
-        stats.target_tokens += counted.target_tokens
-        stats.truncated += part.truncated
-        stats.dropped += part.dropped
-        stats.identical_pairs_dropped += part.identical_pairs_dropped
-
-    if processes <= 1:
-        for chunk in chunks:
-            take(*build(chunk, tokenizer, config))
-            progress.update(len(chunk))
-    else:
-        # fork: workers inherit the tokenizer and config instead of unpickling them; one Rust thread pool each.
-        _worker_job, previous = (build, tokenizer, config), os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        try:
-            with multiprocessing.get_context("fork").Pool(processes) as pool:
-                # A few chunks per process at a time, so the records are not all read (and queued) at once.
-                while window := list(itertools.islice(chunks, 4 * processes)):
-                    for result in pool.map(_build_chunk, window):
-                        take(*result)
-                    progress.update(sum(map(len, window)))
-        finally:
-            _worker_job = None
-            if previous is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = previous
-    progress.close()
-    return stats
-
-
-def num_processes(config, records: int) -> int:
-    """config.num_proc, or None -> 1 for small data, else up to 8 (never more than the CPUs)."""
-    if config.num_proc:
-        return config.num_proc
-    return 1 if records < AUTO_PARALLEL_RECORDS else max(1, min(8, os.cpu_count() or 1))
-
-
 # How records become examples, and the data set class, of each tokenised data kind (streaming.py uses them too).
-BUILDERS: dict[str, Callable] = {"conversation": _build_sft, "preference": _build_preference}
+BUILDERS: dict[str, Callable] = {"conversation": build_sft, "preference": build_preference}
 DATA_CLASSES: dict[str, type[TokenizedDataset]] = {"conversation": TokenizedDataset, "preference": PreferenceDataset}
 
 # The loader of each data kind a stage can declare.

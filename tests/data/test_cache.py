@@ -15,7 +15,7 @@ from tests.conftest import write_jsonl
 def builds(monkeypatch):
     """Counts how often tokenisation really runs (a cache hit does not run it)."""
     calls = []
-    for name in ("_build_sft", "_build_preference"):
+    for name in ("build_sft", "build_preference"):
         original = getattr(dataset_module, name)
         monkeypatch.setattr(dataset_module, name, lambda *a, _f=original: calls.append(1) or _f(*a))
     return calls

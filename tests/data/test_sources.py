@@ -4,6 +4,7 @@ equivalent JSONL; splits; clear errors for bad columns and splits; validation is
 import datasets
 import pytest
 
+import rlhf_time.data.builders as builders_module
 import rlhf_time.data.dataset as dataset_module
 from rlhf_time import TrainingConfig
 from rlhf_time.data import DataSpec, load_preference_dataset, load_sft_dataset, validate_data_file
@@ -160,7 +161,7 @@ def test_validation_is_skipped_for_unchanged_data_and_redone_when_it_changes(tmp
 def test_parallel_tokenisation_gives_the_same_examples(tmp_path, tiny_tokenizer, monkeypatch):
     records = [{"prompt": f"question {i} " * (i % 5 + 1), "response": f"answer {i}"} for i in range(40)]
     path = write_jsonl(tmp_path / "d.jsonl", records)
-    monkeypatch.setattr(dataset_module, "RECORDS_PER_CHUNK", 7)  # 6 chunks
+    monkeypatch.setattr(builders_module, "RECORDS_PER_CHUNK", 7)  # 6 chunks
     one = load_sft_dataset(path, tiny_tokenizer, TrainingConfig(num_proc=1))
     two = load_sft_dataset(path, tiny_tokenizer, TrainingConfig(num_proc=2, max_seq_length=2048))
     assert _rows(one) == _rows(two) and one.stats == two.stats and len(one) == 40
@@ -190,7 +191,7 @@ def test_the_format_is_the_sources_not_each_chunks(tmp_path, tiny_tokenizer, mon
     records[7]["messages"] = [{"role": "user", "content": "other"}, {"role": "assistant", "content": "turn"}]
     path = write_jsonl(tmp_path / "d.jsonl", records)
     whole = _rows(load_sft_dataset(path, tiny_tokenizer, TrainingConfig()))
-    monkeypatch.setattr(dataset_module, "RECORDS_PER_CHUNK", 7)  # record 8 opens the second chunk
+    monkeypatch.setattr(builders_module, "RECORDS_PER_CHUNK", 7)  # record 8 opens the second chunk
     datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "d.parquet"))
     for source in (path, str(tmp_path / "d.parquet")):
         for num_proc in (1, 2):
