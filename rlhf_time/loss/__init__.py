@@ -11,6 +11,7 @@ from rlhf_time.loss.logps import (DEFAULT_CHUNK_BYTES, chunk_rows, chunked_seque
 from rlhf_time.loss.ppo import (AdaptiveKLController, explained_variance, gae, masked_moments, masked_whiten,
                                 mean_and_variance, token_rewards)
 from rlhf_time.loss.reduction import masked_mean
+from rlhf_time.loss.reference_free import log1mexp, orpo_odds_ratio_loss, simpo_loss
 from rlhf_time.loss.registry import LOSSES, create_loss
 
 __all__ = [
@@ -20,5 +21,5 @@ __all__ = [
     "label_cross_entropy_and_hits",
     "chunked_token_logps", "token_entropy", "group_advantages", "k3_kl", "aggregate_loss", "loss_items", "clipped_tokens",
     "gae", "masked_whiten", "masked_moments", "mean_and_variance", "token_rewards", "explained_variance",
-    "AdaptiveKLController",
+    "AdaptiveKLController", "orpo_odds_ratio_loss", "simpo_loss", "log1mexp",
 ]

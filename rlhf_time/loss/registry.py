@@ -10,6 +10,7 @@ from rlhf_time.loss.errors import LossConfigError, check_choice
 from rlhf_time.loss.functions import (DPO_LOSS_TYPES, KD_KINDS, dpo_loss, kd_loss, pairwise_loss, policy_loss,
                                       sft_loss, value_loss)
 from rlhf_time.loss.reduction import REDUCTIONS
+from rlhf_time.loss.reference_free import orpo_odds_ratio_loss, simpo_loss
 
 LOSSES: dict[str, Callable] = {
     "sft": sft_loss,
@@ -18,6 +19,8 @@ LOSSES: dict[str, Callable] = {
     "policy": policy_loss,
     "value": value_loss,
     "kd": kd_loss,
+    "orpo": orpo_odds_ratio_loss,
+    "simpo": simpo_loss,
 }
 # Hyperparameter names that differ from the function's keyword (the public contract says `margin`).
 _RENAMED = {"pairwise": {"margin": "default_margin"}}
