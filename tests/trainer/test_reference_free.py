@@ -4,6 +4,7 @@ CPOTrainer with loss_type="simpo") on identical token ids and weights."""
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,12 @@ def test_per_pair_orpo_term_equals_trl(tmp_path, tiny_model_dir):
     trl_terms = trl_trainer.odds_ratio_loss(chosen, rejected)[0]  # lambda * log sigmoid(log odds), per pair
     torch.testing.assert_close(per_pair, -trl_terms, rtol=1e-5, atol=1e-6)
     assert math.isfinite(float(per_pair.sum()))
+
+
+def test_orpo_with_a_reference_model_is_one_line_and_exit_2(tmp_path, capsys):
+    from ..reliability.test_error_contract import one_error_line
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "orpo.yaml"
+    line = one_error_line(capsys, ["train", str(example), "dpo.ref_model=outputs/sft/final",
+                                   f"output_dir={tmp_path}"])
+    assert "loss_type orpo is reference-free: ref_model does not apply" in line
