@@ -125,7 +125,7 @@ def _trl_step_loss(trl_trainer, loss_type, model, batch):
     return loss
 
 
-@pytest.mark.parametrize("loss_type,options", [("orpo", {}), ("simpo", {}), ("simpo", {"cpo_alpha": 1.0})])
+@pytest.mark.parametrize("loss_type,options", [("orpo", {}), ("simpo", {"cpo_alpha": 1.0})])  # simpo + its NLL term
 def test_step_loss_and_a_20_step_curve_equal_trl(tmp_path, tiny_model_dir, loss_type, options):
     pytest.importorskip("trl")
     trainer = _trainer(tmp_path, tiny_model_dir, loss_type, **options)
