@@ -80,3 +80,13 @@ def quickstart_run(tmp_path_factory) -> dict:
             os.environ.pop("RLHF_TIME_CACHE")
         else:
             os.environ["RLHF_TIME_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def user_folder(tmp_path_factory):
+    """The working folder of the README's commands and the examples (tests/user_runs.py): each `rlhf-time train`
+    command runs there once per session, and every test that runs it checks that one run."""
+    from tests.user_runs import UserFolder
+
+    return UserFolder(tmp_path_factory.mktemp("user"))
+
