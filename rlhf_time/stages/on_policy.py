@@ -1,9 +1,11 @@
 """What the on-policy stages (GRPO, PPO) share: prompt-only data, micro-batches of prompt indices that prepare_step
-turns into sampled, scored experience, and the pieces that experience is made of:
+turns into experience through the one path of rlhf_time.experience (collect_experience: sample -> score ->
+metrics), and the pieces that experience is made of:
 
-- sampling with a KV cache (rlhf_time.experience.sampler), from an RNG that is a pure function of (seed, step, rank, micro-batch);
-- scoring with the reward functions and/or a reward-model folder (rlhf_time.experience.rewards; the reward model lives in the
-  stage contract's model slot: device, AMP dtype, FSDP sharding);
+- sampling through the trainer's sampling engine (rlhf_time.experience.sampler), from an RNG that is a pure
+  function of (seed, step, rank, micro-batch);
+- scoring with the reward functions and/or a reward-model folder (rlhf_time.experience.rewards; the reward model
+  lives in the stage contract's model slot: device, AMP dtype, FSDP sharding);
 - the log-probs of the sampled tokens by the training forward (policy) and by the frozen initial policy
   (reference; under LoRA the adapter-disabled policy), from final hidden states with only completion positions
   projected to the vocabulary;
