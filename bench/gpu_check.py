@@ -1,7 +1,7 @@
 """One-command GPU check: bf16 SFT and DPO on a Qwen3-0.6B-shaped model with Qwen's real vocabulary.
 
     python bench/gpu_check.py                 # on a machine with a GPU (needs the bench extra: pip install -e ".[bench]")
-    python bench/gpu_check.py --cpu --small   # the same runs on CPU with a small model (what the test suite runs)
+    python bench/gpu_check.py --cpu --small   # the same runs on CPU with a small model (tests add --one-process)
 
 Runs, each in its own process (so peak memory is its own), through rlhf_time's normal config -> trainer path:
   sft          SFT, bf16 autocast, length-grouped padded batches (the default)
@@ -16,6 +16,8 @@ Data: deterministic zh/en chat records (bench/chat_data.py) tokenised with Qwen3
 2 layers, same vocabulary, untied head.
 Prints one table: tokens/s and pairs/s (mean over steps after the first), peak memory (CUDA: max allocated; CPU:
 peak RSS), MFU against the device's bf16 peak (CPU: a measured float32 matmul rate), first and last loss.
+--cpu --one-process (the test suite's check): sft, sft_packing and dpo run one after another in one child process,
+which starts Python and its imports once instead of three times; each run's peak memory is then the largest so far.
 """
 
 from __future__ import annotations
@@ -147,14 +149,20 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per process in --cpu mode")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "gpu_check.json"))
+    parser.add_argument("--one-process", action="store_true",
+                        help="--cpu only: the single-process runs in one child process (peak memory: largest so far)")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:
-        run_one(args.run, Path(args.work), args)
+        for name in args.run.split(","):
+            run_one(name, Path(args.work), args)
         return 0
     if not args.cpu and not torch.cuda.is_available():
         print("no CUDA device found: run with --cpu (and --small for a quick check)", file=sys.stderr)
+        return 2
+    if args.one_process and not args.cpu:
+        print("--one-process is for --cpu runs: on a GPU each run's peak memory must be its own", file=sys.stderr)
         return 2
 
     gpus = 0 if args.cpu else torch.cuda.device_count()
@@ -164,14 +172,16 @@ def main(argv=None) -> int:
         work = Path(folder)
         prepare(work, args)
         flags = [f for f, on in (("--cpu", args.cpu), ("--small", args.small)) if on]
-        for name in ("sft", "sft_packing", "dpo"):
-            command = [sys.executable, __file__, "--run", name, "--work", str(work), "--threads", str(args.threads),
-                       *flags] + (["--steps", str(args.steps)] if args.steps else [])
-            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
-            if done.returncode:
-                failures[name] = done.stderr[-2000:]
-                continue
-            results[name] = json.loads((work / f"{name}.json").read_text())
+        single = ("sft", "sft_packing", "dpo")
+        for names in [single] if args.one_process else [(name,) for name in single]:
+            command = [sys.executable, __file__, "--run", ",".join(names), "--work", str(work), "--threads",
+                       str(args.threads), *flags] + (["--steps", str(args.steps)] if args.steps else [])
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout * len(names))
+            for name in names:  # one-process: the runs that finished before a failure still count
+                if done.returncode and not (len(names) > 1 and (work / f"{name}.json").is_file()):
+                    failures[name] = done.stderr[-2000:]
+                    continue
+                results[name] = json.loads((work / f"{name}.json").read_text())
         # 2 GPUs: DDP and FSDP. --cpu: the launch path once, DDP on 2 gloo processes (tests/distributed covers
         # FSDP on CPU; this only keeps the script's torchrun path from rotting).
         smoke = ("ddp", "fsdp") if gpus >= 2 else ("ddp",) if args.cpu else ()

@@ -1,5 +1,6 @@
 """bench/gpu_check.py in its CPU mode (`--cpu --small`): every run of the GPU check trains and lands in its table,
-so the script a maintainer runs on a GPU cannot rot unnoticed."""
+so the script a maintainer runs on a GPU cannot rot unnoticed. With --one-process the three single-process runs
+share one child process (one Python start instead of three); the DDP run is launched as on a GPU machine."""
 
 import json
 import os
@@ -18,7 +19,8 @@ def test_gpu_check_runs_every_check_in_cpu_small_mode(tmp_path, qwen_tokenizer_d
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "RLHF_TIME_QWEN_TOKENIZER": str(qwen_tokenizer_dir)}  # the session's converted tokenizer
     done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--small", "--threads", "1",
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+                           "--one-process", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["failures"] == {}

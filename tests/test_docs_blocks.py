@@ -7,7 +7,8 @@ the repository root) and receives every run's `outputs/`: the session's `user_fo
 tests/test_examples.py runs the example files too, so a `train` command that both run (the quickstart, each
 example) trains once and both check that run. The only changes to what a user runs: every training
 run stops after MAX_STEPS optimiser steps (`max_steps=2` appended to a `train` command; `max_steps` set in every
-`TrainingConfig(...)` call of a Python block), and `chat` reads its lines from CHAT_INPUT. Charts, reports,
+`TrainingConfig(...)` call of a Python block), but for the commands in RUN_IN_FULL, which run as shipped because
+another test checks what their full runs wrote; and `chat` reads its lines from CHAT_INPUT. Charts, reports,
 progress bars and trackers stay at their defaults. A command that is identical to one already run is not run
 twice (the quickstart appears in both pages). Commands that cannot run here are listed in NOT_RUN with the reason.
 """
@@ -41,6 +42,12 @@ NOT_RUN = {
     "python -m pytest tests": "the test suite itself, which CI runs (.ci/run)",
     "rlhf-time train examples/sft_full.yaml --nproc 8": "needs 8 GPUs; `--nproc 2` under gloo is run by "
     "tests/distributed/test_data_parallel.py::test_cli_nproc_launches_torchrun_with_tensorboard_on_rank_zero",
+}
+# `train` commands that run in full, as shipped (not shortened to MAX_STEPS), each with the test that checks those
+# very runs in the same working folder (matched on the command's start).
+RUN_IN_FULL = {
+    "rlhf-time train examples/rlhf_pipeline/": "tests/test_rlhf_pipeline.py runs the pipeline's three steps in full "
+    "and checks that its PPO step raises the learned reward",
 }
 # Blocks that show output or data formats rather than something to run.
 SHOWN_ONLY = {"text"}
@@ -154,7 +161,8 @@ class Reader:
                 continue
             argv = words[1:]
             if argv[0] == "train":
-                run = self.user_folder.train([*argv[1:], f"max_steps={MAX_STEPS}"])
+                in_full = any(command.startswith(start) for start in RUN_IN_FULL)
+                run = self.user_folder.train([*argv[1:], *([] if in_full else [f"max_steps={MAX_STEPS}"])])
                 assert run.code == 0, f"{block.id}: `{command}` exited with {run.code}"
                 self.commands_run.add(command)
                 continue
@@ -198,7 +206,7 @@ def test_the_pages_have_runnable_blocks_and_every_skip_has_a_reason():
     for stage_example in ("sft_full", "sft_lora", "sft_freeze", "rm", "dpo", "kd", "grpo", "ppo"):
         assert f"rlhf-time train examples/{stage_example}.yaml" in train_commands
     assert "rlhf-time train" in train_commands  # the quickstart, before the examples that start from its model
-    for start, reason in NOT_RUN.items():
+    for start, reason in [*NOT_RUN.items(), *RUN_IN_FULL.items()]:
         assert reason.strip() and any(" ".join(words).startswith(start) for block in BLOCKS if block.language == "bash"
-                                      for words in shell_commands(block.code)), f"unused NOT_RUN entry: {start}"
+                                      for words in shell_commands(block.code)), f"unused entry: {start}"
     assert shell_commands("a b \\\n  c && d # note\n# comment only\n") == [["a", "b", "c"], ["d"]]

@@ -1,6 +1,9 @@
-"""examples/rlhf_pipeline: SFT -> RM -> PPO with the three YAML files exactly as the README runs them (from a fresh
-working directory, `rlhf-time train <file>` each); the PPO step raises the learned reward of sampled answers to
-held-out prompts."""
+"""examples/rlhf_pipeline: SFT -> RM -> PPO with the three YAML files exactly as the README runs them (`rlhf-time
+train <file>` each, from one working directory); the PPO step raises the learned reward of sampled answers to
+held-out prompts.
+
+The working directory is the session's `user_folder` (tests/user_runs.py): the README's pipeline commands, which
+tests/test_docs_blocks.py runs in full there (RUN_IN_FULL), are these runs, trained once."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import torch
 import yaml
 
 from rlhf_time import InferenceModel
-from rlhf_time.cli import main
 
 PIPELINE = Path(__file__).resolve().parents[1] / "examples" / "rlhf_pipeline"
 
@@ -26,11 +28,13 @@ def sampled_learned_reward(policy_folder: Path, reward_model: InferenceModel, pr
     return sum(scores) / len(scores), answers
 
 
-def test_sft_rm_ppo_pipeline_raises_the_learned_reward(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # outputs/ of each step lands here, where the next step's YAML looks for it
+def test_sft_rm_ppo_pipeline_raises_the_learned_reward(user_folder, monkeypatch, capsys):
+    monkeypatch.chdir(user_folder.folder)  # the working directory of the runs (their configs hold relative paths)
+    outputs = user_folder.folder / "outputs"  # each step's outputs/, where the next step's YAML looks for them
     for step in ("sft", "rm", "ppo"):
-        assert main(["train", str(PIPELINE / f"{step}.yaml")]) == 0, step  # as shipped: report, charts, TensorBoard
-    outputs = tmp_path / "outputs"
+        run = user_folder.train([str(PIPELINE / f"{step}.yaml")])  # as shipped: report, charts, TensorBoard
+        assert run.code == 0, (step, run.err[-3000:])
+        assert run.unchanged(outputs / f"rlhf_{step}", user_folder.folder), f"outputs/rlhf_{step} was written again"
     rm_eval = [json.loads(line) for line in (outputs / "rlhf_rm" / "metrics.jsonl").read_text().splitlines()]
     assert [row for row in rm_eval if "eval/accuracy" in row][-1]["eval/accuracy"] >= 0.8  # the RM learned the task
     ppo_config = yaml.safe_load((outputs / "rlhf_ppo" / "final" / "rlhf_time_config.yaml").read_text())

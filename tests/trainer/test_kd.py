@@ -17,7 +17,10 @@ from rlhf_time.quickstart import exact_match
 from .helpers import merged, build_teacher, tiny_config, weights
 
 KINDS = ("forward", "reverse", "jsd")
-STUDENT_STEPS = 500  # the quickstart's own recipe: 4 epochs of 2,000 records at batch 16, cosine from 2e-3
+# The quickstart's recipe (batch 16, cosine from 2e-3) for 2.4 epochs of its 2,000 records instead of its 4: greedy
+# exact match on the 32 held-out prompts after 300 steps measured 0.84 / 0.94 / 0.97 for seeds 42 / 7 / 8 (at 250
+# steps 0.59 for seed 7, too close to the 0.5 asserted below).
+STUDENT_STEPS = 300
 
 
 def kd_config(tmp_path, student_dir, teacher_dir, **overrides):
