@@ -1,7 +1,9 @@
-"""Usage: python bench/preference_learning.py LR STEPS orpo,simpo,simpo+nll,sigmoid
+"""Usage: python bench/preference_learning.py LR STEPS orpo,simpo,simpo+nll,sigmoid,kto,kto_labels
 
-ORPO / SimPO (and DPO for comparison) from a half-trained SFT model on the bundled preference data:
-held-out greedy exact match (reply == chosen) and pair accuracy (avg log-prob of chosen > rejected), before/after."""
+ORPO / SimPO / KTO (and DPO for comparison) from a half-trained SFT model on the bundled preference data:
+held-out greedy exact match (reply == chosen) and pair accuracy (avg log-prob of chosen > rejected), before/after.
+kto trains on the pairs (each split into a desirable and an undesirable example), kto_labels on
+examples/data/kto_train.jsonl: the same pairs split and shuffled so that no pair stays together."""
 import json
 import sys
 import tempfile
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_time import DPOTrainer, SFTrainer, TrainingConfig
+from rlhf_time import DPOTrainer, KTOTrainer, SFTrainer, TrainingConfig
 from rlhf_time.data.quickstart import TRAIN_FILE, EVAL_FILE
 from rlhf_time.constants import IGNORE_INDEX
 
@@ -27,26 +29,32 @@ def measure(trainer):
     answers = trainer.predict([r["prompt"] for r in eval_records])
     exact = sum(a == r["chosen"] for a, r in zip(answers, eval_records)) / len(eval_records)
     ds = trainer.eval_dataset
-    correct = 0
+    chosen, rejected = [], []
     with torch.no_grad():
         for start in range(0, len(ds), 16):
             batch = {k: v for k, v in trainer.collate(list(range(start, min(start + 16, len(ds)))), ds).items()}
             logps = trainer.sequence_logps(trainer.model, batch)
             lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
             avg = logps / lengths
-            n = batch["margin"].numel()
-            correct += int((avg[:n] > avg[n:]).sum())
-    return exact, correct / len(ds)
+            if "margin" in batch:  # DPO layout: the batch's chosen rows, then its rejected rows
+                n = batch["margin"].numel()
+                chosen.append(avg[:n]), rejected.append(avg[n:])
+            else:  # KTO's eval set: the pairs' chosen replies (desirable), then their rejected ones
+                chosen.append(avg[batch["desirable"]]), rejected.append(avg[~batch["desirable"]])
+    chosen, rejected = torch.cat(chosen), torch.cat(rejected)
+    return exact, float((chosen > rejected).float().mean())
 
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 60
 def options(m):
     return {"loss_type": "simpo", "cpo_alpha": 1.0} if m == "simpo+nll" else {"loss_type": m}
 for name, dpo, lr in [(m, options(m), float(sys.argv[1]) if len(sys.argv) > 1 else 5e-4) for m in (sys.argv[3].split(",") if len(sys.argv) > 3 else ("orpo", "simpo", "sigmoid"))]:
-    config = TrainingConfig(stage="dpo", model_name=half, train_file=str(ROOT / "examples/data/preference_train.jsonl"),
+    kto = name.startswith("kto")
+    train_file = "kto_train.jsonl" if name == "kto_labels" else "preference_train.jsonl"
+    config = TrainingConfig(stage="kto" if kto else "dpo", model_name=half, train_file=str(ROOT / "examples/data" / train_file),
                             eval_file=str(ROOT / "examples/data/preference_eval.jsonl"), batch_size=16, learning_rate=lr,
                             max_steps=steps, lr_scheduler_type="constant", weight_decay=0.0, experiment_name=name,
-                            dpo=dpo, **base)
-    trainer = DPOTrainer(config)
+                            **({} if kto else {"dpo": dpo}), **base)
+    trainer = KTOTrainer(config) if kto else DPOTrainer(config)
     before = measure(trainer)
     trainer.train()
     after = measure(trainer)

@@ -1,4 +1,5 @@
-"""rlhf_time: post-training for causal LMs (SFT full / LoRA / frozen layers, reward models, DPO, distillation, GRPO, PPO)."""
+"""rlhf_time: post-training for causal LMs (SFT full / LoRA / frozen layers, reward models, DPO / ORPO / SimPO, KTO,
+distillation, GRPO, PPO)."""
 
 from rlhf_time.config import TrainingConfig
 from rlhf_time.errors import RlhfTimeError
@@ -7,8 +8,8 @@ from rlhf_time.logs import install_default_handler, set_verbosity
 install_default_handler()  # the API prints its progress lines like the CLI does (see rlhf_time/logs.py)
 
 from rlhf_time.constants import VERSION as __version__
-_TRAINER_NAMES = ("SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "GRPOTrainer", "PPOTrainer", "TrainerCallback",
-                  "Trainer", "AuxiliaryModel")
+_TRAINER_NAMES = ("SFTrainer", "RewardTrainer", "DPOTrainer", "KTOTrainer", "KDTrainer", "GRPOTrainer", "PPOTrainer",
+                  "TrainerCallback", "Trainer", "AuxiliaryModel")
 __all__ = ["TrainingConfig", "RlhfTimeError", *_TRAINER_NAMES, "InferenceModel", "set_verbosity", "__version__"]
 
 

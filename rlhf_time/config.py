@@ -21,7 +21,7 @@ from rlhf_time.config_yaml import read_yaml_mapping, resolve_relative_paths, typ
 from rlhf_time.stages import SECTIONS, STAGES
 
 MODEL_TYPES = ("Qwen", "Llama")
-DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "text")
+DATA_FORMATS = ("auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "unpaired", "text")
 TINY_MODEL_NAME = "tiny"
 # This tool's record field names, which `columns` may map to the data's own column names.
 DATA_FIELDS = ("prompt", "response", "system", "messages", "conversations", "instruction", "input", "output",
@@ -52,7 +52,7 @@ class TrainingConfig(_StageSections):
     # --- run -----------------------------------------------------------------------------------------
     experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name (non-SFT stages: <stage>_experiment).")
     output_dir: str = _f("outputs", "Folder that holds one sub-folder per experiment.")
-    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo, kd (distillation), grpo, ppo; its options are in the section of the same name (rollout: shared by grpo and ppo).")
+    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo (also ORPO, SimPO), kto, kd (distillation), grpo, ppo; its options are in the section of the same name (rollout: shared by grpo and ppo).")
     seed: int = _f(42, "Seed for weights init of new heads, data order and dropout.")
     device: Optional[str] = _f(None, "cuda, cuda:N or cpu; None picks cuda when available, else cpu.")
 
@@ -65,7 +65,8 @@ class TrainingConfig(_StageSections):
     # --- data ----------------------------------------------------------------------------------------
     train_file: Optional[Union[str, list[str]]] = _f(None, "Training data: .jsonl/.json/.csv/.parquet, a datasets folder or hf://datasets/ORG/NAME; a list mixes several (see Data sources).")
     eval_file: Optional[Union[str, list[str]]] = _f(None, "Evaluation data, same kinds as train_file (a list is concatenated).")
-    data_format: Literal["auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "text"] = _f(
+    data_format: Literal["auto", "prompt_response", "messages", "alpaca", "sharegpt", "preference", "unpaired",
+                         "text"] = _f(
         "auto", "Record format; auto detects it from the first record's keys; text = continued pre-training.")
     prompt_template: Optional[str] = _f(None, "Template for user turns, must contain {prompt}; None uses the tokenizer's chat template.")
     response_template: Optional[str] = _f(None, "Template for assistant turns, must contain {response}.")
@@ -345,11 +346,12 @@ class TrainingConfig(_StageSections):
         if not self.max_steps:
             raise ValueError("streaming: true needs max_steps (a stream has no length to count epochs in)")
         if self.stage in ("grpo", "ppo"):
-            raise ValueError(f"streaming feeds the stages sft, rm, dpo and kd; {self.stage} reads its prompts whole: "
-                             f"set streaming: false")
-        if self.dpo.precompute_ref_logps:
-            raise ValueError("dpo.precompute_ref_logps needs the whole train set up front; with streaming: true set it "
-                             "to false (the reference model scores each batch)")
+            raise ValueError(f"streaming feeds the stages sft, rm, dpo, kto and kd; {self.stage} reads its prompts "
+                             f"whole: set streaming: false")
+        for section in ("dpo", "kto"):
+            if getattr(self, section).precompute_ref_logps:
+                raise ValueError(f"{section}.precompute_ref_logps needs the whole train set up front; with streaming: "
+                                 f"true set it to false (the reference model scores each batch)")
         for name in ("eval_strategy", "save_strategy"):
             if getattr(self, name) == "epoch":
                 raise ValueError(f"{name}: epoch has no meaning with streaming: true; use steps (or no)")

@@ -14,8 +14,8 @@ from rlhf_time.stages import SECTIONS, STAGES
 def check_sections_belong_to_stage(data: dict[str, Any]) -> None:
     """A section for another stage than the run's would silently do nothing: refuse it."""
     stage = data.get("stage", "sft")
-    if stage not in STAGES:
-        return  # the stage validator names the valid stages
+    if not isinstance(stage, str) or stage not in STAGES:
+        return  # the stage validator names the valid stages (and refuses a stage that is not a string)
     foreign = [name for name in SECTIONS if data.get(name) is not None and name not in STAGES[stage].sections]
     if foreign:
         owners = {name: [s for s, entry in STAGES.items() if name in entry.sections] for name in foreign}

@@ -36,9 +36,10 @@ class ReportSample:
 
 def sample_prompts(config, data_kind: str, inference, count: int) -> list[ReportSample]:
     """The first `count` records of the eval data (else the train data) as report samples, for every data kind:
-    conversations (the reference is the last reply), preference pairs (the chosen reply), prompt-only records (the
+    conversations (the reference is the last reply), preference pairs (the chosen reply), unpaired examples (a
+    desirable completion; none for an undesirable one), prompt-only records (the
     `answer` field when there is one) and text (the first tokens are the prompt, the rest the reference)."""
-    from rlhf_time.data.formats import detect_format, to_messages, to_preference
+    from rlhf_time.data.formats import detect_format, to_messages, to_preference, to_unpaired
     from rlhf_time.data.prompts import to_prompt_messages
     from rlhf_time.data.sources import eval_spec, record_chunks, train_spec
     from rlhf_time.data.text import text_of
@@ -57,6 +58,9 @@ def sample_prompts(config, data_kind: str, inference, count: int) -> list[Report
         elif detect_format(record, config.data_format) == "preference":
             pair = to_preference(record)
             messages, reference = pair.prompt_messages, pair.chosen
+        elif detect_format(record, config.data_format) == "unpaired":
+            example = to_unpaired(record)
+            messages, reference = example.prompt_messages, example.completion if example.desirable else None
         else:
             conversation = to_messages(record, detect_format(record, config.data_format))
             last = max(i for i, message in enumerate(conversation) if message["role"] == "assistant")

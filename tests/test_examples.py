@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SHORT = "max_steps=2"
 # In dependency order: the quickstart's model is the start (or the teacher) of kd, grpo and ppo.
-YAML_EXAMPLES = ["sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "rm", "dpo", "orpo", "simpo", "kd", "grpo",
-                 "ppo"]
-GENERATIVE = {"sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "dpo", "orpo", "simpo", "kd", "grpo", "ppo"}
+YAML_EXAMPLES = ["sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "rm", "dpo", "orpo", "simpo", "kto", "kd",
+                 "grpo", "ppo"]
+GENERATIVE = {"sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "dpo", "orpo", "simpo", "kto", "kd", "grpo",
+              "ppo"}
 COVERED_ELSEWHERE = {"rlhf_pipeline": "tests/test_rlhf_pipeline.py", "data": "read by the YAML examples",
                      "grpo_rewards.py": "reward functions of grpo.yaml and ppo.yaml"}
 

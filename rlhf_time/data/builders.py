@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from rlhf_time.data.formats import detect_format, to_messages, to_preference
+from rlhf_time.data.formats import detect_format, to_messages, to_preference, to_unpaired, unpair
 from rlhf_time.data.readers import Record
 from rlhf_time.data.sources import record_chunks
 from rlhf_time.data.text import encode_documents, text_of
@@ -31,6 +31,8 @@ class DataStats:
     identical_pairs_dropped: int = 0  # of those, preference pairs whose chosen equals rejected
     target_tokens: int = 0  # tokens with a label (the loss is computed on them)
     total_tokens: int = 0
+    desirable: int = 0  # unpaired (KTO) examples labelled true / false
+    undesirable: int = 0
 
     def summary(self) -> str:
         text = (f"{self.examples} examples from {self.records} records, {self.total_tokens} tokens "
@@ -42,7 +44,14 @@ class DataStats:
             if self.identical_pairs_dropped:
                 reasons.append(f"{self.identical_pairs_dropped} with chosen == rejected")
             text += f" ({', '.join(reasons)})"
+        if self.desirable or self.undesirable:
+            text += f"; {self.desirable} desirable, {self.undesirable} undesirable"
         return text
+
+    def add_counts(self, other: "DataStats") -> None:
+        """Add the counts of another part of the same data set (examples and tokens are counted from columns)."""
+        for name in ("truncated", "dropped", "identical_pairs_dropped", "desirable", "undesirable"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -110,6 +119,35 @@ def build_preference(records: list[Record], tokenizer, config) -> tuple[dict[str
     return columns, stats
 
 
+def build_unpaired(records: list[Record], tokenizer, config) -> tuple[dict[str, list], DataStats]:
+    """Columns input_ids, labels and label (1.0 desirable, 0.0 undesirable) of KTO's unpaired examples. Preference
+    pairs become a desirable and an undesirable example: the chunk's chosen completions, then its rejected ones
+    (as TRL's unpair_preference_dataset orders them)."""
+    encoder = _encoder(tokenizer, config)
+    if detect_format(records[0], config.data_format) == "preference":
+        pairs = [unpair(to_preference(r)) for r in records]
+        examples = [pair[0] for pair in pairs] + [pair[1] for pair in pairs]
+        locations = [r.location for r in records] * 2
+    else:
+        examples, locations = [to_unpaired(r) for r in records], [r.location for r in records]
+    segments = [encoder.segments([*e.prompt_messages, {"role": "assistant", "content": e.completion}], location,
+                                 last_turn_only=True) for e, location in zip(examples, locations)]
+    stats = DataStats(records=len(records))
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "label": []}
+    for example, (input_ids, labels) in zip(examples, encoder.encode_many(segments)):
+        input_ids, labels, cut = truncate(input_ids, labels, config.max_seq_length)
+        stats.truncated += cut
+        if not has_target(labels):
+            stats.dropped += 1
+            continue
+        columns["input_ids"].append(input_ids)
+        columns["labels"].append(labels)
+        columns["label"].append(1.0 if example.desirable else 0.0)
+        stats.desirable += example.desirable
+        stats.undesirable += not example.desirable
+    return columns, stats
+
+
 def count_tokens(columns: dict[str, list], stats: DataStats, length_of: tuple[str, ...]) -> None:
     """Set stats' examples, total_tokens and target_tokens from the columns (length_of: the input_ids columns)."""
     stats.total_tokens = stats.target_tokens = 0
@@ -160,9 +198,7 @@ def build_in_chunks(chunks: Iterator[list[Record]], total: int, tokenizer, confi
         stats.examples += counted.examples
         stats.total_tokens += counted.total_tokens
         stats.target_tokens += counted.target_tokens
-        stats.truncated += part.truncated
-        stats.dropped += part.dropped
-        stats.identical_pairs_dropped += part.identical_pairs_dropped
+        stats.add_counts(part)
 
     if processes <= 1:
         for chunk in chunks:

@@ -13,15 +13,16 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from rlhf_time.data.builders import (DataStats, build_in_chunks, build_preference, build_sft, count_tokens,
-                                     source_chunks)
-from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference
+from rlhf_time.data.builders import (DataStats, build_in_chunks, build_preference, build_sft, build_unpaired,
+                                     count_tokens, source_chunks)
+from rlhf_time.data.formats import detect_format, prompt_of, to_messages, to_preference, to_unpaired
 from rlhf_time.data.mixing import mixture_indices
 from rlhf_time.data.prompts import load_prompt_dataset
 from rlhf_time.data.readers import Record, field_list
 from rlhf_time.data.sources import DataSpec, as_spec, fingerprint, read_source, record_chunks, source_label
 from rlhf_time.data.text import text_of
-from rlhf_time.data.token_store import GatheredRows, TokenCacheWriter, TokenRows, map_npz, row_lengths
+from rlhf_time.data.token_store import (SCALAR_COLUMNS, GatheredRows, TokenCacheWriter, TokenRows, map_npz,
+                                        row_lengths)
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.storage import format_bytes, free_bytes
 
@@ -60,13 +61,17 @@ class PreferenceDataset(TokenizedDataset):
     length_of = ("chosen_input_ids", "rejected_input_ids")
 
 
+class UnpairedDataset(TokenizedDataset):
+    """KTO's examples {"input_ids", "labels", "label" (1.0 desirable, 0.0 undesirable)}."""
+
+
 # ----------------------------------------------------------------------------------------- entry points
 def validate_records(path, config, kind: str = "conversation", *, cache_dir: Optional[str | Path] = None) -> None:
     """Read and check every record of a data set read whole (no tokenizer needed) so bad data fails before a model
     is loaded. rlhf_time.data.validation.validate_data_file is the entry point for every kind of data.
 
     path: a file / source, a list of them, or a DataSpec.
-    kind: "conversation" or "preference" (checked by the caller, rlhf_time.data.validation).
+    kind: "conversation", "preference" or "unpaired" (checked by the caller, rlhf_time.data.validation).
     With cache_dir, a data set that passed once with the same content and data settings is not read again: a
     marker named after (content fingerprint, settings) is kept in cache_dir/validated.
     """
@@ -79,28 +84,41 @@ def validate_records(path, config, kind: str = "conversation", *, cache_dir: Opt
         first = next(chunks)
         fmt = detect_format(first[0], config.data_format)
         check_format_fits_kind(first[0], fmt, kind, config)
-        wants_pairs = kind == "preference"
         for record in (r for chunk in itertools.chain([first], chunks) for r in chunk):
             if fmt == "text":
                 text_of(record)
+            elif fmt == "preference":
+                to_preference(record)
+            elif fmt == "unpaired":
+                to_unpaired(record)
             else:
-                to_preference(record) if wants_pairs else to_messages(record, fmt)
+                to_messages(record, fmt)
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
 
 
 def check_format_fits_kind(first: Record, fmt: str, kind: str, config) -> None:
-    """A source's format (of its first record) must be what the stage trains on: pairs or conversations."""
-    wants_pairs = kind == "preference"
-    if fmt != "text" and wants_pairs != (fmt == "preference"):
-        need = "preference pairs {prompt, chosen, rejected}" if wants_pairs else "prompt/response or conversations"
-        if config.data_format != "auto":  # the user named the format: the format, not the file, is the mistake
-            fix = ("set data_format: auto (or prompt_response, messages, alpaca, sharegpt) for this stage, or train "
-                   "pairs with stage rm or dpo") if fmt == "preference" else "set data_format: preference (or auto)"
-            raise RlhfTimeError(f"data_format {fmt} does not suit stage {config.stage!r}, which trains on {need}: {fix}")
-        raise RlhfTimeError(f"{first.location}: stage {config.stage!r} needs {need}; this file has "
-                            f"fields {field_list(first.data)}")
+    """A source's format (of its first record) must be what the stage trains on: pairs, unpaired examples (or pairs,
+    which KTO splits) or conversations."""
+    if fmt == "text" or fmt in KIND_FORMATS.get(kind, CONVERSATION_FORMATS):
+        return
+    need = {"preference": "preference pairs {prompt, chosen, rejected}",
+            "unpaired": "unpaired examples {prompt, completion, label} or preference pairs"}.get(
+                kind, "prompt/response or conversations")
+    if config.data_format != "auto":  # the user named the format: the format, not the file, is the mistake
+        if kind in KIND_FORMATS:
+            fix = f"set data_format: {' or '.join(KIND_FORMATS[kind])} (or auto)"
+        else:
+            other = "pairs with stage rm or dpo (or kto)" if fmt == "preference" else "unpaired examples with stage kto"
+            fix = f"set data_format: auto (or prompt_response, messages, alpaca, sharegpt) for this stage, or train {other}"
+        raise RlhfTimeError(f"data_format {fmt} does not suit stage {config.stage!r}, which trains on {need}: {fix}")
+    raise RlhfTimeError(f"{first.location}: stage {config.stage!r} needs {need}; this file has "
+                        f"fields {field_list(first.data)}")
+
+
+CONVERSATION_FORMATS = ("prompt_response", "messages", "alpaca", "sharegpt")
+KIND_FORMATS = {"preference": ("preference",), "unpaired": ("unpaired", "preference")}
 
 
 def _validation_marker(spec: DataSpec, config, kind: str, cache_dir: Path) -> Path:
@@ -156,9 +174,16 @@ def load_preference_dataset(path, tokenizer, config, *, cache_dir=None,
     return _load(path, tokenizer, config, cache_dir, max_samples, PreferenceDataset, build_preference)
 
 
+def load_unpaired_dataset(path, tokenizer, config, *, cache_dir=None,
+                          max_samples: Optional[int] = None) -> UnpairedDataset:
+    """Tokenised KTO examples, each completion labelled desirable or not (pairs give one of each); cached as
+    load_sft_dataset is; only the completion is a target."""
+    return _load(path, tokenizer, config, cache_dir, max_samples, UnpairedDataset, build_unpaired)
+
+
 def load_dataset_of_kind(kind: str, path, tokenizer, config, *, cache_dir=None,
                          max_samples: Optional[int] = None) -> TokenizedDataset:
-    """The tokenised data set of a stage's data kind ("conversation" or "preference")."""
+    """The tokenised data set of a stage's data kind ("conversation", "preference", "unpaired" or "prompt")."""
     check_data_kind(kind)
     return DATA_KINDS[kind](path, tokenizer, config, cache_dir=cache_dir, max_samples=max_samples)
 
@@ -182,9 +207,12 @@ def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[T
              if spec.weights else [range(len(columns[dataset_class.length_of[0]])) for columns, _ in parts])
     # The picked rows of each source, not copies: memory-mapped sources stay on disk.
     columns: dict[str, Any] = {key: GatheredRows([part[key] for part, _ in parts], picks) for key in parts[0][0]}
-    stats = DataStats(records=sum(s.records for _, s in parts), truncated=sum(s.truncated for _, s in parts),
-                      dropped=sum(s.dropped for _, s in parts),
-                      identical_pairs_dropped=sum(s.identical_pairs_dropped for _, s in parts))
+    stats = DataStats(records=sum(s.records for _, s in parts))
+    for _, part in parts:
+        stats.add_counts(part)
+    if spec.weights and "label" in columns:  # a mixture repeats or drops examples: count the labels it kept
+        labels = np.asarray([columns["label"][i] for i in range(len(columns["label"]))])
+        stats.desirable, stats.undesirable = int((labels > 0.5).sum()), int((labels <= 0.5).sum())
     count_tokens(columns, stats, dataset_class.length_of)
     return dataset_class(columns, stats)
 
@@ -234,13 +262,16 @@ def _require_examples(source: str, stats: DataStats) -> None:
 
 
 # How records become examples, and the data set class, of each tokenised data kind (streaming.py uses them too).
-BUILDERS: dict[str, Callable] = {"conversation": build_sft, "preference": build_preference}
-DATA_CLASSES: dict[str, type[TokenizedDataset]] = {"conversation": TokenizedDataset, "preference": PreferenceDataset}
+BUILDERS: dict[str, Callable] = {"conversation": build_sft, "preference": build_preference,
+                                 "unpaired": build_unpaired}
+DATA_CLASSES: dict[str, type[TokenizedDataset]] = {"conversation": TokenizedDataset, "preference": PreferenceDataset,
+                                                   "unpaired": UnpairedDataset}
 
 # The loader of each data kind a stage can declare.
 DATA_KINDS: dict[str, Callable[..., TokenizedDataset]] = {
     "conversation": load_sft_dataset,
     "preference": load_preference_dataset,
+    "unpaired": load_unpaired_dataset,  # KTO: labelled completions (rlhf_time.stages.kto)
     "prompt": load_prompt_dataset,  # on-policy stages: prompts only (rlhf_time.data.prompts)
 }
 
@@ -272,13 +303,12 @@ def _read_cache(cache_file: Path) -> Optional[tuple[dict[str, Any], DataStats]]:
             stats = DataStats(**json.loads(str(data["stats"])))
             names = [name.removesuffix(".flat") for name in data.files if name.endswith(".flat")]
             offsets = {name: data[f"{name}.offsets"] for name in names}
-            margin = data["margin"].tolist() if "margin" in data.files else None
+            scalars = {name: data[name].tolist() for name in SCALAR_COLUMNS if name in data.files}
         flat = map_npz(cache_file, [f"{name}.flat" for name in names])
         columns: dict[str, Any] = {name: TokenRows(flat[f"{name}.flat"], offsets[name]) for name in names}
         if any(len(rows.flat) != rows.offsets[-1] for rows in columns.values()):
             return None
-        if margin is not None:
-            columns["margin"] = margin
+        columns.update(scalars)
     except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile):
         return None
     return columns, stats

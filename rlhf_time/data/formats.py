@@ -1,4 +1,4 @@
-"""Record formats -> conversations (lists of {"role", "content"}) or preference pairs."""
+"""Record formats -> conversations (lists of {"role", "content"}), preference pairs or unpaired examples."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 # Keys that identify each format, in detection order.
 FORMAT_KEYS = {
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
     "messages": ("messages",),
     "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
@@ -32,6 +33,15 @@ class PreferencePair:
     margin: float = math.nan
 
 
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One completion with a thumbs-up (desirable) or thumbs-down label: KTO's data."""
+
+    prompt_messages: Messages
+    completion: str
+    desirable: bool
+
+
 def detect_format(record: Record, configured: str = "auto") -> str:
     """The configured format, or the first whose identifying keys the record has."""
     if configured != "auto":
@@ -42,6 +52,8 @@ def detect_format(record: Record, configured: str = "auto") -> str:
     # Partial matches: pick the likely format so the error names the field that is missing.
     if "prompt" in record.data and ("chosen" in record.data or "rejected" in record.data):
         return "preference"
+    if "prompt" in record.data and ("completion" in record.data or "label" in record.data):
+        return "unpaired"
     if "instruction" in record.data:
         return "alpaca"
     if "prompt" in record.data:
@@ -71,7 +83,9 @@ def to_messages(record: Record, fmt: str) -> Messages:
     elif fmt == "sharegpt":
         messages = _message_list(record, "conversations", "from", "value", SHAREGPT_ROLES)
     elif fmt == "preference":
-        raise RlhfTimeError(f"{record.location}: a preference pair (prompt/chosen/rejected) needs stage rm or dpo")
+        raise RlhfTimeError(f"{record.location}: a preference pair (prompt/chosen/rejected) needs stage rm, dpo or kto")
+    elif fmt == "unpaired":
+        raise RlhfTimeError(f"{record.location}: an unpaired example (prompt/completion/label) needs stage kto")
     else:
         raise RlhfTimeError(f"unknown data_format {fmt!r}")
     if not any(m["role"] == "assistant" for m in messages):
@@ -85,10 +99,7 @@ def to_preference(record: Record) -> PreferencePair:
     for key in ("prompt", "chosen", "rejected"):
         if key not in data:
             raise RlhfTimeError(f"{record.location}: missing field {key!r} (record has: {field_list(data)})")
-    if isinstance(data["prompt"], list):
-        prompt = _message_list(record, "prompt", "role", "content", {r: r for r in ROLES})
-    else:
-        prompt = [{"role": "user", "content": _text(record, "prompt")}]
+    prompt = _prompt_messages(record)
     margin = data.get("margin")
     if margin in (None, ""):
         margin = math.nan
@@ -102,8 +113,33 @@ def to_preference(record: Record) -> PreferencePair:
     return PreferencePair(prompt, _reply(record, "chosen"), _reply(record, "rejected"), margin)
 
 
+def to_unpaired(record: Record) -> UnpairedExample:
+    """A {"prompt", "completion", "label": true|false} record (TRL's unpaired preference format); prompt may be a
+    string or a messages list, completion a string or one assistant message."""
+    data = record.data
+    for key in ("prompt", "completion", "label"):
+        if key not in data:
+            raise RlhfTimeError(f"{record.location}: missing field {key!r} (record has: {field_list(data)})")
+    label = data["label"]
+    if not isinstance(label, bool):
+        raise RlhfTimeError(f"{record.location}: field 'label' must be true or false, got {json.dumps(label)[:40]}")
+    return UnpairedExample(_prompt_messages(record), _reply(record, "completion"), label)
+
+
+def unpair(pair: PreferencePair) -> tuple[UnpairedExample, UnpairedExample]:
+    """A preference pair as one desirable (chosen) and one undesirable (rejected) example."""
+    return (UnpairedExample(pair.prompt_messages, pair.chosen, True),
+            UnpairedExample(pair.prompt_messages, pair.rejected, False))
+
+
+def _prompt_messages(record: Record) -> Messages:
+    if isinstance(record.data["prompt"], list):
+        return _message_list(record, "prompt", "role", "content", {r: r for r in ROLES})
+    return [{"role": "user", "content": _text(record, "prompt")}]
+
+
 def _reply(record: Record, key: str) -> str:
-    """chosen/rejected as a string, or a single assistant message (dict or one-element list)."""
+    """chosen/rejected/completion as a string, or a single assistant message (dict or one-element list)."""
     value = record.data[key]
     if isinstance(value, list) and len(value) == 1:
         value = value[0]

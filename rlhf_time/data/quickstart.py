@@ -54,5 +54,17 @@ def make_preference_records(count: int, seed: int, exclude: set[str] = frozenset
     return pairs
 
 
+def make_unpaired_records(pairs: list[dict[str, str]], seed: int) -> list[dict]:
+    """KTO's unpaired split of preference pairs: each pair's chosen reply labelled true and its rejected one false,
+    shuffled so that no pair stays together (reshuffled until no two neighbouring records share a prompt)."""
+    records = [{"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+               for p in pairs for side in ("chosen", "rejected")]
+    rng = random.Random(seed)
+    rng.shuffle(records)
+    while any(a["prompt"] == b["prompt"] for a, b in zip(records, records[1:])):
+        rng.shuffle(records)
+    return records
+
+
 if __name__ == "__main__":
     write_bundled_files()

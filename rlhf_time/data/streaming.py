@@ -39,7 +39,7 @@ from rlhf_time.downloads import download_progress
 from rlhf_time.errors import RlhfTimeError
 
 STATE_VERSION = 1
-STREAMING_KINDS = ("conversation", "preference")  # the data kinds a stream can feed (not on-policy prompts)
+STREAMING_KINDS = ("conversation", "preference", "unpaired")  # the data kinds a stream can feed (not on-policy prompts)
 WINDOW_BATCHES = MEGA_BATCH_FACTOR  # a window holds batch_size x this many records (the planner's length groups)
 
 
@@ -297,7 +297,7 @@ class ShuffleBuffer:
 class StreamedBatches:
     """This rank's micro-batches of a streamed train set, without end; `state_dict` / `load_state_dict` resume.
 
-    kind: "conversation" (SFT and KD examples) or "preference" (RM and DPO pairs): the same builders, so the
+    kind: "conversation" (SFT and KD examples), "preference" (RM and DPO pairs) or "unpaired" (KTO): the same builders, so the
     same tokens, as the in-memory data sets. max_samples: at most the first N records of each source.
     """
 
@@ -401,9 +401,7 @@ class StreamStats(DataStats):
 
     def add(self, stats: DataStats, columns: dict[str, list], length_of: tuple[str, ...]) -> None:
         self.records += stats.records
-        self.truncated += stats.truncated
-        self.dropped += stats.dropped
-        self.identical_pairs_dropped += stats.identical_pairs_dropped
+        self.add_counts(stats)
         self.examples += len(columns[length_of[0]])
         self.total_tokens += sum(len(row) for key in length_of for row in columns[key])
 

@@ -17,12 +17,13 @@ import struct
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from rlhf_time.constants import IGNORE_INDEX
 
+SCALAR_COLUMNS = ("margin", "label")  # one float per example (a pair's margin, KTO's label), not token rows
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its file name and extra field
 
 
@@ -144,12 +145,12 @@ class TokenCacheWriter:
         self.folder = Path(tempfile.mkdtemp(prefix=f".{cache_file.stem}-", dir=cache_file.parent))
         self.streams: dict[str, Any] = {}
         self.lengths: dict[str, list[np.ndarray]] = {}
-        self.margin: Optional[list[float]] = None
+        self.scalars: dict[str, list[float]] = {}
 
     def add(self, columns: dict[str, list]) -> None:
         for name, rows in columns.items():
-            if name == "margin":
-                self.margin = (self.margin or []) + list(rows)
+            if name in SCALAR_COLUMNS:
+                self.scalars.setdefault(name, []).extend(rows)
                 continue
             if name not in self.streams:
                 self.streams[name] = open(self.folder / f"{name}.raw", "wb")  # noqa: SIM115 - closed in finish/abort
@@ -173,8 +174,8 @@ class TokenCacheWriter:
                     raw.unlink()
                     lengths = np.concatenate(self.lengths[name]) if self.lengths[name] else np.zeros(0, np.int64)
                     _write_array(archive, f"{name}.offsets", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-                if self.margin is not None:
-                    _write_array(archive, "margin", np.asarray(self.margin, dtype=np.float64))
+                for name, values in self.scalars.items():
+                    _write_array(archive, name, np.asarray(values, dtype=np.float64))
             os.replace(temp, self.cache_file)
         finally:
             self.abort()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from rlhf_time.stages.dpo_options import DPOOptions
 from rlhf_time.stages.grpo_options import GRPOOptions
 from rlhf_time.stages.kd_options import KDOptions
+from rlhf_time.stages.kto_options import KTOOptions
 from rlhf_time.stages.ppo_options import PPOOptions
 from rlhf_time.stages.rm_options import RMOptions
 from rlhf_time.stages.rollout_options import RolloutOptions
@@ -29,6 +30,7 @@ SECTIONS: dict[str, type[Section]] = {
     "rm": RMOptions,
     "dpo": DPOOptions,
     "kd": KDOptions,
+    "kto": KTOOptions,
     "rollout": RolloutOptions,
     "grpo": GRPOOptions,
     "ppo": PPOOptions,
@@ -39,6 +41,7 @@ STAGES: dict[str, Stage] = {
     "rm": Stage("rlhf_time.stages.reward:RewardTrainer", ("rm",)),
     "dpo": Stage("rlhf_time.stages.dpo:DPOTrainer", ("dpo",)),
     "kd": Stage("rlhf_time.stages.kd:KDTrainer", ("kd",)),
+    "kto": Stage("rlhf_time.stages.kto:KTOTrainer", ("kto",)),
     "grpo": Stage("rlhf_time.stages.grpo:GRPOTrainer", ("grpo", "rollout")),
     "ppo": Stage("rlhf_time.stages.ppo:PPOTrainer", ("ppo", "rollout")),
 }

@@ -21,6 +21,7 @@ TRAINERS: dict[str, type[Trainer]] = {stage: trainer_class(target) for stage, ta
 SFTrainer, RewardTrainer, DPOTrainer, KDTrainer = (TRAINERS[s] for s in ("sft", "rm", "dpo", "kd"))
 GRPOTrainer = TRAINERS["grpo"]
 PPOTrainer = TRAINERS["ppo"]
+KTOTrainer = TRAINERS["kto"]
 
 
 def trainer_for(config, **kwargs) -> Trainer:
@@ -30,6 +31,6 @@ def trainer_for(config, **kwargs) -> Trainer:
     return trainer_class(STAGES[config.stage].trainer)(config, **kwargs)
 
 
-__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KDTrainer", "GRPOTrainer", "PPOTrainer",
-           "TrainerCallback", "AuxiliaryModel",
+__all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KTOTrainer", "KDTrainer", "GRPOTrainer",
+           "PPOTrainer", "TrainerCallback", "AuxiliaryModel",
            "TRAINERS", "trainer_for", "trainer_class"]

@@ -32,10 +32,12 @@ def distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides
         values.update(distributed="fsdp", use_lora=True, use_gradient_checkpointing=True, max_steps=2)
     if scenario in ("ddp_freeze", "fsdp_freeze"):
         values.update(distributed=scenario.split("_")[0], freeze_layers=FROZEN_LAYERS, max_steps=2)
-    if scenario in ("dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp"):
+    if scenario in ("dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp", "kto_ddp", "kto_fsdp"):
         stage, strategy = scenario.split("_")
         values.update(stage=stage, distributed=strategy, max_steps=2, batch_size=2, eval_batch_size=3,
                       **preference_files(folder))
+    if scenario in ("kto_ddp", "kto_fsdp"):  # a reference unlike the policy: z_ref > 0 from the first step
+        values.update(kto={"ref_model": str(sharper_reference_dir(model_dir))})
     if scenario in ("kd_ddp", "kd_fsdp"):  # distillation from a smaller teacher, both sharded under FSDP
         values.update(stage="kd", distributed=scenario.split("_")[1], max_steps=2,
                       kd={"teacher_model": str(teacher_dir(model_dir)), "alpha": 0.3, "loss_type": "jsd",
@@ -70,6 +72,11 @@ def preference_files(folder: Path) -> dict[str, str]:
 def teacher_dir(model_dir: Path) -> Path:
     """Where the distillation scenarios' teacher lives (built by the test before torchrun starts)."""
     return Path(model_dir).parent / "kd-teacher"
+
+
+def sharper_reference_dir(model_dir: Path) -> Path:
+    """Where the KTO scenarios' reference lives (built by the test before torchrun starts)."""
+    return Path(model_dir).parent / "sharper-reference"
 
 
 def failure_report(result) -> str:

@@ -19,15 +19,16 @@ from safetensors.torch import load_file
 
 from rlhf_time import TrainerCallback
 from rlhf_time.stages.trainers import trainer_for
-from tests.trainer.helpers import approx_metrics, build_teacher, train_losses
+from tests.trainer.helpers import approx_metrics, build_sharper_reference, build_teacher, train_losses
 
 from .exit_probe import assert_no_gloo_thread_at_exit
-from .settings import FROZEN_LAYERS, STEPS, WORLD_SIZE, failure_report, single_process_config, teacher_dir
+from .settings import (FROZEN_LAYERS, STEPS, WORLD_SIZE, failure_report, sharper_reference_dir, single_process_config,
+                       teacher_dir)
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 SCENARIOS = ("ddp", "fsdp", "lora", "fsdp_resume", "fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp",
-             "rm_fsdp", "kd_ddp", "kd_fsdp", "stream_ddp", "stream_ddp_resume")
+             "rm_fsdp", "kd_ddp", "kd_fsdp", "kto_ddp", "kto_fsdp", "stream_ddp", "stream_ddp_resume")
 
 
 def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -41,6 +42,7 @@ def launched(tmp_path_factory, tiny_model_dir) -> Path:
     """One torchrun launch training every scenario in turn (each in OUT/<scenario>/)."""
     out = tmp_path_factory.mktemp("torchrun")
     build_teacher(teacher_dir(tiny_model_dir), tiny_model_dir)
+    build_sharper_reference(sharper_reference_dir(tiny_model_dir), tiny_model_dir)
     result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=480)
     assert result.returncode == 0, failure_report(result)
     return out
@@ -48,10 +50,12 @@ def launched(tmp_path_factory, tiny_model_dir) -> Path:
 
 class LossSpy(TrainerCallback):
     def __init__(self):
-        self.losses = {}
+        self.losses, self.kl = {}, []
 
     def on_step_end(self, trainer, metrics):
         self.losses[trainer.global_step] = metrics["train/loss"]
+        if "train/kl" in metrics:  # KTO's reference point
+            self.kl.append(metrics["train/kl"])
 
 
 @pytest.fixture(scope="module")
@@ -146,15 +150,20 @@ def test_lora_under_ddp_matches_one_process(launched, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("scenario", ["fsdp_lora", "ddp_freeze", "fsdp_freeze", "dpo_fsdp", "dpo_ddp", "rm_ddp", "rm_fsdp",
-                                      "kd_ddp", "kd_fsdp"])
+                                      "kd_ddp", "kd_fsdp", "kto_ddp", "kto_fsdp"])
 def test_lora_frozen_layers_and_preference_stages_match_one_process(launched, tiny_model_dir, tmp_path, scenario):
     """FSDP with LoRA, DDP/FSDP with frozen layers (gradient checkpointing where set), DPO (under FSDP with a
-    sharded frozen reference), the reward model, and distillation (under FSDP with a sharded teacher) under DDP and
-    FSDP: the same losses and weights as one process."""
+    sharded frozen reference), the reward model, distillation (under FSDP with a sharded teacher) and KTO under DDP
+    and FSDP: the same losses and weights as one process. KTO's KL reference point is taken over both ranks' examples
+    of a step: each step's train/kl equals one process's over the same (accumulated) examples."""
     trainer, spy = _train_one_process(tmp_path, tiny_model_dir, scenario)
     run_dir = _run_dir(launched, scenario)
     assert train_losses(run_dir / "metrics.jsonl") == pytest.approx(spy.losses, rel=1e-5)
     assert list(spy.losses) == [1, 2]
+    if scenario.startswith("kto"):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        kl = [row["train/kl"] for row in rows if "train/kl" in row]
+        assert len(kl) == 2 and kl[0] > 0.1 and kl == approx_metrics(spy.kl)
     final = run_dir / "final"
     if scenario == "fsdp_lora":
         from peft import PeftModel
@@ -179,7 +188,8 @@ def test_lora_frozen_layers_and_preference_stages_match_one_process(launched, ti
         assert per_rank[0] == per_rank[1]
         assert per_rank[0] == approx_metrics({k: v for k, v in single.items() if k in per_rank[0]})
         assert len(per_rank[0]) >= 5
-        expected = {"rm": "eval_accuracy", "dpo": "eval_rewards/accuracies", "kd": "eval_kd_loss"}[scenario.split("_")[0]]
+        expected = {"rm": "eval_accuracy", "dpo": "eval_rewards/accuracies", "kd": "eval_kd_loss",
+                    "kto": "eval_rewards/margins"}[scenario.split("_")[0]]
         assert expected in single
 
 

@@ -43,7 +43,7 @@ def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
             trainer.callbacks.append(FailOnRankOne())
         trainer.train()
         # every rank reports what it computed: early stopping needs the metrics equal on all ranks
-        if scenario == "fsdp" or scenario.startswith(("dpo", "rm", "kd")):
+        if scenario == "fsdp" or scenario.startswith(("dpo", "rm", "kd", "kto")):
             metrics = trainer.evaluate()
             path = Path(out_dir) / scenario / f"eval-rank{trainer.dist.rank}.json"
             path.write_text(json.dumps(metrics), encoding="utf-8")

@@ -113,3 +113,21 @@ def build_teacher(folder: Path, model_dir: Path, seed: int = 7) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_sharper_reference(folder: Path, model_dir: Path) -> Path:
+    """A reference policy unlike the initial one: the tiny model with its final norm x3 (sharper, so lower
+    log-probs on the data), saved as a local folder (once). KTO's KL reference point is then positive from the
+    first step instead of clamped at 0."""
+    from safetensors.torch import load_file, save_file
+
+    if (folder / "model.safetensors").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in Path(model_dir).iterdir():
+        if file.is_file() and file.name != "model.safetensors":
+            (folder / file.name).write_bytes(file.read_bytes())
+    state = load_file(Path(model_dir) / "model.safetensors")
+    state["model.norm.weight"] = state["model.norm.weight"] * 3
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -24,7 +24,7 @@ def test_the_stage_list_is_the_trainer_registry():
     with pytest.raises(ConfigError, match="unknown stage 'ppo_typo'; available: sft, rm, dpo, kd"):
         TrainingConfig(stage="ppo_typo")
     for stage, trainer in TRAINERS.items():
-        assert trainer.data_kind in ("conversation", "preference", "prompt") and trainer.model_head in ("causal_lm", "reward")
+        assert trainer.data_kind in ("conversation", "preference", "unpaired", "prompt") and trainer.model_head in ("causal_lm", "reward")
 
 
 def test_no_stage_overrides_a_private_method_of_the_loop():

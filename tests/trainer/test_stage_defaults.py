@@ -24,6 +24,7 @@ STAGES = {
     "sft": dict(train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE)),
     "rm": PREFERENCE,
     "dpo": PREFERENCE,
+    "kto": dict(train_file=str(EXAMPLE_DATA / "kto_train.jsonl"), eval_file=PREFERENCE["eval_file"]),
     "kd": dict(train_file=str(TRAIN_FILE)),  # kd.teacher_model: the fixture's model
     "grpo": PROMPTS,
     "ppo": PROMPTS,
