@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/distributed/test_ppo_ddp.py: `ppo_worker.py MODEL_DIR OUT_DIR SCENARIO...`.
+"""PPO scenarios under torchrun: `ppo_worker.py MODEL_DIR OUT_DIR SCENARIO...`, or `run()` from rl_worker.py (the
+launch of tests/distributed/test_grpo_ddp.py and test_ppo_ddp.py).
 
 ddp, fsdp: two PPO steps with a checkpoint after each; fsdp_resume: the fsdp run resumed from its first checkpoint.
 Each rank writes digests of its full policy and critic weights (FSDP: gathered), its logged metrics' path and the
@@ -33,14 +34,18 @@ def ppo_distributed_config(out_dir: Path, model_dir: Path, scenario: str):
     return tiny_config(out_dir, model_dir, **values)
 
 
-def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
-    exit_probe.watch(out_dir)
+def run(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
     for scenario in scenarios:
         trainer = PPOTrainer(ppo_distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario))
         trainer.train()
         state = {"policy": weights_digest(trainer.model), "critic": weights_digest(trainer.critic),
                  "kl_coef": trainer.kl_controller.value}
         Path(out_dir, scenario, f"rank{trainer.dist.rank}.json").write_text(json.dumps(state), encoding="utf-8")
+
+
+def main(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
+    exit_probe.watch(out_dir)
+    run(model_dir, out_dir, scenarios)
     exit_probe.note_running()
 
 

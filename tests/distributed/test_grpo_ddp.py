@@ -12,10 +12,7 @@ from tests.trainer.grpo_helpers import InjectedGRPOTrainer
 from tests.trainer.helpers import merged, tiny_config, train_losses
 
 from .exit_probe import assert_no_gloo_thread_at_exit
-from .settings import EXACT, WORLD_SIZE, failure_report
-from .test_data_parallel import torchrun
-
-WORKER = Path(__file__).with_name("grpo_worker.py")
+from .settings import EXACT, WORLD_SIZE
 
 
 def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides):
@@ -32,11 +29,9 @@ def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **over
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, tiny_model_dir) -> Path:
-    out = tmp_path_factory.mktemp("torchrun-grpo")
-    result = torchrun(str(WORKER), str(tiny_model_dir), str(out), "injected", "sampled", "fsdp", timeout=400)
-    assert result.returncode == 0, failure_report(result)
-    return out
+def launched(rl_launched) -> Path:
+    """The scenarios injected, sampled and fsdp (grpo_worker.py), run by the launch shared with test_ppo_ddp.py."""
+    return rl_launched / "grpo"
 
 
 def test_ranks_stay_identical(launched):
@@ -62,6 +57,6 @@ def test_injected_completions_update_as_one_process(launched, tmp_path, tiny_mod
     assert changed  # the update did something
 
 
-def test_no_gloo_thread_outlives_the_process_group(launched):
+def test_no_gloo_thread_outlives_the_process_group(rl_launched):
     """A run that ends under FSDP still leaves no gloo thread for Python's shutdown (it would abort the rank)."""
-    assert_no_gloo_thread_at_exit(launched)
+    assert_no_gloo_thread_at_exit(rl_launched)

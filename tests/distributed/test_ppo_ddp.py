@@ -11,19 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from .exit_probe import assert_no_gloo_thread_at_exit
-from .settings import WORLD_SIZE, failure_report
-from .test_data_parallel import torchrun
+from .settings import WORLD_SIZE
 
-WORKER = Path(__file__).with_name("ppo_worker.py")
-SCENARIOS = ("ddp", "fsdp", "fsdp_resume")
+SCENARIOS = ("ddp", "fsdp", "fsdp_resume")  # ppo_worker.py's, in rl_worker.py's order
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, tiny_model_dir) -> Path:
-    out = tmp_path_factory.mktemp("torchrun-ppo")
-    result = torchrun(str(WORKER), str(tiny_model_dir), str(out), *SCENARIOS, timeout=480)
-    assert result.returncode == 0, failure_report(result)
-    return out
+def launched(rl_launched) -> Path:
+    """The PPO scenarios, run by the launch shared with test_grpo_ddp.py (rl_worker.py)."""
+    return rl_launched / "ppo"
 
 
 def _ranks(launched: Path, scenario: str) -> list[dict]:
@@ -62,6 +58,6 @@ def test_fsdp_resume_is_exact(launched):
     assert _ranks(launched, "fsdp_resume")[0] == _ranks(launched, "fsdp")[0]
 
 
-def test_no_gloo_thread_outlives_the_process_group(launched):
+def test_no_gloo_thread_outlives_the_process_group(rl_launched):
     """A run that ends under FSDP still leaves no gloo thread for Python's shutdown (it would abort the rank)."""
-    assert_no_gloo_thread_at_exit(launched)
+    assert_no_gloo_thread_at_exit(rl_launched)
