@@ -334,3 +334,26 @@ def test_resume_mid_run_is_exact_and_eval_reports_kto_metrics(tmp_path, tiny_mod
                  f"output_dir={tmp_path / 'eval'}"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert {"eval_loss", "eval_kl", "eval_rewards/margins", "eval_logps/chosen"} <= set(metrics)
+
+
+def test_kto_streams_and_shifts_within_each_micro_batch(tmp_path, tiny_model_dir, sharper_reference):
+    """streaming: true reads the pairs as a stream; each micro-batch's prompts meet its own completions shifted by
+    one (the stream has no fixed order to pair by), and step 1's z_ref is their mean."""
+    trainer = _trainer(tmp_path, tiny_model_dir, streaming=True, max_steps=2, batch_size=4, logging_steps=1,
+                       eval_file=None, kto={"ref_model": str(sharper_reference)})
+    steps = []
+    original = trainer.prepare_step
+    trainer.prepare_step = lambda batches, dataset: steps.append(batches) or original(batches, dataset)
+    spy = KLSpy()
+    trainer.callbacks.append(spy)
+    initial = copy.deepcopy(trainer.model)
+    trainer.train()
+    batch = steps[0][0]
+    mask, kl_mask = batch["attention_mask"].bool(), batch["kl_attention_mask"].bool()
+    for row in range(4):  # the completion of row - 1 follows row's prompt
+        previous = batch["input_ids"][row - 1][mask[row - 1]].tolist()
+        completion = previous[next(i for i, t in enumerate(batch["labels"][row - 1].tolist()) if t != -100):]
+        assert batch["kl_input_ids"][row][kl_mask[row]].tolist()[-len(completion):] == completion
+    rows = (batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
+    expected = (_written_out_logps(initial, *rows) - _written_out_logps(trainer.reference, *rows)).mean().item()
+    assert expected > 0 and spy.kl[0] == pytest.approx(expected, rel=1e-5)
