@@ -1,4 +1,4 @@
-"""Usage: python bench/preference_learning.py LR STEPS orpo,simpo,simpo+nll,sigmoid,kto,kto_labels
+"""Usage: python bench/preference_learning.py LR STEPS orpo,simpo,simpo+nll,sigmoid,kto,kto_labels [SEED]
 
 ORPO / SimPO / KTO (and DPO for comparison) from a half-trained SFT model on the bundled preference data:
 held-out greedy exact match (reply == chosen) and pair accuracy (avg log-prob of chosen > rejected), before/after.
@@ -17,7 +17,8 @@ from rlhf_time.constants import IGNORE_INDEX
 
 ROOT = Path(__file__).resolve().parents[1]
 work = Path(tempfile.mkdtemp())
-base = dict(output_dir=str(work), report_to="none", disable_progress_bar=True, plot_metrics=False, save_strategy="no",
+SEED = int(sys.argv[4]) if len(sys.argv) > 4 else 42  # the SFT start and the preference run
+base = dict(seed=SEED, output_dir=str(work), report_to="none", disable_progress_bar=True, plot_metrics=False, save_strategy="no",
             eval_strategy="no", max_seq_length=64, warmup_steps_ratio=0.0, max_new_tokens=16)
 sft = SFTrainer(TrainingConfig(model_name="tiny", train_file=str(TRAIN_FILE), eval_file=str(EVAL_FILE), batch_size=16,
                                learning_rate=2e-3, max_steps=150, lr_scheduler_type="constant", weight_decay=0.0,
@@ -58,4 +59,4 @@ for name, dpo, lr in [(m, options(m), float(sys.argv[1]) if len(sys.argv) > 1 el
     before = measure(trainer)
     trainer.train()
     after = measure(trainer)
-    print(f"{name}: lr {lr} steps {steps}: exact match {before[0]:.3f} -> {after[0]:.3f}; pair accuracy {before[1]:.3f} -> {after[1]:.3f}", flush=True)
+    print(f"{name}: seed {SEED} lr {lr} steps {steps}: exact match {before[0]:.3f} -> {after[0]:.3f}; pair accuracy {before[1]:.3f} -> {after[1]:.3f}", flush=True)

@@ -70,15 +70,22 @@ def build_sft(records: list[Record], tokenizer, config) -> tuple[dict[str, list]
     segments = [encoder.segments(to_messages(r, fmt), r.location) for r in records]
     stats = DataStats(records=len(records))
     columns: dict[str, list] = {"input_ids": [], "labels": []}
-    for input_ids, labels in encoder.encode_many(segments):
-        input_ids, labels, cut = truncate(input_ids, labels, config.max_seq_length)
+    for _, input_ids, labels in _kept(encoder.encode_many(segments), config.max_seq_length, stats):
+        columns["input_ids"].append(input_ids)
+        columns["labels"].append(labels)
+    return columns, stats
+
+
+def _kept(encoded, max_length: int, stats: DataStats):
+    """(index, input_ids, labels) of each encoded example, cut to max_length, that still has a target; the cut and
+    the dropped ones are counted in stats."""
+    for index, (input_ids, labels) in enumerate(encoded):
+        input_ids, labels, cut = truncate(input_ids, labels, max_length)
         stats.truncated += cut
         if not has_target(labels):
             stats.dropped += 1
             continue
-        columns["input_ids"].append(input_ids)
-        columns["labels"].append(labels)
-    return columns, stats
+        yield index, input_ids, labels
 
 
 def _build_text(records: list[Record], tokenizer, config) -> tuple[dict[str, list], DataStats]:
@@ -134,12 +141,8 @@ def build_unpaired(records: list[Record], tokenizer, config) -> tuple[dict[str, 
                                  last_turn_only=True) for e, location in zip(examples, locations)]
     stats = DataStats(records=len(records))
     columns: dict[str, list] = {"input_ids": [], "labels": [], "label": []}
-    for example, (input_ids, labels) in zip(examples, encoder.encode_many(segments)):
-        input_ids, labels, cut = truncate(input_ids, labels, config.max_seq_length)
-        stats.truncated += cut
-        if not has_target(labels):
-            stats.dropped += 1
-            continue
+    for index, input_ids, labels in _kept(encoder.encode_many(segments), config.max_seq_length, stats):
+        example = examples[index]
         columns["input_ids"].append(input_ids)
         columns["labels"].append(labels)
         columns["label"].append(1.0 if example.desirable else 0.0)

@@ -163,6 +163,18 @@ def sharper_reference(tmp_path, tiny_model_dir):
     return build_sharper_reference(tmp_path / "reference", tiny_model_dir)
 
 
+def _train_watching_steps(trainer):
+    """Train; returns (each step's prepared micro-batches, the logged losses and z_ref, the initial policy)."""
+    steps = []
+    original = trainer.prepare_step
+    trainer.prepare_step = lambda batches, dataset: steps.append(batches) or original(batches, dataset)
+    spy = KLSpy()
+    trainer.callbacks.append(spy)
+    initial = copy.deepcopy(trainer.model)
+    trainer.train()
+    return steps, spy, initial
+
+
 class KLSpy(TrainerCallback):
     def __init__(self):
         self.kl, self.losses = [], []
@@ -180,13 +192,7 @@ def test_z_ref_is_the_whole_step_mean_and_accumulation_leaves_it_unchanged(tmp_p
                            gradient_accumulation_steps=accumulation, max_steps=3, shuffle=True,
                            learning_rate=1.0, adam_epsilon=1.0,  # updates ~linear in the gradient: a mis-weighting shows
                            kto={"ref_model": str(sharper_reference)})
-        steps = []
-        original = trainer.prepare_step
-        trainer.prepare_step = lambda batches, dataset: steps.append(batches) or original(batches, dataset)
-        spy = KLSpy()
-        trainer.callbacks.append(spy)
-        initial = copy.deepcopy(trainer.model)
-        trainer.train()
+        steps, spy, initial = _train_watching_steps(trainer)
         runs[batch_size] = (spy, weights(trainer.model))
         if batch_size == 8:  # z_ref of step 1, written out: the mean over its 8 mismatched rows, clamped at 0
             batch = steps[0][0]
@@ -341,13 +347,7 @@ def test_kto_streams_and_shifts_within_each_micro_batch(tmp_path, tiny_model_dir
     one (the stream has no fixed order to pair by), and step 1's z_ref is their mean."""
     trainer = _trainer(tmp_path, tiny_model_dir, streaming=True, max_steps=2, batch_size=4, logging_steps=1,
                        eval_file=None, kto={"ref_model": str(sharper_reference)})
-    steps = []
-    original = trainer.prepare_step
-    trainer.prepare_step = lambda batches, dataset: steps.append(batches) or original(batches, dataset)
-    spy = KLSpy()
-    trainer.callbacks.append(spy)
-    initial = copy.deepcopy(trainer.model)
-    trainer.train()
+    steps, spy, initial = _train_watching_steps(trainer)
     batch = steps[0][0]
     mask, kl_mask = batch["attention_mask"].bool(), batch["kl_attention_mask"].bool()
     for row in range(4):  # the completion of row - 1 follows row's prompt
