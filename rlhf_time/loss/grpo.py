@@ -40,6 +40,41 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewar
     return torch.where(equal, torch.zeros_like(centred), centred).view(-1)
 
 
+def rloo_advantages(rewards: torch.Tensor, num_generations: int, *, scale_rewards: str = "none",
+                    batch_std: Optional[float | torch.Tensor] = None, eps: float = 1e-4) -> torch.Tensor:
+    """Leave-one-out advantages (Ahmadian et al. 2024, "Back to Basics", RLOO), (N,) float32:
+
+    A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r_group))
+
+    verl's compute_rloo_outcome_advantage computes the right-hand side. No std scaling unless scale_rewards asks
+    for it (group: / (std(r_group) + eps), batch: / (std of all rewards + eps), as group_advantages). A group whose
+    rewards are all equal gets exactly 0.
+    """
+    if num_generations < 2:
+        raise ValueError("RLOO needs at least 2 completions per prompt (num_generations >= 2)")
+    scaled = group_advantages(rewards, num_generations, scale_rewards=scale_rewards, batch_std=batch_std, eps=eps)
+    return scaled * (num_generations / (num_generations - 1))
+
+
+def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, C): each row's mean over its masked positions, on every position. GSPO's sequence-level log-ratio
+    (Zheng et al. 2025) is sequence_mean(logp) - sequence_mean(logp_old) = mean_t(logp_t - logp_old_t), whose
+    gradient reaches each token with weight 1 / |y|."""
+    mask = mask.to(values.dtype)
+    mean = (values * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return mean.expand_as(values)
+
+
+def truncated_importance_weights(train_logps: torch.Tensor, sampler_logps: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025; TRL's vllm_importance_sampling_correction), (N, C), detached:
+
+    w_t = min(pi_train(y_t) / pi_sampler(y_t), cap)
+
+    the correction for tokens sampled by an engine whose probabilities differ from the training forward's.
+    """
+    return torch.exp(train_logps.detach().float() - sampler_logps.detach().float()).clamp(max=cap)
+
+
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate from tokens sampled from pi (Schulman 2020, "Approximating KL"):
 

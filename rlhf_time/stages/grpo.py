@@ -6,6 +6,8 @@ of the whole step -> num_iterations optimiser steps of the loop on that experien
 
 Per completion token: loss_t = max(-A rho_t, -A clip(rho_t, 1 - eps, 1 + eps_high)) + kl_coef * k3_t, where
 rho_t = pi(y_t) / pi_old(y_t) and pi_old is the policy that sampled the batch; aggregated by grpo_loss_type.
+Options: A from the group (grpo) or leave-one-out (rloo); rho per token or per sequence (GSPO); each token's loss
+times min(pi_train / pi_sampler, tis_cap) (truncated importance sampling).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import torch
 from torch import nn
 
 from rlhf_time.experience.experience import Experience, global_mean_std
-from rlhf_time.loss import aggregate_loss, clipped_tokens, create_loss, group_advantages, k3_kl, loss_items
+from rlhf_time.loss import (aggregate_loss, clipped_tokens, create_loss, group_advantages, k3_kl, loss_items,
+                            rloo_advantages, sequence_mean, truncated_importance_weights)
 from rlhf_time.runtime.distributed import all_reduce_sum
 from rlhf_time.stages.on_policy import PromptTrainer
 
 # Train metrics that prepare_step already normalised by the step's completion tokens (not per loss item).
-_PER_TOKEN_METRICS = ("clip_ratio/low", "clip_ratio/high", "kl")
+_PER_TOKEN_METRICS = ("clip_ratio/low", "clip_ratio/high", "kl", "sampler_kl", "tis_weight")
+ADVANTAGE_ESTIMATORS = {"grpo": group_advantages, "rloo": rloo_advantages}
 
 
 class GRPOTrainer(PromptTrainer):
@@ -42,10 +46,10 @@ class GRPOTrainer(PromptTrainer):
         experiences = self.collect_experience(micro_batches, dataset, group)
         all_rewards = torch.cat([e.rewards for e in experiences]).to(self.device)
         batch_std = global_mean_std(all_rewards)[1] if config.grpo.scale_rewards == "batch" else None
-        prepared = []
+        estimator, prepared = ADVANTAGE_ESTIMATORS[config.grpo.advantage_estimator], []
         for experience in experiences:
-            advantages = group_advantages(experience.rewards.to(self.device), group,
-                                          scale_rewards=config.grpo.scale_rewards, batch_std=batch_std)
+            advantages = estimator(experience.rewards.to(self.device), group, scale_rewards=config.grpo.scale_rewards,
+                                   batch_std=batch_std)
             prepared.append(self._training_batch(experience, advantages))
         self._step_tokens = float(all_reduce_sum(sum(b["loss_mask"].sum().float() for b in prepared)))
         return prepared
@@ -80,15 +84,26 @@ class GRPOTrainer(PromptTrainer):
         mask = batch["loss_mask"]
         # mu = 1: the policy that sampled is the one being trained, rho = 1 exactly (no recomputation needed).
         old_logps = batch["old_logps"] if config.grpo.num_iterations > 1 else logps.detach()
-        per_token = self.policy_loss(logps, old_logps, batch["advantages"], mask)  # (N, C)
-        metrics: dict[str, torch.Tensor] = {}
+        ratio_logps, ratio_old = logps, old_logps
+        if config.grpo.importance_sampling_level == "sequence":  # GSPO: one ratio per completion, on each token
+            ratio_logps, ratio_old = sequence_mean(logps, mask), sequence_mean(old_logps, mask)
+        per_token = self.policy_loss(ratio_logps, ratio_old, batch["advantages"], mask)  # (N, C)
+        # The sampler's log-probs against this forward's, logged always: what an engine that samples differently
+        # from the training forward (bf16, another kernel) shifts; TIS corrects the loss by their ratio.
+        sampler_gap = torch.where(mask.bool(), batch["old_logps"].float() - logps.detach().float(), 0.0)
+        metrics: dict[str, torch.Tensor] = {"sampler_kl": sampler_gap.sum() / self._step_tokens}
+        if config.grpo.tis_cap is not None:
+            weights = torch.where(mask.bool(), truncated_importance_weights(logps, batch["old_logps"],
+                                                                            config.grpo.tis_cap), 0.0)
+            per_token = per_token * weights
+            metrics["tis_weight"] = (weights * mask).sum() / self._step_tokens
         if config.grpo.kl_coef > 0:
             kl = k3_kl(logps, batch["ref_logps"])
             per_token = per_token + config.grpo.kl_coef * kl
             metrics["kl"] = (kl.detach() * mask).sum() / self._step_tokens
         loss = aggregate_loss(per_token, mask, config.grpo.loss_type, max_completion_length=config.rollout.max_completion_length,
                               num_items=num_items)
-        ratio = torch.exp(logps.detach() - old_logps)
+        ratio = torch.exp(ratio_logps.detach() - ratio_old)
         low, high = clipped_tokens(ratio, batch["advantages"], mask, clip_eps=config.rollout.epsilon,
                                    clip_eps_high=config.rollout.epsilon_high)
         metrics["clip_ratio/low"], metrics["clip_ratio/high"] = low / self._step_tokens, high / self._step_tokens

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Optional
+
+from pydantic import model_validator
 
 from rlhf_time.stages.section import Section, option
 
@@ -24,3 +26,27 @@ class GRPOOptions(Section):
         "dapo", "Loss aggregation: grpo (token mean per sequence), dr_grpo (token sum / max_completion_length), "
                 "dapo (token mean over the step).")
     mask_truncated_completions: bool = option(False, "Leave completions that hit max_completion_length out of the loss (DAPO).")
+    advantage_estimator: Literal["grpo", "rloo"] = option(
+        "grpo", "grpo: (r - group mean) / scale (Shao et al. 2024); rloo: r - mean of the group's other rewards "
+                "(Ahmadian et al. 2024), with scale_rewards none unless set.")
+    importance_sampling_level: Literal["token", "sequence"] = option(
+        "token", "token: one ratio per token (GRPO); sequence: one ratio per completion, exp(mean_t log-ratio), "
+                 "clipped and given to each of its tokens (GSPO, Zheng et al. 2025).")
+    tis_cap: Optional[float] = option(
+        None, "Truncated importance sampling (Yao et al. 2025): each token's loss x min(pi_train / pi_sampler, "
+              "tis_cap), detached; None = off. Needs num_iterations 1.", gt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rloo_scale(cls, values: Any) -> Any:
+        """RLOO's advantage is not divided by a std unless scale_rewards is set: the default follows the estimator."""
+        if isinstance(values, dict) and values.get("advantage_estimator") == "rloo" and "scale_rewards" not in values:
+            return {**values, "scale_rewards": "none"}
+        return values
+
+    @model_validator(mode="after")
+    def _tis_on_policy(self) -> "GRPOOptions":
+        if self.tis_cap is not None and self.num_iterations > 1:
+            raise ValueError("tis_cap needs num_iterations 1: with more, the ratio to the sampling log-probs already "
+                             "corrects (and clips) the sampler mismatch")
+        return self
