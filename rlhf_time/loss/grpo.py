@@ -56,6 +56,35 @@ def rloo_advantages(rewards: torch.Tensor, num_generations: int, *, scale_reward
     return scaled * (num_generations / (num_generations - 1))
 
 
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
+    """Per-token returns of each completion, (N, C): G_t = r_t + gamma * G_{t+1}, nothing flowing back from past
+    the completion's last token; 0 where masked (REINFORCE++, Hu 2025; OpenRLHF's get_cumulative_returns)."""
+    mask = mask.bool()
+    rewards = torch.where(mask, rewards.float(), 0.0)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, 0.0)
+        returns[:, t] = running
+    return returns
+
+
+def whiten_over_step(values: torch.Tensor, mask: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++'s global advantage normalisation (OpenRLHF), (N, C), 0 where masked:
+
+    A' = (A - mu) * max(var, 1e-8)^(-1/2),  mu, var = mean and (biased) variance of every token of the step
+
+    `moments` = masked_moments (count, sum, sum of squares) summed over the step's micro-batches and ranks, so the
+    result does not depend on how the step is split. (verl's masked_whiten divides by sqrt(var + 1e-8) with a
+    Bessel-corrected variance; OpenRLHF's form is used here.)
+    """
+    count, total, squares = (float(x) for x in moments)
+    mean = total / max(count, 1.0)
+    variance = max(squares / max(count, 1.0) - mean**2, 0.0)
+    whitened = (values.float() - mean) * max(variance, 1e-8) ** -0.5
+    return torch.where(mask.bool(), whitened, 0.0)
+
+
 def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, C): each row's mean over its masked positions, on every position. GSPO's sequence-level log-ratio
     (Zheng et al. 2025) is sequence_mean(logp) - sequence_mean(logp_old) = mean_t(logp_t - logp_old_t), whose

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from rlhf_time.experience.experience import Experience, global_mean_std
-from rlhf_time.loss import (aggregate_loss, clipped_tokens, create_loss, group_advantages, k3_kl, loss_items,
-                            rloo_advantages, sequence_mean, truncated_importance_weights)
+from rlhf_time.loss import (aggregate_loss, clipped_tokens, create_loss, discounted_returns, group_advantages, k3_kl,
+                            loss_items, masked_moments, rloo_advantages, sequence_mean, token_rewards,
+                            truncated_importance_weights, whiten_over_step)
 from rlhf_time.runtime.distributed import all_reduce_sum
 from rlhf_time.stages.on_policy import PromptTrainer
 
 # Train metrics that prepare_step already normalised by the step's completion tokens (not per loss item).
 _PER_TOKEN_METRICS = ("clip_ratio/low", "clip_ratio/high", "kl", "sampler_kl", "tis_weight")
 ADVANTAGE_ESTIMATORS = {"grpo": group_advantages, "rloo": rloo_advantages}
+REINFORCE_PP = ("reinforce_pp", "reinforce_pp_baseline")  # token-level advantages, KL in the reward
 
 
 class GRPOTrainer(PromptTrainer):
@@ -44,22 +46,42 @@ class GRPOTrainer(PromptTrainer):
         (sequences, old log-probs, group-relative advantages, reference log-probs when kl_coef > 0)."""
         config, group = self.config, self.config.grpo.num_generations
         experiences = self.collect_experience(micro_batches, dataset, group)
-        all_rewards = torch.cat([e.rewards for e in experiences]).to(self.device)
-        batch_std = global_mean_std(all_rewards)[1] if config.grpo.scale_rewards == "batch" else None
-        estimator, prepared = ADVANTAGE_ESTIMATORS[config.grpo.advantage_estimator], []
-        for experience in experiences:
-            advantages = estimator(experience.rewards.to(self.device), group, scale_rewards=config.grpo.scale_rewards,
-                                   batch_std=batch_std)
-            prepared.append(self._training_batch(experience, advantages))
+        prepared = [self._training_batch(experience) for experience in experiences]
+        if config.grpo.advantage_estimator in REINFORCE_PP:
+            self._reinforce_pp_advantages(experiences, prepared)
+        else:
+            all_rewards = torch.cat([e.rewards for e in experiences]).to(self.device)
+            batch_std = global_mean_std(all_rewards)[1] if config.grpo.scale_rewards == "batch" else None
+            estimator = ADVANTAGE_ESTIMATORS[config.grpo.advantage_estimator]
+            for experience, batch in zip(experiences, prepared):
+                batch["advantages"] = estimator(experience.rewards.to(self.device), group,
+                                                scale_rewards=config.grpo.scale_rewards, batch_std=batch_std)
         self._step_tokens = float(all_reduce_sum(sum(b["loss_mask"].sum().float() for b in prepared)))
         return prepared
 
-    def _training_batch(self, experience: Experience, advantages: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors one micro-batch trains on (old log-probs: sampling's own, see compute_loss)."""
+    def _reinforce_pp_advantages(self, experiences: list[Experience], prepared: list[dict[str, torch.Tensor]]) -> None:
+        """REINFORCE++ (Hu 2025; OpenRLHF): each token's reward is -kl_coef * (log pi_old - log pi_ref), the last
+        token's also the completion's reward (minus its group's mean for the baseline variant); the advantages are
+        the returns, whitened with the mean and variance of every token of the step (all micro-batches, ranks)."""
+        options, returns = self.config.grpo, []
+        for experience, batch in zip(experiences, prepared):
+            scores = experience.rewards.to(self.device).float()
+            if options.advantage_estimator == "reinforce_pp_baseline":
+                grouped = scores.view(-1, options.num_generations)
+                scores = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+            reference = batch.get("ref_logps", batch["old_logps"])  # kl_coef 0: no reference, no KL part
+            rewards, _ = token_rewards(batch["old_logps"], reference, scores, batch["loss_mask"], kl_coef=options.kl_coef)
+            returns.append(discounted_returns(rewards, batch["loss_mask"]))
+        moments = all_reduce_sum(sum(masked_moments(r, b["loss_mask"]) for r, b in zip(returns, prepared)))
+        for batch, step_returns in zip(prepared, returns):
+            batch["advantages"] = whiten_over_step(step_returns, batch["loss_mask"], moments)
+
+    def _training_batch(self, experience: Experience) -> dict[str, torch.Tensor]:
+        """The tensors one micro-batch trains on (old log-probs: sampling's own, see compute_loss); the advantages
+        are added by prepare_step."""
         batch = experience.batch()
         if self.config.grpo.mask_truncated_completions:
             batch["loss_mask"] = batch["loss_mask"] & ~experience.rollout.truncated[:, None]
-        batch["advantages"] = advantages
         batch["group_size"] = torch.tensor(self.config.grpo.num_generations)  # rows i*G .. i*G+G-1 share their prompt
         if self.config.grpo.kl_coef > 0:
             batch["ref_logps"] = self.reference_logps(batch)
@@ -99,7 +121,8 @@ class GRPOTrainer(PromptTrainer):
             metrics["tis_weight"] = (weights * mask).sum() / self._step_tokens
         if config.grpo.kl_coef > 0:
             kl = k3_kl(logps, batch["ref_logps"])
-            per_token = per_token + config.grpo.kl_coef * kl
+            if config.grpo.advantage_estimator not in REINFORCE_PP:  # REINFORCE++ has the KL in its rewards instead
+                per_token = per_token + config.grpo.kl_coef * kl
             metrics["kl"] = (kl.detach() * mask).sum() / self._step_tokens
         loss = aggregate_loss(per_token, mask, config.grpo.loss_type, max_completion_length=config.rollout.max_completion_length,
                               num_items=num_items)

@@ -26,9 +26,11 @@ class GRPOOptions(Section):
         "dapo", "Loss aggregation: grpo (token mean per sequence), dr_grpo (token sum / max_completion_length), "
                 "dapo (token mean over the step).")
     mask_truncated_completions: bool = option(False, "Leave completions that hit max_completion_length out of the loss (DAPO).")
-    advantage_estimator: Literal["grpo", "rloo"] = option(
+    advantage_estimator: Literal["grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = option(
         "grpo", "grpo: (r - group mean) / scale (Shao et al. 2024); rloo: r - mean of the group's other rewards "
-                "(Ahmadian et al. 2024), with scale_rewards none unless set.")
+                "(Ahmadian et al. 2024), with scale_rewards none unless set; reinforce_pp: REINFORCE++ (Hu 2025), "
+                "kl_coef x KL folded into each token's reward, returns whitened over the whole step; "
+                "reinforce_pp_baseline: the same on rewards minus their group mean.")
     importance_sampling_level: Literal["token", "sequence"] = option(
         "token", "token: one ratio per token (GRPO); sequence: one ratio per completion, exp(mean_t log-ratio), "
                  "clipped and given to each of its tokens (GSPO, Zheng et al. 2025).")

@@ -1,7 +1,8 @@
 """GRPO scenarios under torchrun: `grpo_worker.py MODEL_DIR OUT_DIR SCENARIO...`, or `run()` from rl_worker.py (the
 launch of tests/distributed/test_grpo_ddp.py and test_ppo_ddp.py).
 
-injected: completions fixed by the test (InjectedGRPOTrainer), compared with one process on the same global batch.
+injected: completions fixed by the test (InjectedGRPOTrainer), compared with one process on the same global batch;
+injected_rpp: the same with REINFORCE++ advantages (whitened over both ranks' tokens).
 sampled, fsdp: real sampling (DDP, FSDP); every rank writes a digest of its (full) weights and its eval metrics.
 """
 
@@ -32,7 +33,7 @@ def weights_digest(model) -> str:
 def run(model_dir: str, out_dir: str, scenarios: list[str]) -> None:
     for scenario in scenarios:
         config = grpo_distributed_config(Path(out_dir) / scenario, Path(model_dir), scenario)
-        trainer = (InjectedGRPOTrainer if scenario == "injected" else GRPOTrainer)(config)
+        trainer = (InjectedGRPOTrainer if scenario.startswith("injected") else GRPOTrainer)(config)
         trainer.train()
         path = Path(out_dir) / scenario / f"rank{trainer.dist.rank}.json"
         path.write_text(json.dumps({"digest": weights_digest(trainer.model), "eval": trainer.evaluate()}), encoding="utf-8")

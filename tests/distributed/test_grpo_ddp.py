@@ -21,6 +21,8 @@ def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **over
                   rollout={"max_completion_length": 8, "reward_funcs": ["tests.trainer.grpo_helpers:char_share"]},
                   max_steps=2, max_train_samples=8, max_eval_samples=6, eval_batch_size=2, learning_rate=0.01,
                   save_strategy="no")
+    if scenario == "injected_rpp":  # REINFORCE++: advantages whitened over both ranks' tokens, KL in the rewards
+        values = merged(values, dict(grpo={"advantage_estimator": "reinforce_pp", "kl_coef": 0.1}))
     if scenario in ("sampled", "fsdp"):
         values = merged(values, dict(rollout={"reward_funcs": ["length_penalty"]}, grpo={"kl_coef": 0.1}))
     if scenario == "fsdp":  # every rank must run the same forwards: sampling runs to max_completion_length
@@ -35,17 +37,19 @@ def launched(rl_launched) -> Path:
 
 
 def test_ranks_stay_identical(launched):
-    for scenario in ("injected", "sampled", "fsdp"):
+    for scenario in ("injected", "injected_rpp", "sampled", "fsdp"):
         ranks = [json.loads((launched / scenario / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
         assert ranks[0]["digest"] == ranks[1]["digest"], scenario
         assert ranks[0]["eval"]["eval_reward"] == ranks[1]["eval"]["eval_reward"], scenario
 
 
-def test_injected_completions_update_as_one_process(launched, tmp_path, tiny_model_dir):
-    config = grpo_distributed_config(tmp_path, tiny_model_dir, "injected", gradient_accumulation_steps=WORLD_SIZE)
+@pytest.mark.parametrize("scenario", ["injected", "injected_rpp"])
+def test_injected_completions_update_as_one_process(launched, tmp_path, tiny_model_dir, scenario):
+    """injected_rpp: REINFORCE++'s whitening over the step gives 2 ranks the advantages of one process."""
+    config = grpo_distributed_config(tmp_path, tiny_model_dir, scenario, gradient_accumulation_steps=WORLD_SIZE)
     single = InjectedGRPOTrainer(config)
     single.train()
-    run_dir = launched / "injected" / "outputs" / "run"
+    run_dir = launched / scenario / "outputs" / "run"
     assert train_losses(run_dir / "metrics.jsonl") == pytest.approx(train_losses(single.run_dir / "metrics.jsonl"),
                                                                     rel=1e-5, abs=1e-7)
     saved = load_file(run_dir / "final" / "model.safetensors")

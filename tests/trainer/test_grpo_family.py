@@ -130,3 +130,78 @@ def test_tis_weights_and_the_sampler_mismatch_metric_by_hand(tmp_path, tiny_mode
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-4, abs=1e-6)
     assert metrics["tis_weight"].item() == pytest.approx(sum(weights) / len(weights), rel=1e-5)
     assert metrics["sampler_kl"].item() == pytest.approx(sum(gaps) / len(gaps), rel=1e-4, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- REINFORCE++
+def openrlhf_reinforce(scores, logps, ref_logps, mask, kl_coef, gamma=1.0):
+    """OpenRLHF's REINFORCE++ written out in Python floats: compute_reward (k1 KL per token, the score added at the
+    last action), get_cumulative_returns, then the global normalisation of _normalize_advantages
+    (mean, biased variance, rstd = max(var, 1e-8) ** -0.5)."""
+    returns = []
+    for score, row_logps, row_ref, row_mask in zip(scores, logps, ref_logps, mask):
+        length = sum(row_mask)
+        rewards = [-kl_coef * (row_logps[t] - row_ref[t]) if row_mask[t] else 0.0 for t in range(len(row_mask))]
+        rewards[length - 1] += score
+        running, row_returns = 0.0, [0.0] * len(row_mask)
+        for t in reversed(range(len(row_mask))):
+            running = rewards[t] * row_mask[t] + gamma * running
+            row_returns[t] = running
+        returns.append(row_returns)
+    kept = [r for row, m in zip(returns, mask) for r, k in zip(row, m) if k]
+    mean = sum(kept) / len(kept)
+    var = sum((r - mean) ** 2 for r in kept) / len(kept)
+    rstd = max(var, 1e-8) ** -0.5
+    return [[(r - mean) * rstd if k else 0.0 for r, k in zip(row, m)] for row, m in zip(returns, mask)]
+
+
+def test_reinforce_pp_advantages_equal_openrlhfs_written_out():
+    from rlhf_time.loss import discounted_returns, masked_moments, token_rewards, whiten_over_step
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    logps, ref_logps = -torch.rand(4, 5) * 3, -torch.rand(4, 5) * 3
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.25])
+    rewards, _ = token_rewards(logps, ref_logps, scores, mask, kl_coef=0.05)
+    returns = discounted_returns(rewards, mask)
+    ours = whiten_over_step(returns, mask, masked_moments(returns, mask))
+    expected = openrlhf_reinforce(scores.tolist(), logps.tolist(), ref_logps.tolist(), mask.int().tolist(), 0.05)
+    torch.testing.assert_close(ours, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    # split in two (micro-batches or ranks): the step's moments, summed, give the same advantages
+    halves = [slice(0, 2), slice(2, 4)]
+    moments = sum(masked_moments(returns[h], mask[h]) for h in halves)
+    split = torch.cat([whiten_over_step(returns[h], mask[h], moments) for h in halves])
+    torch.testing.assert_close(split, ours)
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_pp_baseline"])
+def test_a_reinforce_pp_step_folds_the_kl_into_rewards_and_whitens_over_the_whole_step(tmp_path, tiny_model_dir,
+                                                                                      estimator):
+    kl_coef = 0.1
+    trainer = InjectedGRPOTrainer(grpo_config(tmp_path, tiny_model_dir, rollout={"max_completion_length": 8},
+                                              grpo={"advantage_estimator": estimator, "kl_coef": kl_coef,
+                                                    "loss_type": "dapo"}, temperature=0.9))
+    with torch.no_grad():  # the policy moves away from the reference, so the KL part of the rewards is not 0
+        for p in trainer.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    whole = trainer.prepare_step([trainer.collate([0, 1], trainer.train_dataset)], trainer.train_dataset)
+    split = trainer.prepare_step([trainer.collate([0], trainer.train_dataset), trainer.collate([1], trainer.train_dataset)],
+                                 trainer.train_dataset)  # accumulation 2: the same advantages
+    batch = whole[0]
+    torch.testing.assert_close(torch.cat([b["advantages"] for b in split]), batch["advantages"], rtol=1e-5, atol=1e-6)
+
+    width = batch["loss_mask"].shape[1]
+    texts = trainer.tokenizer.batch_decode([row[m].tolist() for row, m in zip(batch["input_ids"][:, -width:],
+                                                                            batch["loss_mask"])], skip_special_tokens=True)
+    answers = [trainer.train_dataset.columns["response"][i] for i in (0, 1) for _ in range(4)]
+    scores = [sum(a == b for a, b in zip(t, r)) / max(len(t), len(r)) for t, r in zip(texts, answers)]
+    if estimator == "reinforce_pp_baseline":  # OpenRLHF's reinforce_baseline: minus the group's mean
+        scores = [s - sum(scores[i // 4 * 4 : i // 4 * 4 + 4]) / 4 for i, s in enumerate(scores)]
+    expected = openrlhf_reinforce(scores, batch["old_logps"].tolist(), batch["ref_logps"].tolist(),
+                                  batch["loss_mask"].int().tolist(), kl_coef)
+    torch.testing.assert_close(batch["advantages"], torch.tensor(expected), rtol=1e-4, atol=1e-5)
+
+    # The loss holds no KL term (it is in the rewards): mu = 1, rho = 1, so it is -mean of the token advantages.
+    loss, metrics = trainer.compute_loss(trainer.train_model, batch, trainer.count_items(batch))
+    mask = batch["loss_mask"]
+    assert loss.item() == pytest.approx(-(batch["advantages"] * mask).sum().item() / mask.sum().item(), abs=1e-6)
+    assert kl_coef * metrics["kl"].item() > 1e-5  # still measured and logged: in the loss it would have shown
