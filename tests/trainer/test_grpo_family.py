@@ -1,6 +1,7 @@
 """GRPO's family options: RLOO advantages (grpo.advantage_estimator: rloo), GSPO's sequence-level ratio
 (grpo.importance_sampling_level: sequence) and truncated importance sampling (grpo.tis_cap) with the sampler
-mismatch metric, each against formulas written out here (from the papers and verl's core_algos)."""
+mismatch metric, each against formulas written out here (from the papers, verl's core_algos and OpenRLHF), and GSPO
+against TRL 1.16's sequence-level GRPO loss."""
 
 import math
 
@@ -205,3 +206,51 @@ def test_a_reinforce_pp_step_folds_the_kl_into_rewards_and_whitens_over_the_whol
     mask = batch["loss_mask"]
     assert loss.item() == pytest.approx(-(batch["advantages"] * mask).sum().item() / mask.sum().item(), abs=1e-6)
     assert kl_coef * metrics["kl"].item() > 1e-5  # still measured and logged: in the loss it would have shown
+
+
+def test_gspo_loss_equals_trls_sequence_level_loss(tmp_path, tiny_model_dir):
+    """TRL 1.16 GRPOTrainer(importance_sampling_level="sequence", loss_type="grpo"), the GSPO paper's setup, on the
+    same completions, old log-probs, advantages and weights (prompts of one length: TRL's forward takes no position
+    ids, so left padding would move its positions)."""
+    pytest.importorskip("trl")
+    import copy
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer as TRLGRPOTrainer
+
+    eps, eps_high, temperature = 0.2, 0.28, 0.9
+    trainer = InjectedGRPOTrainer(grpo_config(tmp_path, tiny_model_dir, temperature=temperature,
+                                              rollout={"max_completion_length": 8, "epsilon_high": eps_high},
+                                              grpo={"importance_sampling_level": "sequence", "num_iterations": 2,
+                                                    "loss_type": "grpo"}))
+    lengths = [len(ids) for ids in trainer.train_dataset.input_ids]
+    same = [i for i in range(len(lengths)) if lengths[i] == lengths[0]][:2]
+    assert len(same) == 2
+    batch = trainer.prepare_step([trainer.collate(same, trainer.train_dataset)], trainer.train_dataset)[0]
+    assert (batch["attention_mask"][:, : batch["input_ids"].shape[1] - batch["loss_mask"].shape[1]] == 1).all()
+    with torch.no_grad():  # the policy moves after sampling: the sequence ratios leave 1, some are clipped
+        for p in trainer.model.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    trl_model = copy.deepcopy(trainer.model)
+    ours, _ = trainer.compute_loss(trainer.train_model, batch, trainer.count_items(batch))
+
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, num_generations=4,
+                      per_device_train_batch_size=8, max_completion_length=8, temperature=temperature, beta=0.0,
+                      epsilon=eps, epsilon_high=eps_high, importance_sampling_level="sequence", loss_type="grpo")
+    trl_trainer = TRLGRPOTrainer(model=trl_model, reward_funcs=lambda completions, **_: [0.0] * len(completions),
+                                 args=args, train_dataset=Dataset.from_list([{"prompt": "a"}] * 8),
+                                 processing_class=trainer.tokenizer)
+    trl_trainer.current_gradient_accumulation_steps = 1
+    width = batch["loss_mask"].shape[1]
+    inputs = {"prompt_ids": batch["input_ids"][:, :-width], "prompt_mask": batch["attention_mask"][:, :-width],
+              "completion_ids": batch["input_ids"][:, -width:], "completion_mask": batch["loss_mask"].long(),
+              "advantages": batch["advantages"], "old_per_token_logps": batch["old_logps"]}
+    trl_model.train()
+    theirs = trl_trainer._compute_loss(trl_model, inputs)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+    assert abs(ours.item()) > 1e-3  # not a trivially zero loss
+    ours.backward()
+    theirs.backward()
+    trl_parameters = dict(trl_model.named_parameters())
+    for name, parameter in trainer.model.named_parameters():
+        torch.testing.assert_close(parameter.grad, trl_parameters[name].grad, rtol=1e-4, atol=1e-6)
