@@ -9,6 +9,7 @@ should accept `**kwargs` for the columns they do not use. `None` means "does not
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import numbers
 import re
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.experience.reward_calls import TIMED_OUT, call_all, is_async
+
+log = logging.getLogger("rlhf_time")
 
 RewardFunction = Callable[..., list]
 
@@ -112,14 +116,22 @@ def call_reward_function(name: str, fn: RewardFunction, prompts: list[str], comp
     try:
         values = fn(prompts, completions, **columns)
     except Exception as error:
-        raise RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}") from None
+        raise raised(name, error) from None
+    return checked_values(name, values, len(completions))
+
+
+def raised(name: str, error: Exception) -> RewardFunctionError:
+    return RewardFunctionError(f"reward function {name!r} raised {type(error).__name__}: {error}")
+
+
+def checked_values(name: str, values: Any, count: int) -> list[Optional[float]]:
+    """values as one finite float (or None) per completion, else RewardFunctionError naming the function."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "tolist"):
         raise RewardFunctionError(f"reward function {name!r} returned a {type(values).__name__}; "
-                                  f"expected a list of {len(completions)} numbers (or None)")
+                                  f"expected a list of {count} numbers (or None)")
     values = list(values.tolist() if hasattr(values, "tolist") else values)
-    if len(values) != len(completions):
-        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for "
-                                  f"{len(completions)} completions")
+    if len(values) != count:
+        raise RewardFunctionError(f"reward function {name!r} returned {len(values)} values for {count} completions")
     checked: list[Optional[float]] = []
     for index, value in enumerate(values):
         if value is None:
@@ -142,10 +154,18 @@ def weighted_sum(per_function: list[list[Optional[float]]], weights: Sequence[fl
 
 @dataclass
 class RewardScorer:
-    """Every reward of a run (functions, then an optional reward model), their weights, and the checked call."""
+    """Every reward of a run (functions, then an optional reward model), their weights, and the checked call.
+
+    Called one function after another, as plain calls, unless a function is `async def`, `workers` > 1 or a
+    `timeout` is set: then every function of the call runs concurrently (rlhf_time.experience.reward_calls).
+    """
 
     functions: list[tuple[str, RewardFunction]]
     weights: list[float]
+    concurrency: int = 16  # async calls in flight at most
+    workers: int = 1  # threads for plain functions (1: called in turn, as plain calls)
+    timeout: Optional[float] = None  # seconds per call; a late call gives None (on_timeout "none") or stops
+    on_timeout: str = "none"
 
     @classmethod
     def from_config(cls, config, reward_funcs: Optional[Sequence] = None, reward_model: Optional[RewardFunction] = None
@@ -162,7 +182,9 @@ class RewardScorer:
         if len(weights) != len(functions):
             raise RewardFunctionError(f"rollout.reward_weights has {len(weights)} values for {len(functions)} rewards "
                                       f"({', '.join(name for name, _ in functions)})")
-        return cls(functions, weights)
+        options = config.rollout
+        return cls(functions, weights, concurrency=options.reward_concurrency, workers=options.reward_workers,
+                   timeout=options.reward_timeout, on_timeout=options.reward_on_error)
 
     @property
     def names(self) -> list[str]:
@@ -171,8 +193,28 @@ class RewardScorer:
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]
                  ) -> tuple[list[float], list[list[Optional[float]]]]:
         """(weighted total per completion, each function's values per completion)."""
-        per_function = [call_reward_function(name, fn, prompts, completions, columns) for name, fn in self.functions]
+        if any(is_async(fn) for _, fn in self.functions) or self.workers > 1 or self.timeout is not None:
+            results = call_all([fn for _, fn in self.functions], (prompts, completions), columns,
+                               concurrency=self.concurrency, workers=self.workers, timeout=self.timeout)
+            per_function = [self._checked(name, result, len(completions))
+                            for (name, _), result in zip(self.functions, results)]
+        else:
+            per_function = [call_reward_function(name, fn, prompts, completions, columns) for name, fn in self.functions]
         return weighted_sum(per_function, self.weights), per_function
+
+    def _checked(self, name: str, result: Any, count: int) -> list[Optional[float]]:
+        """A concurrent call's values; a late call gives None (one warning line) or stops; an exception stops: a
+        broken reward must not quietly become 0."""
+        if result is TIMED_OUT:
+            if self.on_timeout == "stop":
+                raise RewardFunctionError(f"reward function {name!r} took longer than reward_timeout={self.timeout} s "
+                                          f"(reward_on_error: stop)")
+            log.warning(f"warning: reward function {name!r} took longer than reward_timeout={self.timeout} s: its "
+                        f"{count} rewards are None for this call")
+            return [None] * count
+        if isinstance(result, Exception):
+            raise raised(name, result)
+        return checked_values(name, result, count)
 
 
 class RewardModelReward:

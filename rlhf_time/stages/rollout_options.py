@@ -7,7 +7,7 @@ predict and chat: one sampler, one set of knobs.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 from rlhf_time.stages.section import Section, option
 
@@ -26,5 +26,14 @@ class RolloutOptions(Section):
                                          "'package.module:function' / 'file.py:function'.")
     reward_weights: Optional[list[float]] = option(None, "One weight per reward (reward_funcs, then reward_model); None = all 1.")
     reward_model: Optional[str] = option(None, "Folder of a reward model trained with stage rm; its score is one more reward.")
+    reward_concurrency: int = option(16, "async reward functions: calls in flight at most (all run on one event loop).",
+                                     ge=1)
+    reward_workers: int = option(1, "Threads for plain reward functions; 1 = called one after another (as before).",
+                                 ge=1)
+    reward_timeout: Optional[float] = option(None, "Seconds a reward call may take; a late call gives None for its "
+                                                   "completions (see reward_on_error). None = no limit.", gt=0)
+    reward_on_error: Literal["none", "stop"] = option(
+        "none", "What a reward call past reward_timeout does: none (its rewards are None, one warning line) or stop "
+                "(the run stops with one line). An exception in a reward function always stops the run.")
     epsilon: float = option(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (PPO, Schulman et al. 2017).", gt=0, lt=1)
     epsilon_high: Optional[float] = option(None, "Upper clip range (DAPO's clip-higher, Yu et al. 2025, uses 0.28); None = epsilon.", gt=0)
