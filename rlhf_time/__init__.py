@@ -9,7 +9,7 @@ install_default_handler()  # the API prints its progress lines like the CLI does
 
 from rlhf_time.constants import VERSION as __version__
 _TRAINER_NAMES = ("SFTrainer", "RewardTrainer", "DPOTrainer", "KTOTrainer", "KDTrainer", "GRPOTrainer", "PPOTrainer",
-                  "TrainerCallback", "Trainer", "AuxiliaryModel")
+                  "OnlineDPOTrainer", "TrainerCallback", "Trainer", "AuxiliaryModel")
 __all__ = ["TrainingConfig", "RlhfTimeError", *_TRAINER_NAMES, "InferenceModel", "set_verbosity", "__version__"]
 
 

@@ -52,7 +52,7 @@ class TrainingConfig(_StageSections):
     # --- run -----------------------------------------------------------------------------------------
     experiment_name: str = _f("sft_experiment", "Name of the run; outputs go to output_dir/experiment_name (non-SFT stages: <stage>_experiment).")
     output_dir: str = _f("outputs", "Folder that holds one sub-folder per experiment.")
-    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo (also ORPO, SimPO), kto, kd (distillation), grpo, ppo; its options are in the section of the same name (rollout: shared by grpo and ppo).")
+    stage: str = _f("sft", "Training stage: sft, rm (reward model), dpo (also ORPO, SimPO), kto, kd (distillation), grpo, ppo, online_dpo; its options are in the section of the same name (rollout: shared by the on-policy stages grpo, ppo and online_dpo, which reads dpo too).")
     seed: int = _f(42, "Seed for weights init of new heads, data order and dropout.")
     device: Optional[str] = _f(None, "cuda, cuda:N or cpu; None picks cuda when available, else cpu.")
 
@@ -345,7 +345,7 @@ class TrainingConfig(_StageSections):
             return self
         if not self.max_steps:
             raise ValueError("streaming: true needs max_steps (a stream has no length to count epochs in)")
-        if self.stage in ("grpo", "ppo"):
+        if self.stage in ("grpo", "ppo", "online_dpo"):
             raise ValueError(f"streaming feeds the stages sft, rm, dpo, kto and kd; {self.stage} reads its prompts "
                              f"whole: set streaming: false")
         for section in ("dpo", "kto"):

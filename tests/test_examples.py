@@ -26,11 +26,11 @@ EXAMPLES = ROOT / "examples"
 SHORT = "max_steps=2"
 # In dependency order: the quickstart's model is the start (or the teacher) of kd, grpo and ppo.
 YAML_EXAMPLES = ["sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "rm", "dpo", "orpo", "simpo", "kto", "kd",
-                 "grpo", "ppo"]
+                 "grpo", "rloo", "online_dpo", "ppo"]
 GENERATIVE = {"sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "dpo", "orpo", "simpo", "kto", "kd", "grpo",
-              "ppo"}
+              "rloo", "online_dpo", "ppo"}
 COVERED_ELSEWHERE = {"rlhf_pipeline": "tests/test_rlhf_pipeline.py", "data": "read by the YAML examples",
-                     "grpo_rewards.py": "reward functions of grpo.yaml and ppo.yaml"}
+                     "grpo_rewards.py": "reward functions of grpo.yaml, rloo.yaml, online_dpo.yaml and ppo.yaml"}
 
 
 def test_every_example_file_is_run_here():

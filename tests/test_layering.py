@@ -20,7 +20,7 @@ LAYERS = {
     "inference": 5, "report": 5, "experience.rewards": 5,
     "runtime": 6,
     "experience.critic": 7, "experience.experience": 7,
-    "stages.trainers": 8, "stages.sft": 8, "stages.preference": 8, "stages.reward": 8, "stages.dpo": 8, "stages.kto": 8,
+    "stages.trainers": 8, "stages.sft": 8, "stages.preference": 8, "stages.reward": 8, "stages.dpo": 8, "stages.kto": 8, "stages.online_dpo": 8,
     "stages.kd": 8, "stages.on_policy": 8, "stages.grpo": 8, "stages.ppo": 8,
     "quickstart": 9, "cli": 9, "__init__": 10, "__main__": 10,
 }

@@ -44,6 +44,7 @@ STAGES: dict[str, Stage] = {
     "kto": Stage("rlhf_time.stages.kto:KTOTrainer", ("kto",)),
     "grpo": Stage("rlhf_time.stages.grpo:GRPOTrainer", ("grpo", "rollout")),
     "ppo": Stage("rlhf_time.stages.ppo:PPOTrainer", ("ppo", "rollout")),
+    "online_dpo": Stage("rlhf_time.stages.online_dpo:OnlineDPOTrainer", ("dpo", "rollout")),
 }
 
 STAGE_TRAINERS: dict[str, str] = {name: stage.trainer for name, stage in STAGES.items()}

@@ -22,6 +22,7 @@ SFTrainer, RewardTrainer, DPOTrainer, KDTrainer = (TRAINERS[s] for s in ("sft", 
 GRPOTrainer = TRAINERS["grpo"]
 PPOTrainer = TRAINERS["ppo"]
 KTOTrainer = TRAINERS["kto"]
+OnlineDPOTrainer = TRAINERS["online_dpo"]
 
 
 def trainer_for(config, **kwargs) -> Trainer:
@@ -32,5 +33,5 @@ def trainer_for(config, **kwargs) -> Trainer:
 
 
 __all__ = ["Trainer", "SFTrainer", "RewardTrainer", "DPOTrainer", "KTOTrainer", "KDTrainer", "GRPOTrainer",
-           "PPOTrainer", "TrainerCallback", "AuxiliaryModel",
+           "PPOTrainer", "OnlineDPOTrainer", "TrainerCallback", "AuxiliaryModel",
            "TRAINERS", "trainer_for", "trainer_class"]

@@ -28,6 +28,7 @@ STAGES = {
     "kd": dict(train_file=str(TRAIN_FILE)),  # kd.teacher_model: the fixture's model
     "grpo": PROMPTS,
     "ppo": PROMPTS,
+    "online_dpo": PROMPTS,
 }
 
 
