@@ -1,6 +1,9 @@
 """GRPO speed: rlhf_time's GRPOTrainer against TRL's GRPOTrainer, same model, prompts, reward, G, lengths and steps.
 
-    python bench/grpo.py [--steps 30] [--repeats 3] [--threads 1] [--out bench/out/grpo]
+    python bench/grpo.py [--method grpo|rloo|gspo] [--steps 30] [--repeats 3] [--threads 1] [--out bench/out/grpo]
+
+--method rloo: rlhf_time's grpo.advantage_estimator rloo against TRL's RLOOTrainer (beta 0, no advantage
+normalisation); gspo: importance_sampling_level sequence with loss_type grpo on both sides (GSPO's setup).
 
 Set-up (once, cached in --out): the embedded tiny model trained part-way on the quickstart task with SFT (150 steps),
 so the reward moves. Then each variant runs in its own subprocess, one after the other:
@@ -34,6 +37,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 TRAIN, EVAL = ROOT / "examples" / "data" / "grpo_train.jsonl", ROOT / "examples" / "data" / "grpo_eval.jsonl"
 PROMPTS, G, NEW_TOKENS, LR, TEMPERATURE = 4, 8, 8, 3e-4, 0.7
+METHOD = "grpo"  # set by --method: grpo, rloo or gspo
+
+
+def _grpo_options() -> dict:
+    return {"rloo": {"advantage_estimator": "rloo"}, "gspo": {"importance_sampling_level": "sequence",
+                                                             "loss_type": "grpo"}}.get(METHOD, {})
 
 
 def half_trained_model(out: Path) -> Path:
@@ -80,11 +89,12 @@ def run_rlhf_time(model_dir: Path, out: Path, steps: int) -> dict:
             rewards.append(metrics["train/reward"])
 
     config = TrainingConfig(stage="grpo", model_name=str(model_dir), output_dir=str(out), experiment_name="rlhf_time",
-                            train_file=str(TRAIN), batch_size=PROMPTS, grpo={"num_generations": G},
+                            train_file=str(TRAIN), batch_size=PROMPTS, grpo={"num_generations": G, **_grpo_options()},
                             rollout={"max_completion_length": NEW_TOKENS},
                             temperature=TEMPERATURE, top_k=0, learning_rate=LR, lr_scheduler_type="constant",
                             warmup_steps_ratio=0.0, weight_decay=0.0, max_steps=steps, eval_strategy="no",
-                            save_strategy="no", report_to="none", disable_progress_bar=True, logging_steps=1000)
+                            save_strategy="no", report_to="none", disable_progress_bar=True, logging_steps=1000,
+                            overwrite_output_dir=True)  # each repeat replaces the last
     trainer = Timed(config, reward_funcs=[digit_accuracy])
     trainer.callbacks.append(Clock())
     clock = {"last": time.perf_counter()}
@@ -98,7 +108,7 @@ def run_rlhf_time(model_dir: Path, out: Path, steps: int) -> dict:
 def run_trl(model_dir: Path, out: Path, steps: int) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     from grpo_rewards import digit_accuracy
 
@@ -111,13 +121,18 @@ def run_trl(model_dir: Path, out: Path, steps: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                                  for r in _records(TRAIN)])
-    args = GRPOConfig(output_dir=str(out / "trl"), per_device_train_batch_size=PROMPTS * G, num_generations=G,
-                      gradient_accumulation_steps=1, max_completion_length=NEW_TOKENS, temperature=TEMPERATURE,
-                      top_k=0, top_p=1.0, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-                      weight_decay=0.0, max_grad_norm=1.0, max_steps=steps, beta=0.0, loss_type="dapo",
-                      scale_rewards="group", epsilon=0.2, num_iterations=1, logging_steps=1, save_strategy="no",
-                      report_to="none", use_cpu=True, bf16=False, seed=42, disable_tqdm=True,
-                      gradient_checkpointing=False)  # TRL turns it on by default; rlhf_time does not
+    common = dict(output_dir=str(out / "trl"), per_device_train_batch_size=PROMPTS * G, num_generations=G,
+                  gradient_accumulation_steps=1, max_completion_length=NEW_TOKENS, temperature=TEMPERATURE,
+                  top_k=0, top_p=1.0, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, max_steps=steps, beta=0.0, epsilon=0.2, num_iterations=1,
+                  logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=42,
+                  disable_tqdm=True, gradient_checkpointing=False)  # TRL turns it on by default; rlhf_time does not
+    if METHOD == "rloo":
+        args, trainer_class = RLOOConfig(normalize_advantages=False, **common), RLOOTrainer
+    else:
+        args, trainer_class = GRPOConfig(scale_rewards="group", **common, **(
+            {"importance_sampling_level": "sequence", "loss_type": "grpo"} if METHOD == "gspo"
+            else {"loss_type": "dapo"})), GRPOTrainer
     step_times, timing = [], {"generation": 0.0}
 
     class Clock(TrainerCallback):
@@ -126,8 +141,8 @@ def run_trl(model_dir: Path, out: Path, steps: int) -> dict:
             step_times.append(now - clock["last"])
             clock["last"] = now
 
-    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[Clock()])
+    trainer = trainer_class(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
+                            processing_class=tokenizer, callbacks=[Clock()])
     generate = trainer.model.generate
 
     def timed_generate(*a, **k):
@@ -184,6 +199,7 @@ def child(variant: str, model_dir: str, out: str, steps: int, threads: int) -> N
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=("grpo", "rloo", "gspo"), default="grpo")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -191,6 +207,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "grpo"))
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "MODEL_DIR"))
     args = parser.parse_args()
+    global METHOD
+    METHOD = args.method
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.child:
@@ -205,7 +223,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for variant in ("rlhf_time", "trl"):
             command = [sys.executable, __file__, "--child", variant, str(model_dir), "--steps", str(args.steps),
-                       "--threads", str(args.threads), "--out", str(out)]
+                       "--threads", str(args.threads), "--out", str(out), "--method", args.method]
             subprocess.run(command, check=True, env={"PYTHONPATH": str(ROOT), **_env()})
             run = json.loads((out / f"{variant}.json").read_text(encoding="utf-8"))
             if repeat == 0:

@@ -52,25 +52,35 @@ class Experience:
 def score(scorer: RewardScorer, tokenizer, dataset: PromptDataset, indices: list[int], rollout: Rollout,
           group_size: int = 1) -> Experience:
     """A rollout of dataset[indices] (each prompt's group_size completions in consecutive rows), scored."""
-    completion_ids = rollout.completion_lists()
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    prompts = [dataset.prompts[i] for i in indices for _ in range(group_size)]
-    columns = {**dataset.reward_columns(indices, group_size), "completion_ids": completion_ids}
-    totals, per_function = scorer(prompts, texts, columns)
-    return Experience(indices, rollout, torch.tensor(totals, dtype=torch.float32), per_function, texts, group_size)
+    return score_all(scorer, tokenizer, dataset, [(indices, rollout)], group_size)[0]
+
+
+def score_all(scorer: RewardScorer, tokenizer, dataset: PromptDataset, rollouts: Sequence[tuple[list[int], Rollout]],
+              group_size: int = 1) -> list[Experience]:
+    """score() of each (indices, rollout), the reward calls of all of them at once when the scorer is concurrent
+    (async reward functions, worker threads or a timeout)."""
+    requests, texts = [], []
+    for indices, rollout in rollouts:
+        completion_ids = rollout.completion_lists()
+        texts.append(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
+        prompts = [dataset.prompts[i] for i in indices for _ in range(group_size)]
+        requests.append((prompts, texts[-1], {**dataset.reward_columns(indices, group_size),
+                                              "completion_ids": completion_ids}))
+    return [Experience(indices, rollout, torch.tensor(totals, dtype=torch.float32), per_function, completions,
+                       group_size)
+            for (indices, rollout), (totals, per_function), completions
+            in zip(rollouts, scorer.score_many(requests), texts)]
 
 
 def collect(sample: Callable[..., Rollout], scorer: RewardScorer, tokenizer, dataset: PromptDataset,
             micro_batches: Sequence[list[int]], *, group_size: int = 1,
             generators: Optional[Sequence[torch.Generator]] = None) -> list[Experience]:
     """Each micro-batch of prompt indices sampled (`sample(prompt_ids, num_samples=, greedy=, generator=)`,
-    group_size completions per prompt) and scored."""
-    experiences = []
-    for i, indices in enumerate(micro_batches):
-        rollout = sample([dataset.input_ids[j] for j in indices], num_samples=group_size, greedy=False,
-                         generator=generators[i] if generators is not None else None)
-        experiences.append(score(scorer, tokenizer, dataset, indices, rollout, group_size))
-    return experiences
+    group_size completions per prompt), then all of them scored (concurrently, for a concurrent scorer)."""
+    rollouts = [(indices, sample([dataset.input_ids[j] for j in indices], num_samples=group_size, greedy=False,
+                                 generator=generators[i] if generators is not None else None))
+                for i, indices in enumerate(micro_batches)]
+    return score_all(scorer, tokenizer, dataset, rollouts, group_size)
 
 
 def global_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,13 @@ def is_async(fn: Callable) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
-def call_all(functions: list[Callable], args: tuple, kwargs: dict[str, Any], *, concurrency: int = 16,
-             workers: int = 1, timeout: Optional[float] = None) -> list[Any]:
-    """fn(*args, **kwargs) of every function, all at once: each one's result, TIMED_OUT, or the exception it raised
-    (returned, not raised), in the functions' order."""
-    coroutine = _call_all(functions, args, kwargs, concurrency, workers, timeout)
+Call = tuple[Callable, tuple, dict]  # (function, positional arguments, keyword arguments)
+
+
+def call_all(calls: list[Call], *, concurrency: int = 16, workers: int = 1, timeout: Optional[float] = None) -> list[Any]:
+    """fn(*args, **kwargs) of every call, all at once: each one's result, TIMED_OUT, or the exception it raised
+    (returned, not raised), in the calls' order."""
+    coroutine = _call_all(calls, concurrency, workers, timeout)
     try:
         asyncio.get_running_loop()
     except RuntimeError:  # the usual case: no event loop in this thread
@@ -35,12 +37,12 @@ def call_all(functions: list[Callable], args: tuple, kwargs: dict[str, Any], *, 
         return thread.submit(asyncio.run, coroutine).result()
 
 
-async def _call_all(functions, args, kwargs, concurrency, workers, timeout) -> list[Any]:
+async def _call_all(calls: list[Call], concurrency, workers, timeout) -> list[Any]:
     in_flight = asyncio.Semaphore(concurrency)
     pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="reward")
     loop = asyncio.get_running_loop()
 
-    async def call(fn: Callable) -> Any:
+    async def call(fn: Callable, args: tuple, kwargs: dict) -> Any:
         async with in_flight:
             try:
                 pending = fn(*args, **kwargs) if is_async(fn) else loop.run_in_executor(
@@ -52,6 +54,6 @@ async def _call_all(functions, args, kwargs, concurrency, workers, timeout) -> l
                 return error
 
     try:
-        return list(await asyncio.gather(*(call(fn) for fn in functions)))
+        return list(await asyncio.gather(*(call(fn, args, kwargs) for fn, args, kwargs in calls)))
     finally:
         pool.shutdown(wait=False)

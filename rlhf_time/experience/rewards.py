@@ -193,13 +193,29 @@ class RewardScorer:
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]
                  ) -> tuple[list[float], list[list[Optional[float]]]]:
         """(weighted total per completion, each function's values per completion)."""
-        if any(is_async(fn) for _, fn in self.functions) or self.workers > 1 or self.timeout is not None:
-            results = call_all([fn for _, fn in self.functions], (prompts, completions), columns,
-                               concurrency=self.concurrency, workers=self.workers, timeout=self.timeout)
-            per_function = [self._checked(name, result, len(completions))
-                            for (name, _), result in zip(self.functions, results)]
-        else:
-            per_function = [call_reward_function(name, fn, prompts, completions, columns) for name, fn in self.functions]
+        return self.score_many([(prompts, completions, columns)])[0]
+
+    @property
+    def concurrent(self) -> bool:
+        return any(is_async(fn) for _, fn in self.functions) or self.workers > 1 or self.timeout is not None
+
+    def score_many(self, requests: list[tuple[list[str], list[str], dict[str, list]]]
+                   ) -> list[tuple[list[float], list[list[Optional[float]]]]]:
+        """__call__ of each (prompts, completions, columns), e.g. a step's micro-batches: concurrent scorers run
+        every function of every request at once (one event loop, one limit on calls in flight)."""
+        if not self.concurrent:
+            return [self._score_in_turn(*request) for request in requests]
+        calls = [(fn, (prompts, completions), columns) for prompts, completions, columns in requests
+                 for _, fn in self.functions]
+        results = iter(call_all(calls, concurrency=self.concurrency, workers=self.workers, timeout=self.timeout))
+        scored = []
+        for _, completions, _ in requests:
+            per_function = [self._checked(name, next(results), len(completions)) for name, _ in self.functions]
+            scored.append((weighted_sum(per_function, self.weights), per_function))
+        return scored
+
+    def _score_in_turn(self, prompts, completions, columns) -> tuple[list[float], list[list[Optional[float]]]]:
+        per_function = [call_reward_function(name, fn, prompts, completions, columns) for name, fn in self.functions]
         return weighted_sum(per_function, self.weights), per_function
 
     def _checked(self, name: str, result: Any, count: int) -> list[Optional[float]]:

@@ -72,3 +72,14 @@ def test_an_async_function_that_raises_or_returns_junk_names_itself():
         scorer([broken])(["p"], ["c"], {})
     with pytest.raises(RewardFunctionError, match="reward function 'junk' returned a str"):
         scorer([junk])(["p"], ["c"], {})
+
+
+def test_the_micro_batches_of_a_step_are_scored_at_once(capsys):
+    """A step of 4 micro-batches with one async 1 s judge: about 1 s for the step's scoring, not 4 s."""
+    requests = [(["p"], [f"c{i}"], {}) for i in range(4)]
+    start = time.perf_counter()
+    scored = scorer([judge(1.0, "judge")]).score_many(requests)
+    elapsed = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\nfour micro-batches, one async 1 s judge: {elapsed:.2f} s for the step")
+    assert [totals for totals, _ in scored] == [[2.0]] * 4 and elapsed < 2.0
