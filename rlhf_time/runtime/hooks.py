@@ -13,6 +13,7 @@ from torch import nn
 
 from rlhf_time.data import load_dataset_of_kind
 from rlhf_time.data.streaming import StreamedBatches
+from rlhf_time.loss import chunked_sequence_logps, sequence_logps
 from rlhf_time.runtime import parallel
 from rlhf_time.runtime.auxiliary import AuxiliaryModel
 
@@ -59,6 +60,15 @@ class StageHooks:
             return model(**inputs, use_cache=False).logits, None
         outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         return outputs.hidden_states[-1], lm_head
+
+    def target_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed log-probs of each row's labelled tokens (B,) (`labels` unshifted, -100 elsewhere), from the final
+        hidden states a chunk of target positions at a time: a sequence's log-prob for DPO, KTO and their kin."""
+        hidden, lm_head = self.final_hidden_states(model, batch)
+        chunks = dict(chunk_size=self.config.loss_chunk_size, chunk_bytes=self.config.loss_chunk_bytes)
+        if lm_head is None:  # `hidden` holds the logits
+            return sequence_logps(hidden, batch["labels"], **chunks)
+        return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias, **chunks)
 
     def record_metrics(self, metrics: dict[str, float]) -> None:
         """Add stage metrics (already reduced over ranks) to this step's logged metrics, e.g. from prepare_step."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.loss import chunked_sequence_logps, create_loss, dpo_implicit_rewards, sequence_logps
+from rlhf_time.loss import create_loss, dpo_implicit_rewards
 from rlhf_time.runtime.auxiliary import AuxiliaryModel
 from rlhf_time.runtime.distributed import all_reduce_sum
 from rlhf_time.stages.dpo_options import REFERENCE_FREE
@@ -82,12 +82,7 @@ class DPOTrainer(PreferenceTrainer):
     # ----------------------------------------------------------------------------------------- log-probs
     def sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed log-probs of the completion tokens of every row of the stacked (2B, T) batch, (2B,)."""
-        hidden, lm_head = self.final_hidden_states(model, batch)
-        if lm_head is None:  # `hidden` holds the logits
-            return sequence_logps(hidden, batch["labels"], chunk_size=self.config.loss_chunk_size,
-                                  chunk_bytes=self.config.loss_chunk_bytes)
-        return chunked_sequence_logps(hidden, lm_head.weight, batch["labels"], lm_head_bias=lm_head.bias,
-                                      chunk_size=self.config.loss_chunk_size, chunk_bytes=self.config.loss_chunk_bytes)
+        return self.target_logps(model, batch)
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

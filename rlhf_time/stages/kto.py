@@ -22,7 +22,7 @@ from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data import PaddingCollator
 from rlhf_time.data.tokenize import truncate
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.loss import chunked_sequence_logps, create_loss, kto_kl_estimate, sequence_logps
+from rlhf_time.loss import create_loss, kto_kl_estimate
 from rlhf_time.runtime.auxiliary import AuxiliaryModel
 from rlhf_time.runtime.distributed import all_reduce_sum
 from rlhf_time.runtime.loop import Trainer
@@ -107,14 +107,7 @@ class KTOTrainer(Trainer):
     # ----------------------------------------------------------------------------------------- log-probs
     def sequence_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         """Summed log-probs of the completion tokens of each row (B,); prefix "kl_" reads the mismatched rows."""
-        rows = {"input_ids": batch[f"{prefix}input_ids"], "attention_mask": batch[f"{prefix}attention_mask"]}
-        labels = batch[f"{prefix}labels"]
-        hidden, lm_head = self.final_hidden_states(model, rows)
-        if lm_head is None:  # `hidden` holds the logits
-            return sequence_logps(hidden, labels, chunk_size=self.config.loss_chunk_size,
-                                  chunk_bytes=self.config.loss_chunk_bytes)
-        return chunked_sequence_logps(hidden, lm_head.weight, labels, lm_head_bias=lm_head.bias,
-                                      chunk_size=self.config.loss_chunk_size, chunk_bytes=self.config.loss_chunk_bytes)
+        return self.target_logps(model, {key: batch[prefix + key] for key in ("input_ids", "attention_mask", "labels")})
 
     @torch.no_grad()
     def reference_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
