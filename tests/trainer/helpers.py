@@ -81,6 +81,24 @@ def interrupted_then_resumed(build, stop_at_step: int):
     return resumed
 
 
+def assert_resumed_mid_run_equals_uninterrupted(build, metric: str, stop_at_step: int = 3,
+                                                 steps: tuple[int, ...] = (3, 4)):
+    """build(folder, resume) is a trainer writing into `folder`; the run trained uninterrupted and the same run
+    stopped at `stop_at_step` and resumed from its latest checkpoint reach bit-identical weights and log the same
+    (train/loss, metric) at `steps`. Returns the uninterrupted trainer."""
+    full = build("full", False)
+    full.train()
+    resumed = interrupted_then_resumed(lambda resume: build("resumed", resume), stop_at_step=stop_at_step)
+    expected, got = weights(full.model), weights(resumed.model)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    rows = {}
+    for name, trainer in (("full", full), ("resumed", resumed)):
+        lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = {line["step"]: (line["train/loss"], line[metric]) for line in lines if "train/loss" in line}
+    assert all(rows["resumed"][step] == rows["full"][step] for step in steps)
+    return full
+
+
 def assert_resume_is_exact(full: SFTrainer, tmp_path: Path, model_dir: Path, **settings) -> None:
     """`full` has trained `settings` (max_steps=8, checkpoint at 4) uninterrupted; the same run stopped after step 4
     and resumed from its latest checkpoint must reach bit-identical weights and the same losses for steps 5-8."""

@@ -20,8 +20,8 @@ from rlhf_time.data.quickstart import make_preference_records, make_unpaired_rec
 from rlhf_time.loss import create_loss
 
 from ..conftest import write_jsonl
-from .helpers import (Recorder, approx_metrics, build_sharper_reference, interrupted_then_resumed, tiny_config,
-                      weights)
+from .helpers import (Recorder, approx_metrics, assert_resumed_mid_run_equals_uninterrupted, build_sharper_reference,
+                      tiny_config, weights)
 from .test_reward import EXAMPLES, preference_files
 
 
@@ -319,18 +319,9 @@ def test_kto_learns_from_labels_alone(tmp_path, tiny_model_dir):
 
 def test_resume_mid_run_is_exact_and_eval_reports_kto_metrics(tmp_path, tiny_model_dir, capsys):
     settings = dict(max_steps=4, save_strategy="steps", save_steps=2, batch_size=4, shuffle=True, logging_steps=1)
-    full = _trainer(tmp_path / "full", tiny_model_dir, **settings)
-    full.train()
-    resumed = interrupted_then_resumed(lambda resume: _trainer(
-        tmp_path / "resumed", tiny_model_dir, **({"resume_from_checkpoint": "latest"} if resume else {}), **settings),
-        stop_at_step=3)
-    expected, got = weights(full.model), weights(resumed.model)
-    assert all(torch.equal(expected[name], got[name]) for name in expected)
-    rows = {}
-    for name, trainer in (("full", full), ("resumed", resumed)):
-        lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-        rows[name] = {line["step"]: (line["train/loss"], line["train/kl"]) for line in lines if "train/loss" in line}
-    assert all(rows["resumed"][step] == rows["full"][step] for step in (3, 4))
+    full = assert_resumed_mid_run_equals_uninterrupted(lambda folder, resume: _trainer(
+        tmp_path / folder, tiny_model_dir, **({"resume_from_checkpoint": "latest"} if resume else {}), **settings),
+        "train/kl")
 
     from rlhf_time.cli import main
 
