@@ -138,6 +138,7 @@ class TrainingConfig(_StageSections):
     temperature: float = _f(1.0, "Sampling temperature.", gt=0)
     top_p: float = _f(1.0, "Nucleus sampling threshold.", gt=0, le=1)
     top_k: int = _f(50, "Top-k sampling.", ge=0)
+    tools: list[str] = _f([], "Functions the model may call: 'package.module:function' or 'file.py:function'. On-policy rollouts, predict and chat run the tool loop: calls parsed from each assistant turn, results appended as tool turns (rollout.max_tool_turns, rollout.tool_timeout).")
 
     # --- data sources ------------------------------------------------------------------------------
     columns: Optional[dict[str, str]] = _f(None, "Map this tool's field names to the data's columns, e.g. {prompt: question, response: answer}.")
@@ -223,10 +224,11 @@ class TrainingConfig(_StageSections):
             raise ValueError("kd.on_policy_ratio > 0 samples replies into padded batches: set packing=false")
         rollout = self.rollout
         if rollout.reward_weights is not None:
-            expected = len(rollout.reward_funcs) + (rollout.reward_model is not None)
+            expected = len(rollout.reward_funcs) + (rollout.reward_model is not None) + (rollout.environment is not None)
             if len(rollout.reward_weights) != expected:
                 raise ValueError(f"rollout.reward_weights has {len(rollout.reward_weights)} values for {expected} "
-                                 f"rewards (reward_funcs{' + reward_model' if rollout.reward_model else ''})")
+                                 f"rewards (reward_funcs{' + reward_model' if rollout.reward_model else ''}"
+                                 f"{' + environment' if rollout.environment else ''})")
         if self.stage == "ppo" and self.ppo.num_mini_batches > self.gradient_accumulation_steps:
             raise ValueError(f"ppo.num_mini_batches={self.ppo.num_mini_batches} needs at least as many micro-batches "
                              f"per step (gradient_accumulation_steps={self.gradient_accumulation_steps})")

@@ -41,7 +41,7 @@ YAML_RELATIVE_SECTION_FIELDS = (("rollout", "reward_model"), ("ppo", "value_mode
 
 def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Relative data/model paths written in a YAML file name files next to that YAML (so examples run from any
-    working directory), as do reward-function files (`rewards.py:function` in reward_funcs); a path that does not
+    working directory), as do function files (`rewards.py:function` in reward_funcs and tools, `env.py:Class` as rollout.environment); a path that does not
     exist there is left as written (relative to the working directory)."""
 
     def resolve(path: Any) -> Any:
@@ -64,6 +64,10 @@ def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, An
     rollout = values.get("rollout")
     if isinstance(rollout, dict) and isinstance(rollout.get("reward_funcs"), list):
         values["rollout"] = {**rollout, "reward_funcs": [resolve_function_file(spec) for spec in rollout["reward_funcs"]]}
+    if isinstance(values.get("rollout"), dict) and "environment" in values["rollout"]:
+        values["rollout"] = {**values["rollout"], "environment": resolve_function_file(values["rollout"]["environment"])}
+    if isinstance(values.get("tools"), list):
+        values["tools"] = [resolve_function_file(spec) for spec in values["tools"]]
     return values
 
 

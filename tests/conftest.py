@@ -11,7 +11,32 @@ import torch
 
 from rlhf_time.models.tiny import load_tiny_tokenizer, tiny_model_path
 
-torch.set_num_threads(2)
+# Under pytest-xdist (the default, see pyproject's addopts) every worker gets one core: one torch thread here and
+# in the processes the tests start, so the workers never oversubscribe the machine.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1 if WORKER else 2)
+
+# Tests that share an expensive session fixture run in one worker, so it is built once; every other test module is
+# one unit of work, so its module fixtures (e.g. a torchrun launch) are built once too.
+SHARED_FIXTURE_GROUPS = ("user_folder", "quickstart_run", "half_trained", "qwen_tokenizer_dir")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests that run in one pytest-xdist worker")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = next((name for name in SHARED_FIXTURE_GROUPS if name in item.fixturenames), None)
+        item.add_marker(pytest.mark.xdist_group(shared or item.nodeid.split("::")[0]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each worker builds the session's small fixtures again)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 LLAMA3_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}{% for message in messages %}"

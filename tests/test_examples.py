@@ -26,11 +26,12 @@ EXAMPLES = ROOT / "examples"
 SHORT = "max_steps=2"
 # In dependency order: the quickstart's model is the start (or the teacher) of kd, grpo and ppo.
 YAML_EXAMPLES = ["sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "rm", "dpo", "orpo", "simpo", "kto", "kd",
-                 "grpo", "rloo", "online_dpo", "ppo"]
+                 "grpo", "rloo", "online_dpo", "guess_number", "ppo"]
 GENERATIVE = {"sft_full", "sft_lora", "sft_freeze", "sft_qlora", "pretrain_text", "dpo", "orpo", "simpo", "kto", "kd", "grpo",
-              "rloo", "online_dpo", "ppo"}
+              "rloo", "online_dpo", "guess_number", "ppo"}
 COVERED_ELSEWHERE = {"rlhf_pipeline": "tests/test_rlhf_pipeline.py", "data": "read by the YAML examples",
-                     "grpo_rewards.py": "reward functions of grpo.yaml, rloo.yaml, online_dpo.yaml and ppo.yaml"}
+                     "grpo_rewards.py": "reward functions of grpo.yaml, rloo.yaml, online_dpo.yaml and ppo.yaml",
+                     "guess_number.py": "the environment of guess_number.yaml"}
 
 
 def test_every_example_file_is_run_here():

@@ -17,7 +17,7 @@ LAYERS = {
     "loss": 2, "data": 2, "templates": 2,
     "models": 3,
     "experience": 4, "experience.sampler": 4, "plots": 4,
-    "inference": 5, "report": 5, "experience.rewards": 5,
+    "inference": 5, "report": 5, "experience.rewards": 5, "experience.environments": 5, "experience.agent_loop": 5,
     "runtime": 6,
     "experience.critic": 7, "experience.experience": 7,
     "stages.trainers": 8, "stages.sft": 8, "stages.preference": 8, "stages.reward": 8, "stages.dpo": 8, "stages.kto": 8, "stages.online_dpo": 8,

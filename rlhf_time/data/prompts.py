@@ -131,7 +131,7 @@ def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
         input_ids.append(ids)
         stats.total_tokens += len(ids)
     names = list(dict.fromkeys(key for record in records for key in record.data if key not in PROMPT_FIELDS))
-    for reserved in ("prompt_messages", "completion_ids"):
+    for reserved in ("prompt_messages", "completion_ids", "trajectories", "tool_calls", "environment_reward"):
         if reserved in names:
             raise RlhfTimeError(f"{path}: field {reserved!r} is reserved (reward functions receive it from the trainer)")
     columns = {name: [record.data.get(name) for record in records] for name in names}

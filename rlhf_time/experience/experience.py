@@ -8,6 +8,7 @@ the metrics every on-policy stage logs under the same names:
     train/frac_reward_zero_std                             groups whose completions all got the same reward (G > 1)
     train/completions/{mean,min,max}_length, train/completions/truncated_ratio
     train/entropy                                          of the sampling distribution, per sampled token
+    train/turns, train/tools/{calls_per_episode,error_rate,out_of_turns_ratio}    multi-turn episodes only
 
 A stage adds its own (GRPO's clip ratios, PPO's KL and value metrics) next to these.
 """
@@ -22,6 +23,7 @@ import torch.distributed as torch_dist
 
 from rlhf_time.constants import IGNORE_INDEX
 from rlhf_time.data.prompts import PromptDataset
+from rlhf_time.experience.agent_loop import episode_columns
 from rlhf_time.experience.rewards import RewardScorer
 from rlhf_time.experience.sampler import Rollout
 from rlhf_time.runtime.distributed import all_reduce_sum
@@ -44,6 +46,9 @@ class Experience:
         rollout = self.rollout
         labels = rollout.input_ids.masked_fill(rollout.attention_mask == 0, IGNORE_INDEX)
         labels[:, : rollout.prompt_length] = IGNORE_INDEX
+        # only sampled tokens: a multi-turn episode's tool results and environment messages are context
+        labels[:, rollout.prompt_length :] = labels[:, rollout.prompt_length :].masked_fill(~rollout.completion_mask,
+                                                                                              IGNORE_INDEX)
         return {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
                 "position_ids": rollout.position_ids, "labels": labels, "loss_mask": rollout.completion_mask,
                 "old_logps": rollout.logps, "truncated": rollout.truncated, "entropies": rollout.entropies}
@@ -62,10 +67,14 @@ def score_all(scorer: RewardScorer, tokenizer, dataset: PromptDataset, rollouts:
     requests, texts = [], []
     for indices, rollout in rollouts:
         completion_ids = rollout.completion_lists()
-        texts.append(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
+        columns = {**dataset.reward_columns(indices, group_size), "completion_ids": completion_ids}
+        if rollout.episodes is not None:  # multi-turn: the final assistant turn is the completion scored
+            texts.append([episode.final_text for episode in rollout.episodes])
+            columns.update(episode_columns(rollout.episodes))
+        else:
+            texts.append(tokenizer.batch_decode(completion_ids, skip_special_tokens=True))
         prompts = [dataset.prompts[i] for i in indices for _ in range(group_size)]
-        requests.append((prompts, texts[-1], {**dataset.reward_columns(indices, group_size),
-                                              "completion_ids": completion_ids}))
+        requests.append((prompts, texts[-1], columns))
     return [Experience(indices, rollout, torch.tensor(totals, dtype=torch.float32), per_function, completions,
                        group_size)
             for (indices, rollout), (totals, per_function), completions
@@ -75,9 +84,9 @@ def score_all(scorer: RewardScorer, tokenizer, dataset: PromptDataset, rollouts:
 def collect(sample: Callable[..., Rollout], scorer: RewardScorer, tokenizer, dataset: PromptDataset,
             micro_batches: Sequence[list[int]], *, group_size: int = 1,
             generators: Optional[Sequence[torch.Generator]] = None) -> list[Experience]:
-    """Each micro-batch of prompt indices sampled (`sample(prompt_ids, num_samples=, greedy=, generator=)`,
+    """Each micro-batch of prompt indices sampled (`sample(indices, num_samples=, greedy=, generator=)`,
     group_size completions per prompt), then all of them scored (concurrently, for a concurrent scorer)."""
-    rollouts = [(indices, sample([dataset.input_ids[j] for j in indices], num_samples=group_size, greedy=False,
+    rollouts = [(indices, sample(indices, num_samples=group_size, greedy=False,
                                  generator=generators[i] if generators is not None else None))
                 for i, indices in enumerate(micro_batches)]
     return score_all(scorer, tokenizer, dataset, rollouts, group_size)
@@ -119,12 +128,27 @@ def experience_metrics(experiences: Sequence[Experience], reward_names: Sequence
         flat = all_reduce_sum(torch.stack([(grouped.amax(1) == grouped.amin(1)).float().sum(),
                                            torch.tensor(float(grouped.shape[0]), device=device)]))
         metrics["train/frac_reward_zero_std"] = float(flat[0]) / max(float(flat[1]), 1.0)
+    if experiences[0].rollout.episodes is not None:
+        metrics.update(episode_metrics([episode for e in experiences for episode in e.rollout.episodes], device))
     for f, name in enumerate(reward_names):
         values = [v for e in experiences for v in e.per_function[f] if v is not None]
         total, count = all_reduce_sum(torch.tensor([float(sum(values)), float(len(values))], device=device)).tolist()
         if count:
             metrics[f"train/rewards/{name}"] = total / count
     return metrics
+
+
+def episode_metrics(episodes: Sequence, device) -> dict[str, float]:
+    """Multi-turn episodes over all ranks: assistant turns and tool calls per episode, the share of calls that
+    failed, and the share of episodes that still had a reply pending at rollout.max_tool_turns."""
+    sums = all_reduce_sum(torch.tensor([float(len(episodes)), float(sum(e.turns for e in episodes)),
+                                        float(sum(e.tool_calls for e in episodes)),
+                                        float(sum(e.failed_tool_calls for e in episodes)),
+                                        float(sum(e.out_of_replies for e in episodes))], device=device))
+    count, turns, calls, failed, out_of_replies = sums.tolist()
+    count = max(count, 1.0)
+    return {"train/turns": turns / count, "train/tools/calls_per_episode": calls / count,
+            "train/tools/error_rate": failed / max(calls, 1.0), "train/tools/out_of_turns_ratio": out_of_replies / count}
 
 
 def _all_reduce(value: torch.Tensor, op) -> float:

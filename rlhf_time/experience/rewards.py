@@ -55,6 +55,12 @@ def length_penalty(prompts: list[str], completions: list[str], completion_ids: O
     return [-len(ids) / max_completion_length for ids in completion_ids]
 
 
+def environment_reward(prompts: list[str], completions: list[str], environment_reward: Optional[list] = None,
+                       **_: Any) -> list:
+    """A multi-turn environment's rewards of each episode, summed over its steps (None where it gave none)."""
+    return list(environment_reward) if environment_reward is not None else [None] * len(completions)
+
+
 BUILTIN_REWARDS: dict[str, RewardFunction] = {
     "exact_match": exact_match,
     "regex_match": regex_match,
@@ -80,17 +86,26 @@ def load_reward_function(spec: str | RewardFunction, *, max_completion_length: i
     if not colon or not module_name or not attribute:
         raise RewardFunctionError(f"unknown reward function {spec!r}; built-ins: {', '.join(BUILTIN_REWARDS)}, "
                                   f"or an import string 'package.module:function' or 'path/to/file.py:function'")
-    try:
-        module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
-    except Exception as error:  # ModuleNotFoundError, a missing file, or the module itself failing to import
-        raise RewardFunctionError(f"reward function {spec!r}: cannot import {module_name!r} "
-                                  f"({type(error).__name__}: {error})") from None
-    fn = getattr(module, attribute, None)
-    if fn is None:
-        raise RewardFunctionError(f"reward function {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+    fn = import_attribute(spec, "reward function")
     if not callable(fn):
         raise RewardFunctionError(f"reward function {spec!r}: {attribute!r} is a {type(fn).__name__}, not a function")
     return attribute, fn  # metrics are named after the function (train/rewards/<name>)
+
+
+def import_attribute(spec: str, what: str, error: type[RlhfTimeError] = RewardFunctionError) -> Any:
+    """The object an import string names: "package.module:name" or "path/to/file.py:name" (a file relative to the
+    working directory); `what` names it in the one-line error (e.g. "reward function", "environment")."""
+    module_name, colon, attribute = str(spec).rpartition(":")
+    if not colon or not module_name or not attribute:
+        raise error(f"{what} {spec!r}: expected 'package.module:name' or 'path/to/file.py:name'")
+    try:
+        module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+    except Exception as failure:  # ModuleNotFoundError, a missing file, or the module itself failing to import
+        raise error(f"{what} {spec!r}: cannot import {module_name!r} ({type(failure).__name__}: {failure})") from None
+    found = getattr(module, attribute, None)
+    if found is None:
+        raise error(f"{what} {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+    return found
 
 
 def _import_file(path: str):
@@ -168,14 +183,17 @@ class RewardScorer:
     on_timeout: str = "none"
 
     @classmethod
-    def from_config(cls, config, reward_funcs: Optional[Sequence] = None, reward_model: Optional[RewardFunction] = None
-                    ) -> "RewardScorer":
+    def from_config(cls, config, reward_funcs: Optional[Sequence] = None, reward_model: Optional[RewardFunction] = None,
+                    environment: Optional[str] = None) -> "RewardScorer":
         """reward_funcs: callables or specs given in Python (they replace config.rollout.reward_funcs); reward_model: a
-        callable with the reward-function signature (see RewardModelReward), appended last."""
+        callable with the reward-function signature (see RewardModelReward), appended; environment: the name of a
+        multi-turn environment, whose summed rewards per episode are appended last."""
         specs = list(reward_funcs) if reward_funcs is not None else list(config.rollout.reward_funcs)
         functions = [load_reward_function(s, max_completion_length=config.rollout.max_completion_length) for s in specs]
         if reward_model is not None:
             functions.append(("reward_model", reward_model))
+        if environment is not None:
+            functions.append((environment, environment_reward))
         if not functions:
             raise RewardFunctionError("no reward: set rollout.reward_funcs (e.g. [exact_match]) and/or rollout.reward_model")
         weights = list(config.rollout.reward_weights) if config.rollout.reward_weights is not None else [1.0] * len(functions)

@@ -38,6 +38,7 @@ class Rollout:
     truncated: torch.Tensor  # (N,) bool: no stop token within max_new_tokens
     logps: torch.Tensor  # (N, C) float32, 0 where masked: log-probs of the sampled tokens at sampling time
     entropies: torch.Tensor  # (N, C) float32, 0 where masked: entropy of the distribution each token came from
+    episodes: Optional[list] = None  # multi-turn rollouts: one Episode per row (rlhf_time.experience.episodes)
 
     @property
     def completion_ids(self) -> torch.Tensor:  # (N, C)

@@ -57,15 +57,17 @@ def rloo_advantages(rewards: torch.Tensor, num_generations: int, *, scale_reward
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0) -> torch.Tensor:
-    """Per-token returns of each completion, (N, C): G_t = r_t + gamma * G_{t+1}, nothing flowing back from past
-    the completion's last token; 0 where masked (REINFORCE++, Hu 2025; OpenRLHF's get_cumulative_returns)."""
+    """Per-token returns of each completion, (N, C): G_t = r_t + gamma * G_{t'}, t' the next sampled token,
+    nothing flowing back from past the completion's last token; 0 where masked (REINFORCE++, Hu 2025; OpenRLHF's
+    get_cumulative_returns). Masked tokens inside a completion (a multi-turn episode's tool results) are skipped:
+    the return of a later turn flows back to the earlier ones."""
     mask = mask.bool()
     rewards = torch.where(mask, rewards.float(), 0.0)
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, 0.0)
-        returns[:, t] = running
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(mask[:, t], running, 0.0)
     return returns
 
 

@@ -23,7 +23,8 @@ def token_rewards(logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Te
     """
     mask = mask.bool()
     non_score = torch.where(mask, -kl_coef * (logps.float() - ref_logps.float()), torch.zeros_like(logps, dtype=torch.float32))
-    last = (mask.sum(-1) - 1).clamp(min=0)  # (B,) index of each completion's last token
+    # (B,) index of each completion's last sampled token (a multi-turn episode has context tokens between turns)
+    last = mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)
     has_token = mask.any(-1)
     bonus = torch.zeros_like(non_score).scatter(-1, last[:, None], torch.where(has_token, scores.float(), 0.0)[:, None])
     return non_score + bonus, non_score

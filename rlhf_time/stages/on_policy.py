@@ -14,7 +14,9 @@ metrics), and the pieces that experience is made of:
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
+from rlhf_time.experience.agent_loop import AgentLoop
+from rlhf_time.experience.environments import load_environment
 from rlhf_time.experience.experience import Experience, collect, experience_metrics, score
 from rlhf_time.experience.rewards import RewardModelReward, RewardScorer, load_reward_function
 from rlhf_time.experience.sampler import Rollout, SamplingParams, sampling_generator
@@ -38,22 +42,28 @@ class PromptTrainer(Trainer):
     """Base of the stages that generate their own training sequences from prompts.
 
     Subclasses say whether they need the reference (`needs_reference`) and fill prepare_step / update /
-    compute_loss; `reward_funcs` are callables or specs as in rlhf_time.experience.rewards.
+    compute_loss; `reward_funcs` are callables or specs as in rlhf_time.experience.rewards; `environment` a class
+    (or spec) as in rlhf_time.experience.environments, which makes every rollout a multi-turn episode.
     """
 
     data_kind = "prompt"
     model_head = "causal_lm"
     default_metric_for_best_model = "eval_reward"  # there is no eval loss: greedy completions' mean reward
 
-    def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
+    def __init__(self, config, reward_funcs: Optional[Sequence] = None, *, environment=None) -> None:
         for spec in reward_funcs if reward_funcs is not None else config.rollout.reward_funcs:
             load_reward_function(spec)  # a bad reward function fails before any model is loaded
+        environment = environment if environment is not None else config.rollout.environment
+        if environment is not None:
+            environment = load_environment(environment)  # as bad reward functions: before any model is loaded
         if config.rollout.reward_model:  # an SFT folder would score with a random head: refuse it before any model loads
             require_reward_model(config.rollout.reward_model, "rollout.reward_model", needed_by=f"stage {config.stage}")
         super().__init__(config)
         disable_dropout(self.model)
         reward_model = self._reward_model_reward() if config.rollout.reward_model else None
-        self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model)
+        self.agent = AgentLoop.from_config(config, self.tokenizer, environment)  # None: one reply per prompt
+        self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model,
+                                                environment=self.agent.environment_name if self.agent else None)
 
     # ----------------------------------------------------------------------------------- what it needs
     def needs_reference(self) -> bool:
@@ -114,6 +124,23 @@ class PromptTrainer(Trainer):
             return self.sampling_engine.sample(prompt_ids, self.sampling_params(greedy=greedy),
                                                num_samples=num_samples, generator=generator)
 
+    def sample_prompts(self, dataset: PromptDataset, indices: list[int], *, num_samples: int = 1, greedy: bool,
+                       generator: Optional[torch.Generator]) -> Rollout:
+        """num_samples completions of each prompt dataset[indices]: one reply each (sample_rollout), or multi-turn
+        episodes when the run has an environment (rlhf_time.experience.agent_loop)."""
+        if self.agent is None:
+            return self.sample_rollout([dataset.input_ids[j] for j in indices], num_samples=num_samples, greedy=greedy,
+                                       generator=generator)
+
+        def draw(prompt_ids, *, num_samples: int, max_new_tokens: int) -> Rollout:
+            with self._autocast():
+                params = replace(self.sampling_params(greedy=greedy), max_new_tokens=max_new_tokens)
+                return self.sampling_engine.sample(prompt_ids, params, num_samples=num_samples, generator=generator)
+
+        return self.agent.sample(draw, dataset, indices, num_samples=num_samples,
+                                 max_new_tokens=self.config.rollout.max_completion_length,
+                                 pad_token_id=self.tokenizer.pad_token_id)
+
     def sampling_generator(self, micro_index: int) -> torch.Generator:
         """The sampling RNG of one micro-batch of this step (see rlhf_time.experience.sampler.sampling_generator)."""
         return sampling_generator(self.config.seed, self.global_step, self.dist.rank, micro_index, self.device)
@@ -127,7 +154,7 @@ class PromptTrainer(Trainer):
                            group_size: int = 1) -> list[Experience]:
         """The step's experience, one per micro-batch of prompt indices: sampled (group_size per prompt), scored,
         its metrics recorded under the names every on-policy stage shares, a few samples logged."""
-        experiences = collect(self.sample_rollout, self.rewards, self.tokenizer, dataset,
+        experiences = collect(functools.partial(self.sample_prompts, dataset), self.rewards, self.tokenizer, dataset,
                               [batch["prompt_index"].tolist() for batch in micro_batches], group_size=group_size,
                               generators=[self.sampling_generator(i) for i in range(len(micro_batches))])
         for experience in experiences:
@@ -212,7 +239,8 @@ class PromptTrainer(Trainer):
         group, step = experience.group_size, self.global_step + 1
         records = [{"step": step, "prompt": dataset.prompts[experience.indices[row // group]],
                     "completion": experience.texts[row], "reward": float(experience.rewards[row]),
-                    **{name: experience.per_function[f][row] for f, name in enumerate(self.rewards.names)}}
+                    **{name: experience.per_function[f][row] for f, name in enumerate(self.rewards.names)},
+                    **_trajectory(experience.rollout.episodes, row)}
                    for row in range(0, min(len(experience.texts), SAMPLES_LOGGED * group), group)]
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / "completions.jsonl").open("a", encoding="utf-8") as handle:
@@ -232,8 +260,7 @@ class PromptTrainer(Trainer):
     def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], dataset: PromptDataset) -> dict[str, torch.Tensor]:
         """Rewards of greedy completions of the eval prompts, summed (in total and per reward function)."""
         indices = batch["prompt_index"].tolist()
-        rollout = self.sample_rollout([dataset.input_ids[j] for j in indices], num_samples=1, greedy=True,
-                                      generator=None)
+        rollout = self.sample_prompts(dataset, indices, num_samples=1, greedy=True, generator=None)
         experience = self.score_rollout(dataset, indices, rollout)
         rewards, per_function, device = experience.rewards, experience.per_function, self.device
         sums = {"reward_sum": rewards.sum().to(device), "prompts": torch.tensor(float(len(indices)), device=device),
@@ -263,6 +290,15 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
+
+
+def _trajectory(episodes, row: int) -> dict:
+    """A multi-turn sample's whole episode for completions.jsonl: every turn after the prompt, and its counts."""
+    if episodes is None:
+        return {}
+    episode = episodes[row]
+    return {"trajectory": episode.messages, "turns": episode.turns, "tool_calls": episode.tool_calls,
+            "failed_tool_calls": episode.failed_tool_calls}
 
 
 def _is_adapter_folder(folder: str) -> bool:

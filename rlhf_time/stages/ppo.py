@@ -44,6 +44,9 @@ class PPOTrainer(PromptTrainer):
     def __init__(self, config, reward_funcs: Optional[Sequence] = None) -> None:
         if not (reward_funcs or config.rollout.reward_funcs or config.rollout.reward_model):
             raise RlhfTimeError("stage ppo needs a reward: reward_model (a folder trained with stage rm) and/or reward_funcs")
+        if config.rollout.environment is not None or config.tools:  # its critic's GAE runs over one reply
+            raise RlhfTimeError("stage ppo samples one reply per prompt: multi-turn episodes (tools, "
+                                "rollout.environment) run with stage grpo (any advantage_estimator) or online_dpo")
         if config.ppo.value_model not in (None, "policy"):  # the critic starts from a trained value head, not a random one
             require_reward_model(config.ppo.value_model, "ppo.value_model", needed_by="ppo.value_model (or ppo.value_model: policy)")
         super().__init__(config, reward_funcs)

@@ -35,5 +35,13 @@ class RolloutOptions(Section):
     reward_on_error: Literal["none", "stop"] = option(
         "none", "What a reward call past reward_timeout does: none (its rewards are None, one warning line) or stop "
                 "(the run stops with one line). An exception in a reward function always stops the run.")
+    max_tool_turns: int = option(4, "Multi-turn episodes (tools, environment): replies (tool results, environment "
+                                    "messages) after which an episode ends; max_completion_length bounds the whole "
+                                    "trajectory.", ge=0)
+    tool_timeout: Optional[float] = option(30.0, "Seconds a tool call may take; a late call gives the model an "
+                                                 "'error: ...' tool turn. None = no limit.", gt=0)
+    environment: Optional[str] = option(None, "A multi-turn environment 'package.module:Class' / 'file.py:Class' "
+                                              "with reset(record) and step(text) (see the docs); its rewards are one "
+                                              "more reward, after reward_model.")
     epsilon: float = option(0.2, "Clip range of the policy ratio: [1 - epsilon, 1 + epsilon_high] (PPO, Schulman et al. 2017).", gt=0, lt=1)
     epsilon_high: Optional[float] = option(None, "Upper clip range (DAPO's clip-higher, Yu et al. 2025, uses 0.28); None = epsilon.", gt=0)

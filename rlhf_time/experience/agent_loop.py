@@ -1,0 +1,95 @@
+"""The multi-turn rollouts of a trainer: its tools or its environment answer the policy's turns.
+
+`AgentLoop.sample` makes one Episode per completion row, its responder (rlhf_time.experience.environments for an
+environment; tool calls for tools), renders the prompts an environment's `reset` gives, and runs
+rlhf_time.experience.episodes.sample_episodes with the trainer's sampling engine. The episodes come back as a
+`Rollout` (sampled tokens in completion_mask, replies as context) whose `episodes` the scorer and the metrics read.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+from rlhf_time.data.prompts import PromptDataset
+from rlhf_time.data.tokenize import ConversationEncoder
+from rlhf_time.errors import RlhfTimeError
+from rlhf_time.experience.environments import EnvironmentResponder, load_environment, step_all
+from rlhf_time.experience.episodes import Episode, reply_in_turn, sample_episodes
+from rlhf_time.experience.sampler import Rollout
+
+# Columns the reward functions receive from a multi-turn rollout (reserved: a record may not have them).
+EPISODE_COLUMNS = ("trajectories", "tool_calls", "environment_reward")
+
+
+class AgentLoop:
+    """Everything a trainer needs to sample multi-turn episodes (built once; `sample` per micro-batch)."""
+
+    def __init__(self, tokenizer, encoder: ConversationEncoder, *, environment: Optional[type] = None,
+                 max_replies: int = 4, max_prompt_length: int = 512, concurrency: int = 16, workers: int = 1) -> None:
+        if encoder.use_templates:
+            raise RlhfTimeError("multi-turn rollouts (tools, rollout.environment) need a chat template; "
+                                "prompt_template/response_template lay out one reply per prompt")
+        self.tokenizer, self.encoder = tokenizer, encoder
+        self.environment = environment
+        self.max_replies, self.max_prompt_length = max_replies, max_prompt_length
+        self.reply_all: Callable[..., list] = (functools.partial(step_all, concurrency=concurrency, workers=workers)
+                                               if environment is not None else reply_in_turn)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, environment=None) -> Optional["AgentLoop"]:
+        """The run's agent loop, or None when it has neither tools nor an environment (one reply per prompt)."""
+        environment = environment if environment is not None else config.rollout.environment
+        if environment is None:
+            return None
+        encoder = ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
+                                      response_template=config.response_template, system_prompt=config.system_prompt)
+        options = config.rollout
+        return cls(tokenizer, encoder, environment=load_environment(environment), max_replies=options.max_tool_turns,
+                   max_prompt_length=options.max_prompt_length, concurrency=options.reward_concurrency,
+                   workers=options.reward_workers)
+
+    @property
+    def environment_name(self) -> Optional[str]:
+        return self.environment.__name__ if self.environment is not None else None
+
+    def render(self, messages, add_generation_prompt: bool = False) -> str:
+        return self.encoder._render(self.encoder._with_system_prompt(messages), "episode", add_generation_prompt)
+
+    def sample(self, draw: Callable[..., Rollout], dataset: PromptDataset, indices: Sequence[int], *,
+               num_samples: int, max_new_tokens: int, pad_token_id: int) -> Rollout:
+        """num_samples episodes of each prompt dataset[indices]; `draw(prompt_ids, num_samples=, max_new_tokens=)`
+        samples one turn (the trainer's engine and generator)."""
+        rows = [i for i in indices for _ in range(num_samples)]
+        responders = [EnvironmentResponder(self.environment) for _ in rows]
+        episodes, prompt_ids, reset = [], [], False
+        for row, index in enumerate(rows):
+            record = {**{name: values[index] for name, values in dataset.columns.items()},
+                      "prompt": dataset.prompts[index], "prompt_messages": dataset.prompt_messages[index]}
+            first = responders[row].reset(record)
+            messages = dataset.prompt_messages[index]
+            if first is not None:  # the environment opens the conversation (the record's system message kept)
+                messages = [*(m for m in messages if m["role"] == "system"), {"role": "user", "content": first}]
+                reset = True
+            episodes.append(Episode(prompt_messages=messages))
+            prompt_ids.append(self._prompt_ids(messages) if first is not None else dataset.input_ids[index])
+        if not reset:  # every row starts from its record's prompt: the G rows of a prompt share its first turn
+            prompt_ids, shared = [dataset.input_ids[i] for i in indices], num_samples
+        else:
+            shared = 1
+        return sample_episodes(draw, prompt_ids, episodes, responders, tokenizer=self.tokenizer, render=self.render,
+                               end_markers=self.encoder.end_of_turn_markers, max_new_tokens=max_new_tokens,
+                               max_replies=self.max_replies, pad_token_id=pad_token_id, num_samples=shared,
+                               reply_all=self.reply_all)
+
+    def _prompt_ids(self, messages) -> list[int]:
+        ids = self.tokenizer(self.encoder.generation_prompt(messages, "episode"), add_special_tokens=False)["input_ids"]
+        return ids[-self.max_prompt_length :]
+
+
+def episode_columns(episodes: Sequence[Episode]) -> dict[str, list]:
+    """What the reward functions receive about each episode: `trajectories` (the prompt and every turn after it,
+    as messages), `tool_calls` ({"calls": n, "failed": m}) and `environment_reward` (summed, or None)."""
+    return {"trajectories": [[*e.prompt_messages, *e.messages] for e in episodes],
+            "tool_calls": [{"calls": e.tool_calls, "failed": e.failed_tool_calls} for e in episodes],
+            "environment_reward": [e.environment_reward for e in episodes]}
