@@ -15,6 +15,7 @@ from typing import Any, Optional
 from rlhf_time.data.formats import ROLES, Messages, _message_list, _text
 from rlhf_time.data.readers import Record
 from rlhf_time.data.tokenize import ConversationEncoder
+from rlhf_time.data.tool_calls import record_tools
 from rlhf_time.errors import RlhfTimeError
 
 PROMPT_FIELDS = ("prompt", "messages", "system")  # consumed to build the prompt; every other field is a column
@@ -121,7 +122,8 @@ def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
     messages = [to_prompt_messages(record) for record in records]
     encoder = ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
                                   response_template=config.response_template, system_prompt=config.system_prompt)
-    texts = [encoder.generation_prompt(m, record.location) for m, record in zip(messages, records)]
+    # A record's `tools` are rendered as training renders them (the chat template's own format or the Hermes default).
+    texts = [encoder.generation_prompt(m, record.location, tools=record_tools(record)) for m, record in zip(messages, records)]
     stats = PromptStats(records=len(records), prompts=len(records))
     input_ids = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:

@@ -322,3 +322,16 @@ def test_bad_tool_record_exits_2_from_the_cli(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("bad.jsonl line 1: messages[1] is a tool turn without a preceding tool call"), err
+
+
+def test_prompt_records_with_tools_render_them_as_training_does(tmp_path, tiny_tokenizer):
+    """Prompt-only records for on-policy stages (examples/data/agent_prompts.jsonl): the generation prompt is the
+    training layout's context before the first assistant turn."""
+    from rlhf_time.data.prompts import load_prompt_dataset
+
+    record = {"prompt": "What is 3 times 4?", "answer": "12", "tools": [OPENAI_MULTIPLY]}
+    config = TrainingConfig(stage="grpo", rollout={"reward_funcs": ["exact_match"], "max_prompt_length": 1024})
+    prompts = load_prompt_dataset(write_jsonl(tmp_path / "p.jsonl", [record]), tiny_tokenizer, config)
+    assert prompts[0]["input_ids"] == ids(tiny_tokenizer, "<|im_start|>system\n" + HERMES_SYSTEM + "<|im_end|>\n"
+                                          "<|im_start|>user\nWhat is 3 times 4?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[0]["answer"] == "12" and prompts[0]["tools"] == [OPENAI_MULTIPLY]
