@@ -27,7 +27,7 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.logs import get_logger
 from rlhf_time.storage import format_bytes, free_bytes
 
-CACHE_VERSION = "4"  # bump when the tokenised result of the same inputs changes
+CACHE_VERSION = "5"  # bump when the tokenised result of the same inputs changes
 
 
 class TokenizedDataset:
