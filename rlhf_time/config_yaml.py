@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 
 from rlhf_time.config_errors import ConfigError
+from rlhf_time.user_functions import resolve_function_file
 
 
 def read_yaml_mapping(path: Path) -> dict[Any, Any]:
@@ -49,10 +50,6 @@ def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, An
             return os.path.normpath(folder / path)
         return path
 
-    def resolve_function_file(spec: Any) -> Any:
-        file, colon, name = spec.rpartition(":") if isinstance(spec, str) else ("", "", spec)
-        return f"{resolve(file)}:{name}" if colon and file.endswith(".py") else spec
-
     values = dict(values)
     for key in YAML_RELATIVE_FIELDS:
         if key in values:
@@ -63,11 +60,12 @@ def resolve_relative_paths(values: dict[str, Any], folder: Path) -> dict[str, An
             values[section] = {**values[section], key: resolve(values[section][key])}
     rollout = values.get("rollout")
     if isinstance(rollout, dict) and isinstance(rollout.get("reward_funcs"), list):
-        values["rollout"] = {**rollout, "reward_funcs": [resolve_function_file(spec) for spec in rollout["reward_funcs"]]}
+        values["rollout"] = {**rollout, "reward_funcs": [resolve_function_file(spec, folder) for spec in rollout["reward_funcs"]]}
     if isinstance(values.get("rollout"), dict) and "environment" in values["rollout"]:
-        values["rollout"] = {**values["rollout"], "environment": resolve_function_file(values["rollout"]["environment"])}
+        values["rollout"] = {**values["rollout"],
+                             "environment": resolve_function_file(values["rollout"]["environment"], folder)}
     if isinstance(values.get("tools"), list):
-        values["tools"] = [resolve_function_file(spec) for spec in values["tools"]]
+        values["tools"] = [resolve_function_file(spec, folder) for spec in values["tools"]]
     return values
 
 

@@ -43,6 +43,7 @@ def sample_prompts(config, data_kind: str, inference, count: int) -> list[Report
     from rlhf_time.data.prompts import to_prompt_messages
     from rlhf_time.data.sources import eval_spec, record_chunks, train_spec
     from rlhf_time.data.text import text_of
+    from rlhf_time.data.tool_calls import record_tools
 
     spec = eval_spec(config) or train_spec(config)
     _, chunks = record_chunks(spec.sources[0], config, spec.role, limit=count)
@@ -66,7 +67,8 @@ def sample_prompts(config, data_kind: str, inference, count: int) -> list[Report
             last = max(i for i, message in enumerate(conversation) if message["role"] == "assistant")
             messages, reference = conversation[:last], conversation[last]["content"]
         shown = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        samples.append(ReportSample(inference.encoder.generation_prompt(messages), shown, reference))
+        prompt = inference.encoder.generation_prompt(messages, tools=record_tools(record))
+        samples.append(ReportSample(prompt, shown, reference))
     return samples
 
 

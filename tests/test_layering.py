@@ -11,12 +11,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "rlhf_time"
 # Lower number = lower layer; a module may import its own layer or any lower one.
 LAYERS = {
-    "errors": 0, "constants": 0, "atomic": 0, "downloads": 0, "logs": 0, "storage": 0,
+    "errors": 0, "constants": 0, "atomic": 0, "downloads": 0, "logs": 0, "storage": 0, "user_functions": 0,
     "stages": 0, "stages.section": 0,  # the stage registry and the option sections (torch-free)
     "config": 1, "config_checks": 1, "config_docs": 1, "config_errors": 1, "config_yaml": 1,
     "loss": 2, "data": 2, "templates": 2,
     "models": 3,
-    "experience": 4, "experience.sampler": 4, "plots": 4,
+    "experience": 4, "experience.sampler": 4, "plots": 4, "agents": 4,
     "inference": 5, "report": 5, "experience.rewards": 5, "experience.environments": 5, "experience.agent_loop": 5,
     "runtime": 6,
     "experience.critic": 7, "experience.experience": 7,

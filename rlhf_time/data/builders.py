@@ -14,6 +14,7 @@ from rlhf_time.data.readers import Record
 from rlhf_time.data.sources import record_chunks
 from rlhf_time.data.text import encode_documents, text_of
 from rlhf_time.data.token_store import row_lengths, targets_per_row
+from rlhf_time.data.tool_calls import record_tools, unknown_tool_calls
 from rlhf_time.data.tokenize import ConversationEncoder, has_target, tokenize_preference_pairs, truncate
 
 RECORDS_PER_CHUNK = 1000  # unit of work of a tokenising process and of the progress bar
@@ -33,6 +34,8 @@ class DataStats:
     total_tokens: int = 0
     desirable: int = 0  # unpaired (KTO) examples labelled true / false
     undesirable: int = 0
+    unknown_tool_calls: int = 0  # tool calls naming a tool missing from their record's `tools` (warned, kept)
+    first_unknown_tool: str = ""  # where the first of those is: "file line N: 'name'"
 
     def summary(self) -> str:
         text = (f"{self.examples} examples from {self.records} records, {self.total_tokens} tokens "
@@ -50,8 +53,16 @@ class DataStats:
 
     def add_counts(self, other: "DataStats") -> None:
         """Add the counts of another part of the same data set (examples and tokens are counted from columns)."""
-        for name in ("truncated", "dropped", "identical_pairs_dropped", "desirable", "undesirable"):
+        for name in ("truncated", "dropped", "identical_pairs_dropped", "desirable", "undesirable", "unknown_tool_calls"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.first_unknown_tool = self.first_unknown_tool or other.first_unknown_tool
+
+    def unknown_tools_warning(self, source: str) -> str:
+        """The one line logged for a data file whose tool calls name tools its records do not list ("" if none)."""
+        if not self.unknown_tool_calls:
+            return ""
+        return (f"{source}: {self.unknown_tool_calls} tool calls name a tool that is not in their record's 'tools' "
+                f"(first: {self.first_unknown_tool}); they are trained as written")
 
 
 # ------------------------------------------------------------------------------------------ building
@@ -67,8 +78,15 @@ def build_sft(records: list[Record], tokenizer, config) -> tuple[dict[str, list]
     if fmt == "text":
         return _build_text(records, tokenizer, config)
     encoder = _encoder(tokenizer, config)
-    segments = [encoder.segments(to_messages(r, fmt), r.location) for r in records]
     stats = DataStats(records=len(records))
+    segments = []
+    for record in records:
+        messages, tools = to_messages(record, fmt), record_tools(record)
+        unknown = unknown_tool_calls(messages, tools)
+        if unknown and not stats.unknown_tool_calls:
+            stats.first_unknown_tool = f"{record.location}: {unknown[0]!r}"
+        stats.unknown_tool_calls += len(unknown)
+        segments.append(encoder.segments(messages, record.location, tools=tools))
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     for _, input_ids, labels in _kept(encoder.encode_many(segments), config.max_seq_length, stats):
         columns["input_ids"].append(input_ids)

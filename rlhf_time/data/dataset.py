@@ -24,9 +24,10 @@ from rlhf_time.data.text import text_of
 from rlhf_time.data.token_store import (SCALAR_COLUMNS, GatheredRows, TokenCacheWriter, TokenRows, map_npz,
                                         row_lengths)
 from rlhf_time.errors import RlhfTimeError
+from rlhf_time.logs import get_logger
 from rlhf_time.storage import format_bytes, free_bytes
 
-CACHE_VERSION = "4"  # bump when the tokenised result of the same inputs changes
+CACHE_VERSION = "5"  # bump when the tokenised result of the same inputs changes
 
 
 class TokenizedDataset:
@@ -200,6 +201,9 @@ def _load(path, tokenizer, config, cache_dir, max_samples, dataset_class: type[T
     cache_dir = cache_dir if cache_dir is not None else config.data_cache_dir
     parts = [_load_source(source, spec.role, tokenizer, config, cache_dir, max_samples, dataset_class, build)
              for source in spec.sources]
+    for source, (_, stats) in zip(spec.sources, parts):
+        if warning := stats.unknown_tools_warning(source):
+            get_logger().warning(warning)  # one line per file, not one per record
     if len(parts) == 1:
         return dataset_class(*parts[0])
     picks = (mixture_indices([len(columns[dataset_class.length_of[0]]) for columns, _ in parts], spec.weights,

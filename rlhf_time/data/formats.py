@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_time.data.readers import Record, field_list
+from rlhf_time.data.tool_calls import check_tool_turns, record_tools, sharegpt_calls, tool_calls
 from rlhf_time.errors import RlhfTimeError
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# With LLaMA-Factory's tool turns: function_call (a JSON {"name", "arguments"}) and observation (the tool's result).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 # Keys that identify each format, in detection order.
 FORMAT_KEYS = {
     "preference": ("prompt", "chosen", "rejected"),
@@ -22,7 +25,7 @@ FORMAT_KEYS = {
     "prompt_response": ("prompt", "response"),
 }
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # {"role", "content"}, plus "tool_calls" / "name" / "tool_call_id" in tool use
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,11 @@ def to_messages(record: Record, fmt: str) -> Messages:
             prompt += "\n\n" + _text(record, "input")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, "output")}]
     elif fmt == "messages":
-        messages = _message_list(record, "messages", "role", "content", {r: r for r in ROLES})
+        messages = _message_list(record, "messages", "role", "content", {r: r for r in (*ROLES, "tool")}, True)
+        record_tools(record)  # checked here, read again by the builders
     elif fmt == "sharegpt":
-        messages = _message_list(record, "conversations", "from", "value", SHAREGPT_ROLES)
+        messages = _message_list(record, "conversations", "from", "value", SHAREGPT_ROLES, True)
+        record_tools(record)
     elif fmt == "preference":
         raise RlhfTimeError(f"{record.location}: a preference pair (prompt/chosen/rejected) needs stage rm, dpo or kto")
     elif fmt == "unpaired":
@@ -166,25 +171,43 @@ def _text(record: Record, key: str, value: Any = None) -> str:
     return value
 
 
-def _message_list(record: Record, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Messages:
+def _message_list(record: Record, key: str, role_key: str, content_key: str, roles: dict[str, str],
+                  with_tools: bool = False) -> Messages:
+    """The turns of record[key]; with_tools: tool turns and assistant tool_calls too (sharegpt's function_call and
+    observation turns mapped onto them), checked (see tool_calls.py)."""
     turns = record.data.get(key)
     if not isinstance(turns, list) or not turns:
         raise RlhfTimeError(f"{record.location}: field {key!r} must be a non-empty list of messages")
     messages = []
     for index, turn in enumerate(turns):
         where = f"{key}[{index}]"
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        calls = turn.get("tool_calls") if with_tools and isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or role_key not in turn or (content_key not in turn and calls is None):
             raise RlhfTimeError(f"{record.location}: {where} needs {role_key!r} and {content_key!r}")
-        role = roles.get(str(turn[role_key]).lower())
+        given_role = str(turn[role_key]).lower()
+        role = roles.get(given_role)
         if role is None:
             raise RlhfTimeError(f"{record.location}: {where} has unknown {role_key} {turn[role_key]!r}; "
                                 f"allowed: {', '.join(roles)}")
-        content = turn[content_key]
+        if given_role == "function_call":  # sharegpt: the value is the call itself
+            messages.append({"role": "assistant", "content": "",
+                             "tool_calls": sharegpt_calls(record, f"{where}.{content_key}", turn[content_key])})
+            continue
+        content = turn.get(content_key)
+        if role == "assistant" and calls is not None and content is None:
+            content = ""
         if not isinstance(content, str):
             raise RlhfTimeError(f"{record.location}: {where}.{content_key} must be a string, got {json.dumps(content)[:40]}")
-        if role != "system" and not content.strip():
+        if role not in ("system", "tool") and calls is None and not content.strip():
             raise RlhfTimeError(f"{record.location}: {where}.{content_key} is empty")
-        messages.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if role == "assistant" and calls is not None:
+            message["tool_calls"] = tool_calls(record, f"{where}.tool_calls", calls)
+        if role == "tool":
+            message.update({k: turn[k] for k in ("name", "tool_call_id") if isinstance(turn.get(k), str)})
+        messages.append(message)
+    if with_tools:
+        check_tool_turns(record, key, messages)
     return messages
 
 

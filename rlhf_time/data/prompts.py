@@ -15,6 +15,7 @@ from typing import Any, Optional
 from rlhf_time.data.formats import ROLES, Messages, _message_list, _text
 from rlhf_time.data.readers import Record
 from rlhf_time.data.tokenize import ConversationEncoder
+from rlhf_time.data.tool_calls import record_tools
 from rlhf_time.errors import RlhfTimeError
 
 PROMPT_FIELDS = ("prompt", "messages", "system")  # consumed to build the prompt; every other field is a column
@@ -82,12 +83,14 @@ def validate_prompt_file(path, config=None) -> list[Record]:
 
 class PromptDataset:
     """Prompts as token ids ("input_ids", left-truncated), their text ("prompt": the last user message), their
-    messages ("prompt_messages") and the record's other fields as columns; `lengths` are prompt token counts."""
+    messages ("prompt_messages"), the tool schemas their prompts list (`tools`, None without) and the record's
+    other fields as columns; `lengths` are prompt token counts."""
 
     def __init__(self, input_ids: list[list[int]], prompt_messages: list[Messages], columns: dict[str, list],
-                 stats: PromptStats) -> None:
+                 stats: PromptStats, tools: Optional[list] = None) -> None:
         self.input_ids = input_ids
         self.prompt_messages = prompt_messages
+        self.tools = tools if tools is not None else [None] * len(input_ids)
         self.prompts = [next(m["content"] for m in reversed(messages) if m["role"] == "user")
                         for messages in prompt_messages]
         self.columns = columns
@@ -109,9 +112,10 @@ class PromptDataset:
         return columns
 
 
-def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
-                        max_samples: Optional[int] = None) -> PromptDataset:
-    """Prompt records of a .jsonl/.json/.csv file, rendered as generation renders them and tokenised.
+def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None, max_samples: Optional[int] = None,
+                        tools: Optional[list] = None) -> PromptDataset:
+    """Prompt records of a .jsonl/.json/.csv file, rendered as generation renders them and tokenised; `tools` (JSON
+    schemas: the run's tools) are listed in the prompts of records that have no `tools` of their own.
 
     Not cached (cache_dir is accepted for the common loader signature): prompts are short and tokenised once.
     """
@@ -121,7 +125,10 @@ def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
     messages = [to_prompt_messages(record) for record in records]
     encoder = ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
                                   response_template=config.response_template, system_prompt=config.system_prompt)
-    texts = [encoder.generation_prompt(m, record.location) for m, record in zip(messages, records)]
+    # A record's `tools` are rendered as training renders them (the chat template's own format or the Hermes default).
+    prompt_tools = [record_tools(record) or tools for record in records]
+    texts = [encoder.generation_prompt(m, record.location, tools=listed)
+             for m, record, listed in zip(messages, records, prompt_tools)]
     stats = PromptStats(records=len(records), prompts=len(records))
     input_ids = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
@@ -135,4 +142,4 @@ def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None,
         if reserved in names:
             raise RlhfTimeError(f"{path}: field {reserved!r} is reserved (reward functions receive it from the trainer)")
     columns = {name: [record.data.get(name) for record in records] for name in names}
-    return PromptDataset(input_ids, messages, columns, stats)
+    return PromptDataset(input_ids, messages, columns, stats, prompt_tools)

@@ -7,9 +7,10 @@ parallelism is used, as `datasets.map(batched=True)` would).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from rlhf_time.constants import IGNORE_INDEX
+from rlhf_time.data.tool_render import template_messages, uses_tools
 from rlhf_time.errors import RlhfTimeError
 
 if TYPE_CHECKING:
@@ -42,17 +43,21 @@ class ConversationEncoder:
         self.bos_text = tokenizer.bos_token if bos is not None and tokenizer("a").input_ids[:1] == [bos] else ""
 
     # --------------------------------------------------------------------------------------- segments
-    def segments(self, messages: list[dict[str, str]], location: str = "", *, last_turn_only: bool = False) -> Segments:
+    def segments(self, messages: list[dict[str, Any]], location: str = "", *, last_turn_only: bool = False,
+                 tools: Optional[list] = None) -> Segments:
         """Context/target text segments of a conversation; consecutive segments of one kind are merged, so the
         context before a reply is tokenised exactly as generation tokenises its prompt.
 
         last_turn_only: only the final assistant turn is a target (preference pairs: earlier turns are prompt).
+        tools: the conversation's tool schemas; they, tool calls and tool turns are rendered by the chat template
+        when it supports them, else in the Hermes layout (tool_render.py). Every assistant turn, its calls included,
+        is a target; tool results never are.
         """
-        messages = self._with_system_prompt(messages)
+        messages, tools = self._for_template(messages, location, tools)
         if self.use_templates:
             segments = self._template_segments(messages)
         else:
-            segments = self._chat_template_segments(messages, location)
+            segments = self._chat_template_segments(messages, location, tools)
         if last_turn_only:
             last = max(i for i, (_, is_target) in enumerate(segments) if is_target)
             segments = [(text, is_target and i == last) for i, (text, is_target) in enumerate(segments)]
@@ -66,19 +71,33 @@ class ConversationEncoder:
                 merged.append((text, is_target))
         return merged
 
-    def generation_prompt(self, messages: list[dict[str, str]], location: str = "") -> str:
+    def generation_prompt(self, messages: list[dict[str, Any]], location: str = "", tools: Optional[list] = None) -> str:
         """The text a model continues to answer `messages`: the training layout up to where the reply starts."""
-        messages = self._with_system_prompt(messages)
+        messages, tools = self._for_template(messages, location, tools)
         if self.use_templates:
             before_response = self.response_template.split("{response}", 1)[0]
             return "".join(text for text, _ in self._template_segments(messages)) + before_response
-        text = self._render(messages, location, add_generation_prompt=True)
+        text = self._render(messages, location, add_generation_prompt=True, tools=tools)
         return text if text.startswith(self.bos_text) else self.bos_text + text  # as the training rows have it
 
-    def _with_system_prompt(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    def render(self, messages: list[dict[str, Any]], location: str = "", *, tools: Optional[list] = None,
+               add_generation_prompt: bool = False) -> str:
+        """The chat template's text of a conversation as training lays it out (the configured system prompt, tools
+        natively or in the Hermes layout): what a multi-turn rollout continues."""
+        messages, tools = self._for_template(messages, location, tools)
+        return self._render(messages, location, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def _for_template(self, messages: list[dict[str, Any]], location: str,
+                      tools: Optional[list]) -> tuple[list[dict[str, Any]], Optional[list]]:
+        """The messages (with the configured system prompt) and tools as the chat template takes them."""
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
-            return [{"role": "system", "content": self.system_prompt}, *messages]
-        return messages
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        if not uses_tools(messages, tools):
+            return messages, None
+        if self.use_templates:
+            raise RlhfTimeError(f"{location}: tool calls and tool turns need the chat template; "
+                                f"prompt_template/response_template cannot lay them out (unset both)")
+        return template_messages(self.tokenizer, messages, tools)
 
     def _template_segments(self, messages) -> Segments:
         """The template layout: each response + EOS is the target (generation_prompt ends before a response)."""
@@ -94,15 +113,17 @@ class ConversationEncoder:
                 segments.append((message["content"] + after + self.tokenizer.eos_token, True))
         return segments
 
-    def _render(self, messages, location: str, add_generation_prompt: bool = False) -> str:
+    def _render(self, messages, location: str, add_generation_prompt: bool = False, tools: Optional[list] = None) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      **extra)
         except Exception as error:  # jinja's TemplateError, raise_exception(...) in templates, ...
             raise RlhfTimeError(f"{location}: the chat template cannot render this conversation "
                                 f"({type(error).__name__}: {error})") from None
 
-    def _chat_template_segments(self, messages, location: str) -> Segments:
-        full = self._render(messages, location)
+    def _chat_template_segments(self, messages, location: str, tools: Optional[list] = None) -> Segments:
+        full = self._render(messages, location, tools=tools)
         # A tokenizer that adds a BOS itself (add_special_tokens=True) expects it; most templates write it.
         segments: Segments = [(self.bos_text, False)] if self.bos_text and not full.startswith(self.bos_text) else []
         position = 0
@@ -110,11 +131,11 @@ class ConversationEncoder:
             if message["role"] != "assistant":
                 continue
             if index:
-                prompt = self._render(messages[:index], location, add_generation_prompt=True)
+                prompt = self._render(messages[:index], location, add_generation_prompt=True, tools=tools)
             else:  # a conversation that opens with the assistant: the context is what precedes its header
                 header = self._generation_prompt(location)
                 prompt = full[: full.find(header) + len(header)] if header and header in full else ""
-            replied = full if index == len(messages) - 1 else self._render(messages[: index + 1], location)
+            replied = full if index == len(messages) - 1 else self._render(messages[: index + 1], location, tools=tools)
             if not (full.startswith(prompt) and full.startswith(replied) and position <= len(prompt) <= len(replied)):
                 raise RlhfTimeError(f"{location}: the chat template renders a conversation's beginning differently "
                                     f"from the whole conversation (it rewrites earlier turns), so assistant spans "

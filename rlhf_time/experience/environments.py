@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.experience.episodes import Episode, Messages
 from rlhf_time.experience.reward_calls import TIMED_OUT, call_all
+from rlhf_time.user_functions import import_function
 
 
 class EnvironmentFailure(RlhfTimeError):
@@ -31,9 +32,7 @@ def load_environment(spec) -> type:
     """The environment class of "package.module:Class" / "path/file.py:Class", or the class itself."""
     if isinstance(spec, type):
         return spec
-    from rlhf_time.experience.rewards import import_attribute
-
-    cls = import_attribute(spec, "environment", EnvironmentFailure)
+    _, cls = import_function(spec, "environment", EnvironmentFailure)
     if not isinstance(cls, type) or not callable(getattr(cls, "step", None)):
         raise EnvironmentFailure(f"environment {spec!r}: expected a class with reset(record) and step(text)")
     return cls

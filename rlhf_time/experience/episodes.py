@@ -18,6 +18,7 @@ whole trajectory before it, so a training forward over the assembled sequence re
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
@@ -34,6 +35,7 @@ class Episode:
     """One trajectory after its prompt: the assistant turns and the replies to them, as chat messages."""
 
     prompt_messages: Messages
+    tools: Optional[list] = None  # the tool schemas its prompt lists (the template renders every turn with them)
     messages: Messages = field(default_factory=list)
     turns: int = 0  # assistant turns
     tool_calls: int = 0  # calls made
@@ -99,7 +101,8 @@ def sample_episodes(sample: Callable[..., Rollout], prompt_ids: Sequence[Sequenc
     Rollout whose `episodes` are `episodes` (one per row, filled in place).
 
     `sample(prompt_ids, num_samples=, max_new_tokens=)` draws one turn of each given context (the sampling
-    engine, with the micro-batch's generator); `render(messages, add_generation_prompt=)` is the chat template;
+    engine, with the micro-batch's generator); `render(messages, add_generation_prompt=, tools=)` is the chat
+    template (each episode renders with its prompt's tools);
     `reply_all(responders, messages, episodes)` gets the replies to one turn of every episode still going (in
     turn, or concurrently). The first turn of a prompt's G episodes is drawn from the shared prompt, later turns
     from each row's own context. `max_new_tokens` bounds each trajectory (sampled and reply tokens together).
@@ -141,7 +144,8 @@ def sample_episodes(sample: Callable[..., Rollout], prompt_ids: Sequence[Sequenc
             if episode.turns > max_replies:
                 episode.out_of_replies = True
                 continue
-            reply_ids = tokenizer(reply_text(render, before, message, reply, end_markers),
+            reply_ids = tokenizer(reply_text(functools.partial(render, tools=episode.tools), before, message, reply,
+                                             end_markers),
                                   add_special_tokens=False)["input_ids"]
             episode.messages.extend(reply)
             if used[row] + len(reply_ids) >= max_new_tokens:  # no room left to answer the reply

@@ -8,7 +8,6 @@ should accept `**kwargs` for the columns they do not use. `None` means "does not
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import numbers
@@ -18,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from rlhf_time.errors import RlhfTimeError
 from rlhf_time.experience.reward_calls import TIMED_OUT, call_all, is_async
+from rlhf_time.user_functions import import_function
 
 log = logging.getLogger("rlhf_time")
 
@@ -83,46 +83,10 @@ def load_reward_function(spec: str | RewardFunction, *, max_completion_length: i
             return spec, bound
         return spec, fn
     module_name, colon, attribute = spec.rpartition(":")
-    if not colon or not module_name or not attribute:
+    if not (colon and module_name and attribute):
         raise RewardFunctionError(f"unknown reward function {spec!r}; built-ins: {', '.join(BUILTIN_REWARDS)}, "
                                   f"or an import string 'package.module:function' or 'path/to/file.py:function'")
-    fn = import_attribute(spec, "reward function")
-    if not callable(fn):
-        raise RewardFunctionError(f"reward function {spec!r}: {attribute!r} is a {type(fn).__name__}, not a function")
-    return attribute, fn  # metrics are named after the function (train/rewards/<name>)
-
-
-def import_attribute(spec: str, what: str, error: type[RlhfTimeError] = RewardFunctionError) -> Any:
-    """The object an import string names: "package.module:name" or "path/to/file.py:name" (a file relative to the
-    working directory); `what` names it in the one-line error (e.g. "reward function", "environment")."""
-    module_name, colon, attribute = str(spec).rpartition(":")
-    if not colon or not module_name or not attribute:
-        raise error(f"{what} {spec!r}: expected 'package.module:name' or 'path/to/file.py:name'")
-    try:
-        module = _import_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
-    except Exception as failure:  # ModuleNotFoundError, a missing file, or the module itself failing to import
-        raise error(f"{what} {spec!r}: cannot import {module_name!r} ({type(failure).__name__}: {failure})") from None
-    found = getattr(module, attribute, None)
-    if found is None:
-        raise error(f"{what} {spec!r}: module {module_name!r} has no attribute {attribute!r}")
-    return found
-
-
-def _import_file(path: str):
-    """A reward module given as a file path (relative to the working directory), e.g. examples/grpo_rewards.py."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    file = Path(path).resolve()
-    if not file.is_file():
-        raise FileNotFoundError(f"no file {file}")
-    name = f"rlhf_time_rewards_{file.stem}"
-    module_spec = importlib.util.spec_from_file_location(name, file)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # so pickling / multiprocessing can find its functions
-    module_spec.loader.exec_module(module)
-    return module
+    return import_function(spec, "reward function", RewardFunctionError)  # metrics are named after the function
 
 
 def call_reward_function(name: str, fn: RewardFunction, prompts: list[str], completions: list[str],

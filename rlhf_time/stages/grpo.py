@@ -31,8 +31,8 @@ REINFORCE_PP = ("reinforce_pp", "reinforce_pp_baseline")  # token-level advantag
 class GRPOTrainer(PromptTrainer):
     """GRPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]); reward functions as in rlhf_time.experience.rewards."""
 
-    def __init__(self, config, reward_funcs=None, *, environment=None) -> None:
-        super().__init__(config, reward_funcs, environment=environment)
+    def __init__(self, config, reward_funcs=None, *, tools=None, environment=None) -> None:
+        super().__init__(config, reward_funcs, tools=tools, environment=environment)
         self.policy_loss = create_loss("policy", clip_eps=config.rollout.epsilon, clip_eps_high=config.rollout.epsilon_high,
                                        reduction="none")
         self._step_tokens = 1.0  # completion tokens of the step being trained, all ranks (for per-token metrics)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
+from rlhf_time.agents import load_tools, tool_schema
 from rlhf_time.experience.agent_loop import AgentLoop
 from rlhf_time.experience.environments import load_environment
 from rlhf_time.experience.experience import Experience, collect, experience_metrics, score
@@ -42,26 +43,30 @@ class PromptTrainer(Trainer):
     """Base of the stages that generate their own training sequences from prompts.
 
     Subclasses say whether they need the reference (`needs_reference`) and fill prepare_step / update /
-    compute_loss; `reward_funcs` are callables or specs as in rlhf_time.experience.rewards; `environment` a class
-    (or spec) as in rlhf_time.experience.environments, which makes every rollout a multi-turn episode.
+    compute_loss; `reward_funcs` are callables or specs as in rlhf_time.experience.rewards; `tools` functions (or
+    specs) the policy may call, `environment` a class (or spec) as in rlhf_time.experience.environments: either
+    makes every rollout a multi-turn episode (rlhf_time.experience.agent_loop).
     """
 
     data_kind = "prompt"
     model_head = "causal_lm"
     default_metric_for_best_model = "eval_reward"  # there is no eval loss: greedy completions' mean reward
 
-    def __init__(self, config, reward_funcs: Optional[Sequence] = None, *, environment=None) -> None:
+    def __init__(self, config, reward_funcs: Optional[Sequence] = None, *, tools: Optional[Sequence] = None,
+                 environment=None) -> None:
         for spec in reward_funcs if reward_funcs is not None else config.rollout.reward_funcs:
             load_reward_function(spec)  # a bad reward function fails before any model is loaded
         environment = environment if environment is not None else config.rollout.environment
         if environment is not None:
             environment = load_environment(environment)  # as bad reward functions: before any model is loaded
+        tools = load_tools(tools if tools is not None else config.tools)
+        self.tool_schemas = [tool_schema(fn) for fn in tools] or None  # prompts list them (records may list their own)
         if config.rollout.reward_model:  # an SFT folder would score with a random head: refuse it before any model loads
             require_reward_model(config.rollout.reward_model, "rollout.reward_model", needed_by=f"stage {config.stage}")
         super().__init__(config)
         disable_dropout(self.model)
         reward_model = self._reward_model_reward() if config.rollout.reward_model else None
-        self.agent = AgentLoop.from_config(config, self.tokenizer, environment)  # None: one reply per prompt
+        self.agent = AgentLoop.from_config(config, self.tokenizer, environment, tools)  # None: one reply per prompt
         self.rewards = RewardScorer.from_config(config, reward_funcs, reward_model=reward_model,
                                                 environment=self.agent.environment_name if self.agent else None)
 
@@ -98,7 +103,7 @@ class PromptTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------------- data
     def load_dataset(self, path: str, max_samples: Optional[int]) -> PromptDataset:
-        return load_prompt_dataset(path, self.tokenizer, self.config, max_samples=max_samples)
+        return load_prompt_dataset(path, self.tokenizer, self.config, max_samples=max_samples, tools=self.tool_schemas)
 
     def collate(self, indices: list[int], dataset: PromptDataset) -> dict[str, torch.Tensor]:
         """Prompt indices only: the tensors the loss trains on are made in prepare_step, which gets the dataset."""
@@ -127,7 +132,7 @@ class PromptTrainer(Trainer):
     def sample_prompts(self, dataset: PromptDataset, indices: list[int], *, num_samples: int = 1, greedy: bool,
                        generator: Optional[torch.Generator]) -> Rollout:
         """num_samples completions of each prompt dataset[indices]: one reply each (sample_rollout), or multi-turn
-        episodes when the run has an environment (rlhf_time.experience.agent_loop)."""
+        episodes when the run has tools or an environment (rlhf_time.experience.agent_loop)."""
         if self.agent is None:
             return self.sample_rollout([dataset.input_ids[j] for j in indices], num_samples=num_samples, greedy=greedy,
                                        generator=generator)

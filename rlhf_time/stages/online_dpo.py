@@ -24,13 +24,13 @@ from rlhf_time.stages.on_policy import PromptTrainer
 class OnlineDPOTrainer(PromptTrainer):
     """OnlineDPOTrainer(config, reward_funcs=[fn, "exact_match", "pkg.mod:fn"]): the judge is the run's rewards."""
 
-    def __init__(self, config, reward_funcs=None, *, environment=None) -> None:
+    def __init__(self, config, reward_funcs=None, *, tools=None, environment=None) -> None:
         options = config.dpo
         if options.loss_type in REFERENCE_FREE or options.ref_model or options.precompute_ref_logps:
             raise RlhfTimeError("stage online_dpo trains against the initial policy with dpo.loss_type sigmoid, ipo or "
                                 "hinge: dpo.ref_model, dpo.precompute_ref_logps and the reference-free loss types do "
                                 "not apply")
-        super().__init__(config, reward_funcs, environment=environment)
+        super().__init__(config, reward_funcs, tools=tools, environment=environment)
         self.dpo_loss = create_loss("dpo", beta=options.beta, loss_type=options.loss_type,
                                     label_smoothing=options.label_smoothing, reduction="none")
 

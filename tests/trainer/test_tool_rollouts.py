@@ -1,0 +1,168 @@
+"""Rollouts with tools: the calls of each turn are run, their results enter the context as tool turns, the episode
+goes on; failures are data; only sampled tokens are trained; sampling log-probs equal a full forward over the whole
+trajectory; reward functions see trajectories and call counts; the metrics count calls and errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_time import GRPOTrainer
+from rlhf_time.constants import IGNORE_INDEX
+
+from .grpo_helpers import teacher_forced_rollout
+from .helpers import Recorder
+from .test_grpo import grpo_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CALLS = [  # the first turn of each of the 4 episodes (2 prompts x 2), forced
+    '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 4}}\n</tool_call>',
+    '<tool_call>\n{"name": "divide", "arguments": {"a": 3}}\n</tool_call>',  # not a tool of the run
+    '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": }}\n</tool_call>',  # not JSON
+    "12",  # no call: the episode ends after this turn
+]
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first factor.
+        b: The second factor.
+    """
+    return a * b
+
+
+def seen_by_reward(prompts, completions, trajectories, tool_calls, answer, **_):
+    seen_by_reward.calls.append((completions, trajectories, tool_calls, answer))
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+seen_by_reward.calls = []
+
+
+def tool_config(tmp_path, model_dir, **overrides):
+    return grpo_config(tmp_path, model_dir, train_file=str(EXAMPLES / "data" / "agent_prompts.jsonl"),
+                       eval_file=str(EXAMPLES / "data" / "agent_eval.jsonl"), max_seq_length=512,
+                       rollout={"max_completion_length": 160, "max_prompt_length": 1024,
+                                "reward_funcs": ["tests.trainer.test_tool_rollouts:seen_by_reward"]},
+                       grpo={"num_generations": 2}, temperature=1.0, top_k=0, **overrides)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, tiny_model_dir):
+    trainer = GRPOTrainer(tool_config(tmp_path_factory.mktemp("tools"), tiny_model_dir), tools=[multiply])
+    trainer.model.float()
+    return trainer
+
+
+def forced_first_turn(trainer, calls=CALLS):
+    """draw() for AgentLoop.sample: the first turn of every episode is one of `calls` (log-probs by a full forward,
+    as sampling computes them); later turns are sampled by the trainer's engine."""
+    tokenizer, state = trainer.tokenizer, {"first": True}
+
+    def draw(prompt_ids, *, num_samples, max_new_tokens):
+        if state.pop("first", False):
+            prompts = [ids for ids in prompt_ids for _ in range(num_samples)]
+            completions = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                           for text in calls]
+            return teacher_forced_rollout(trainer.model, prompts, completions, pad_token_id=tokenizer.pad_token_id)
+        params = trainer.sampling_params(greedy=False)
+        from dataclasses import replace
+
+        return trainer.sampling_engine.sample(prompt_ids, replace(params, max_new_tokens=max_new_tokens),
+                                              num_samples=num_samples, generator=torch.Generator().manual_seed(1))
+
+    return draw
+
+
+def episodes_of(trainer):
+    return trainer.agent.sample(forced_first_turn(trainer), trainer.train_dataset, [0, 1], num_samples=2,
+                                max_new_tokens=160, pad_token_id=trainer.tokenizer.pad_token_id)
+
+
+def test_calls_run_and_their_results_and_failures_are_tool_turns(trainer):
+    rollout = episodes_of(trainer)
+    ok, unknown, not_json, plain = rollout.episodes
+    assert ok.messages[0]["tool_calls"] == [{"type": "function", "function": {"name": "multiply",
+                                                                            "arguments": {"a": 3, "b": 4}}}]
+    assert ok.messages[1] == {"role": "tool", "content": "12", "name": "multiply"}
+    assert unknown.messages[1]["content"].startswith("error: unknown tool 'divide'")
+    assert not_json.messages[1]["content"].startswith("error: the call is not JSON")
+    assert [e.tool_calls for e in rollout.episodes] == [1, 1, 1, 0]
+    assert [e.failed_tool_calls for e in rollout.episodes] == [0, 1, 1, 0]
+    assert plain.turns == 1 and plain.messages == [{"role": "assistant", "content": "12"}]
+    for episode in (ok, unknown, not_json):  # each went on to a second turn (or ran out of tokens in it)
+        assert episode.turns == 2 and episode.messages[2]["role"] == "assistant"
+
+
+def test_the_sequence_is_the_training_layout_and_only_sampled_tokens_are_trained(trainer):
+    rollout = episodes_of(trainer)
+    tokenizer = trainer.tokenizer
+    for row, episode in enumerate(rollout.episodes):
+        ids = rollout.input_ids[row][rollout.attention_mask[row].bool()].tolist()
+        rendered = trainer.agent.render([*episode.prompt_messages, *episode.messages], tools=episode.tools)
+        if episode.truncated:  # up to the turn the budget cut (a random model's bytes may not decode alone)
+            mask = rollout.completion_mask[row].tolist()
+            last_turn = max(i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1]))
+            prompt_tokens = int(rollout.attention_mask[row, : rollout.prompt_length].sum())
+            assert rendered.startswith(tokenizer.decode(ids[: prompt_tokens + last_turn]))
+        else:
+            assert rendered.rstrip("\n") == tokenizer.decode(ids, skip_special_tokens=False)
+        if episode.tool_calls:  # the tool result is context: in the sequence, not among the sampled tokens
+            completion = rollout.input_ids[row, rollout.prompt_length:]
+            context = completion[~rollout.completion_mask[row] & rollout.attention_mask[row, rollout.prompt_length:].bool()]
+            assert f"<tool_response>\n{episode.messages[1]['content']}\n</tool_response>" in tokenizer.decode(context)
+    batch = trainer._training_batch(trainer.score_rollout(trainer.train_dataset, [0, 1], rollout, 2))
+    assert torch.equal(batch["labels"][:, rollout.prompt_length:] != IGNORE_INDEX, rollout.completion_mask)
+    assert torch.equal(batch["loss_mask"], rollout.completion_mask)
+
+
+def test_sampling_logps_equal_a_full_forward_over_the_multi_turn_trajectory(trainer):
+    rollout = episodes_of(trainer)
+    batch = trainer._training_batch(trainer.score_rollout(trainer.train_dataset, [0, 1], rollout, 2))
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"]).logits.float()
+        trained = trainer.completion_logps(trainer.model, batch)
+    width = rollout.completion_mask.shape[1]
+    reference = F.log_softmax(logits[:, -width - 1 : -1], -1).gather(-1, batch["input_ids"][:, -width:, None]).squeeze(-1)
+    mask = rollout.completion_mask
+    second_turns = mask.clone()
+    for row, episode in enumerate(rollout.episodes):  # the sampled turn after the tool result
+        first = len(trainer.tokenizer(CALLS[row], add_special_tokens=False).input_ids) + 1
+        second_turns[row, :first] = False
+    assert second_turns.sum() >= 3
+    torch.testing.assert_close(rollout.logps[second_turns], reference[second_turns], atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained[mask], reference[mask], atol=1e-5, rtol=0)
+
+
+def test_reward_functions_get_the_final_answer_trajectories_and_call_counts(trainer):
+    seen_by_reward.calls.clear()
+    rollout = episodes_of(trainer)
+    experience = trainer.score_rollout(trainer.train_dataset, [0, 1], rollout, 2)
+    completions, trajectories, tool_calls, answer = seen_by_reward.calls[-1]
+    assert completions == [e.final_text for e in rollout.episodes] and completions[3] == "12"
+    assert trajectories[0][-len(rollout.episodes[0].messages):] == rollout.episodes[0].messages
+    assert trajectories[0][0]["role"] == "user"
+    assert tool_calls == [{"calls": 1, "failed": 0}, {"calls": 1, "failed": 1}, {"calls": 1, "failed": 1},
+                          {"calls": 0, "failed": 0}]
+    assert len(answer) == 4 and experience.texts == completions
+
+
+def test_the_prompt_lists_the_tools_in_the_templates_layout(trainer):
+    prompt = trainer.tokenizer.decode(trainer.train_dataset.input_ids[0])
+    assert "<tools>" in prompt and '"name": "multiply"' in prompt
+
+
+def test_grpo_with_tools_trains_and_logs_tool_metrics(tmp_path, tiny_model_dir):
+    recorder = Recorder()
+    trainer = GRPOTrainer(tool_config(tmp_path, tiny_model_dir, max_steps=1), tools=[multiply])
+    trainer.callbacks.append(recorder)
+    trainer.sample_rollout = None  # never the one-reply path: every sample goes through the agent loop
+    trainer.train()
+    metrics = recorder.steps[0]
+    for name in ("train/turns", "train/tools/calls_per_episode", "train/tools/error_rate",
+                 "train/completions/truncated_ratio"):
+        assert name in metrics
