@@ -3,7 +3,8 @@
 1. generate from the prompt (the user's question, the tools in the template's layout);
 2. parse the calls (rlhf_time.agents), run them with examples/tools.py's multiply, append the tool turns
    (render_tool_turns) and generate the final answer;
-3. count well-formed calls, calls with the right arguments, and final answers equal to the record's `answer`.
+3. count well-formed calls, calls with the right arguments, final answers that repeat the tool's result, and final
+   answers equal to the record's `answer` (the success rate).
 
     python bench/agent_eval.py outputs/agent_sft/final [--limit 50] [--data examples/data/agent_eval.jsonl]
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def evaluate(folder: str, data: Path, limit: int, max_new_tokens: int = 48) -> dict:
+def evaluate(folder: str, data: Path, limit: int, max_new_tokens: int = 128) -> dict:
     from rlhf_time.agents import (ToolCall, assistant_message, load_tools, parse_tool_calls, render_tool_turns,
                                   run_tool_call, tool_call_style, tool_result_messages, tools_by_name)
     from rlhf_time.inference import InferenceModel
@@ -31,7 +32,9 @@ def evaluate(folder: str, data: Path, limit: int, max_new_tokens: int = 48) -> d
     questions = [[{"role": "user", "content": r["prompt"]}] for r in records]
     prompts = [encoder.generation_prompt(q, tools=r["tools"]) for q, r in zip(questions, records)]
     first = model.complete(prompts, max_new_tokens=max_new_tokens, do_sample=False)
-    followups, counts = [], {"records": len(records), "parsed_calls": 0, "right_arguments": 0, "correct_answers": 0}
+    followups, tool_results = [], []
+    counts = {"records": len(records), "parsed_calls": 0, "right_arguments": 0, "answers_equal_tool_result": 0,
+              "correct_answers": 0}
     for record, question, prompt, text in zip(records, questions, prompts, first):
         calls = parse_tool_calls(text, style)
         good = [c for c in calls if isinstance(c, ToolCall)]
@@ -41,16 +44,19 @@ def evaluate(folder: str, data: Path, limit: int, max_new_tokens: int = 48) -> d
                                          for c in good)
         if not calls:  # answered without a call: that is its final answer
             followups.append(None)
+            tool_results.append(None)
             continue
         results = [run_tool_call(c, tools, timeout=5)[0] for c in calls]
+        tool_results.append(results[0])
         messages = [*question, assistant_message(text, calls, style)]
         appended = render_tool_turns(tokenizer, messages, tool_result_messages(calls, results), record["tools"])
         followups.append(prompt + text + tokenizer.eos_token + appended)
     second = iter(model.complete([f for f in followups if f is not None], max_new_tokens=16, do_sample=False))
     examples = []
-    for record, text, followup in zip(records, first, followups):
+    for record, text, followup, result in zip(records, first, followups, tool_results):
         answer = text if followup is None else next(second)
         counts["correct_answers"] += answer.strip() == record["answer"]
+        counts["answers_equal_tool_result"] += result is not None and answer.strip() == result
         if len(examples) < 3:
             examples.append({"prompt": record["prompt"], "call": text, "answer": answer, "expected": record["answer"]})
     counts["success_rate"] = counts["correct_answers"] / max(1, counts["records"])
