@@ -71,11 +71,16 @@ def _build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="JSONL file to write {prompt, prediction} lines to")
     predict.add_argument("overrides", nargs="*", default=[],
                          help="key=value overrides (max_new_tokens=64 do_sample=true ...)")
+    predict.add_argument("--tools", nargs="+", default=None, metavar="SPEC",
+                         help="functions the model may call ('tools.py:multiply', 'pkg.mod:search'): each answer is the "
+                              "final reply of the tool loop; the trajectories go to the output as 'messages'")
 
     chat = command("chat", _chat, "Interactive chat with a trained model (empty line or /exit to quit, /reset to clear).")
     chat.add_argument("model", metavar="MODEL_DIR", help="trained model folder, adapter folder or 'tiny'")
     chat.add_argument("overrides", nargs="*", default=[],
                       help="key=value overrides (system_prompt=..., max_new_tokens=...)")
+    chat.add_argument("--tools", nargs="+", default=None, metavar="SPEC",
+                      help="functions the model may call ('tools.py:multiply'): calls and results are shown and kept")
 
     export = command("export", _export, "Merge a LoRA adapter into its base model and save a standalone HF model folder.")
     export.add_argument("adapter", help="folder with adapter_config.json (e.g. outputs/<run>/final)")
@@ -190,12 +195,18 @@ def _predict(args: argparse.Namespace) -> int:
         raise RlhfTimeError(f"--output {args.output}: is a folder; give the JSONL file to write, e.g. "
                             f"{Path(args.output) / 'predictions.jsonl'}")
     prompts = read_prompts(args.input)
-    answers = InferenceModel.load(args.model, args.overrides).predict(prompts)
+    model = InferenceModel.load(args.model, args.overrides)
+    if args.tools:  # the user's own flag: code named in a model folder never runs by itself
+        episodes = model.run_tools([[{"role": "user", "content": prompt}] for prompt in prompts], tools=args.tools)
+        lines = [{"prompt": prompt, "prediction": episode.final_text.strip(), "messages": episode.messages}
+                 for prompt, episode in zip(prompts, episodes)]
+    else:
+        lines = [{"prompt": prompt, "prediction": answer} for prompt, answer in zip(prompts, model.predict(prompts))]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as handle:
-        for prompt, answer in zip(prompts, answers):
-            handle.write(json.dumps({"prompt": prompt, "prediction": answer}, ensure_ascii=False) + "\n")
-    print(f"wrote {len(answers)} predictions to {args.output}", file=sys.stderr)
+        for line in lines:
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+    print(f"wrote {len(lines)} predictions to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -216,8 +227,18 @@ def _chat(args: argparse.Namespace) -> int:
             history = []
             continue
         history.append({"role": "user", "content": line})
-        reply = model.chat(history)
-        history.append({"role": "assistant", "content": reply})
+        if args.tools:
+            episode = model.run_tools([history], tools=args.tools)[0]
+            for message in episode.messages[:-1]:  # the calls and their results, then the final reply
+                for call in message.get("tool_calls", []):
+                    print(f"tool call> {call['function']['name']}({json.dumps(call['function']['arguments'])})")
+                if message["role"] == "tool":
+                    print(f"tool> {message['content']}")
+            history += episode.messages
+            reply = episode.final_text.strip()
+        else:
+            reply = model.chat(history)
+            history.append({"role": "assistant", "content": reply})
         print(f"assistant> {reply}", flush=True)
     return 0
 

@@ -91,12 +91,52 @@ class InferenceModel:
         return self.generate([messages], **generation)[0]
 
     def generate(self, conversations: list[Messages], **overrides: Any) -> list[str]:
-        """The assistant's reply to each conversation, laid out as in training."""
+        """The assistant's reply to each conversation, laid out as in training; with tools (config.tools, or
+        `tools=[...]` functions or specs), the final reply of the tool loop (see run_tools)."""
+        tools = overrides.pop("tools", None)
+        if tools or (tools is None and self.config.tools):
+            return [episode.final_text.strip() for episode in self.run_tools(conversations, tools=tools, **overrides)]
         return self.complete([self.encoder.generation_prompt(messages) for messages in conversations], **overrides)
+
+    def run_tools(self, conversations: list[Messages], tools: Optional[list] = None, **overrides: Any) -> list:
+        """One tool-calling episode per conversation, as on-policy training runs them: the prompt lists the tools,
+        each turn's calls are parsed and run, their results appended as tool turns, until a turn calls nothing or
+        rollout.max_tool_turns replies (max_new_tokens bounds the whole episode). The Episodes (messages: every turn
+        after the prompt, call counts) in order; tools: functions or specs, else config.tools."""
+        from dataclasses import replace
+
+        from rlhf_time.experience.agent_loop import AgentLoop
+
+        agent = AgentLoop.from_config(self.config, self.tokenizer, tools=tools if tools is not None else self.config.tools)
+        params, batch_size = self._sampling(overrides)
+        episodes: list = []
+        for start in range(0, len(conversations), batch_size):
+            def draw(prompt_ids, *, num_samples: int, max_new_tokens: int):
+                return self.engine.sample(prompt_ids, replace(params, max_new_tokens=max_new_tokens),
+                                          num_samples=num_samples)
+
+            rollout = agent.sample_conversations(draw, conversations[start : start + batch_size],
+                                                 max_new_tokens=params.max_new_tokens,
+                                                 pad_token_id=self.tokenizer.pad_token_id)
+            episodes += rollout.episodes
+        return episodes
 
     def complete(self, texts: list[str], **overrides: Any) -> list[str]:
         """The continuation of each text as given (already rendered, or plain text for a pre-trained LM): greedy or
         sampled by the sampling engine, in batches of batch_size, each cut after its first stop token."""
+        params, batch_size = self._sampling(overrides)
+        config = self.config
+        prompt_ids = [self.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+        outputs: list[str] = []
+        starts = range(0, len(prompt_ids), batch_size)
+        for start in tqdm(starts, desc="generate", unit="batch", leave=False, dynamic_ncols=True,
+                          disable=config.disable_progress_bar or len(starts) < 2):
+            rollout = self.engine.sample(prompt_ids[start : start + batch_size], params)
+            outputs += self.tokenizer.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
+        return [text.strip() for text in outputs]
+
+    def _sampling(self, overrides: dict[str, Any]) -> tuple[SamplingParams, int]:
+        """(sampling parameters, batch size): the config's generation settings with keyword overrides applied."""
         if self.head != "causal_lm":
             raise RlhfTimeError(f"predict/chat need a causal LM; this is a {self.head} model (use score)")
         config = self.config
@@ -107,16 +147,8 @@ class InferenceModel:
             raise RlhfTimeError(f"unknown generation options {sorted(unknown)}; allowed: {sorted(settings)}")
         settings.update(overrides)
         batch_size = settings.pop("batch_size")
-        params = SamplingParams(pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=tuple(self.stop_token_ids()),
-                                **settings)
-        prompt_ids = [self.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
-        outputs: list[str] = []
-        starts = range(0, len(prompt_ids), batch_size)
-        for start in tqdm(starts, desc="generate", unit="batch", leave=False, dynamic_ncols=True,
-                          disable=config.disable_progress_bar or len(starts) < 2):
-            rollout = self.engine.sample(prompt_ids[start : start + batch_size], params)
-            outputs += self.tokenizer.batch_decode(rollout.completion_lists(), skip_special_tokens=True)
-        return [text.strip() for text in outputs]
+        return SamplingParams(pad_token_id=self.tokenizer.pad_token_id, stop_token_ids=tuple(self.stop_token_ids()),
+                              **settings), batch_size
 
     def stop_token_ids(self) -> list[int]:
         """EOS and the family's end-of-turn token: generation ends at either."""

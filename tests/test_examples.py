@@ -26,12 +26,13 @@ EXAMPLES = ROOT / "examples"
 SHORT = "max_steps=2"
 # In dependency order: the quickstart's model is the start (or the teacher) of kd, grpo and ppo.
 YAML_EXAMPLES = ["sft_full", "sft_lora", "sft_freeze", "sft_qlora", "agent_sft", "pretrain_text", "rm", "dpo", "orpo", "simpo",
-                 "kto", "kd", "grpo", "rloo", "online_dpo", "guess_number", "ppo"]
+                 "kto", "kd", "grpo", "rloo", "online_dpo", "agent_grpo", "guess_number", "ppo"]
 GENERATIVE = {"sft_full", "sft_lora", "sft_freeze", "sft_qlora", "agent_sft", "pretrain_text", "dpo", "orpo", "simpo", "kto", "kd",
-              "grpo", "rloo", "online_dpo", "guess_number", "ppo"}
+              "grpo", "rloo", "online_dpo", "agent_grpo", "guess_number", "ppo"}
 COVERED_ELSEWHERE = {"rlhf_pipeline": "tests/test_rlhf_pipeline.py", "data": "read by the YAML examples",
                      "grpo_rewards.py": "reward functions of grpo.yaml, rloo.yaml, online_dpo.yaml and ppo.yaml",
                      "guess_number.py": "the environment of guess_number.yaml",
+                     "agent_rewards.py": "reward functions of agent_grpo.yaml",
                      "tools.py": "the agent examples' tool: tests/test_tools.py (its schema is data/agent_sft.jsonl's "
                                  "tools; data/make_agent_data.py reproduces the data)"}
 

@@ -123,6 +123,17 @@ class AgentLoop:
                                max_replies=self.max_replies, pad_token_id=pad_token_id, num_samples=shared,
                                reply_all=self.reply_all)
 
+    def sample_conversations(self, draw: Callable[..., Rollout], conversations: Sequence[list], *,
+                             max_new_tokens: int, pad_token_id: int) -> Rollout:
+        """One episode of each conversation (predict / chat with tools): its prompt lists the tools, its calls run
+        until a turn calls nothing (rlhf_time.inference)."""
+        episodes = [Episode(prompt_messages=list(messages), tools=self.tool_schemas) for messages in conversations]
+        prompt_ids = [self._prompt_ids(messages) for messages in conversations]
+        return sample_episodes(draw, prompt_ids, episodes, [self._responder() for _ in episodes],
+                               tokenizer=self.tokenizer, render=self.render,
+                               end_markers=self.encoder.end_of_turn_markers, max_new_tokens=max_new_tokens,
+                               max_replies=self.max_replies, pad_token_id=pad_token_id, reply_all=self.reply_all)
+
     def _prompt_ids(self, messages) -> list[int]:
         text = self.encoder.generation_prompt(messages, "episode", tools=self.tool_schemas)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

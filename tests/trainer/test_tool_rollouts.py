@@ -166,3 +166,34 @@ def test_grpo_with_tools_trains_and_logs_tool_metrics(tmp_path, tiny_model_dir):
     for name in ("train/turns", "train/tools/calls_per_episode", "train/tools/error_rate",
                  "train/completions/truncated_ratio"):
         assert name in metrics
+
+
+class ScriptedEngine:
+    """A sampling engine that writes given turns in order (log-probs by a full forward): the tool loop of predict
+    and chat, driven without a model that has learned to call."""
+
+    def __init__(self, model, tokenizer, turns):
+        self.model, self.tokenizer, self.turns, self.prompts = model, tokenizer, list(turns), []
+
+    def sample(self, prompt_ids, params, *, num_samples=1, generator=None):
+        self.prompts.append([list(ids) for ids in prompt_ids])
+        texts = [self.turns.pop(0) for _ in prompt_ids]
+        completions = [self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+                       for text in texts]
+        return teacher_forced_rollout(self.model, [list(p) for p in prompt_ids], completions,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+
+
+def test_predict_and_chat_run_the_same_tool_loop(tiny_model_dir):
+    from rlhf_time.inference import InferenceModel
+
+    model = InferenceModel.load(str(tiny_model_dir), {"max_new_tokens": 160, "disable_progress_bar": True})
+    model.engine = ScriptedEngine(model.model, model.tokenizer, [CALLS[0], "The product is 12."])
+    episode = model.run_tools([[{"role": "user", "content": "What is 3 times 4?"}]], tools=[multiply])[0]
+    assert [m["role"] for m in episode.messages] == ["assistant", "tool", "assistant"]
+    assert episode.messages[1]["content"] == "12" and episode.final_text == "The product is 12."
+    second_prompt = model.tokenizer.decode(model.engine.prompts[1][0])  # the tool result is in the context
+    assert second_prompt.endswith("<tool_response>\n12\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert '"name": "multiply"' in model.tokenizer.decode(model.engine.prompts[0][0])  # the prompt lists the tool
+    model.engine = ScriptedEngine(model.model, model.tokenizer, [CALLS[0], "12"])
+    assert model.chat([{"role": "user", "content": "What is 3 times 4?"}], tools=[multiply]) == "12"
