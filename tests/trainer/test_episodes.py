@@ -37,9 +37,9 @@ class OpensWithItsOwnQuestion(AskTwice):
 
 
 def episode_config(tmp_path, model_dir, **overrides):
-    return grpo_config(tmp_path, model_dir, rollout={"max_completion_length": 40, "environment": None,
-                                                     "reward_funcs": []}, grpo={"num_generations": 2},
-                       temperature=1.0, top_k=0, **overrides)
+    rollout = {"max_completion_length": 40, "environment": None, "reward_funcs": [], **overrides.pop("rollout", {})}
+    return grpo_config(tmp_path, model_dir, rollout=rollout, grpo={"num_generations": 2}, temperature=1.0, top_k=0,
+                       **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +159,24 @@ def test_a_bad_environment_is_one_line_before_any_model_loads(tmp_path, tiny_mod
     trainer = GRPOTrainer(episode_config(tmp_path / "b", tiny_model_dir), environment=Broken)
     with pytest.raises(RlhfTimeError, match=r"environment Broken.step returned 'only a message'; expected"):
         sampled(trainer)
+
+
+def test_resume_mid_run_replays_the_same_episodes(tmp_path, tiny_model_dir):
+    """A deterministic environment: the resumed run samples and answers exactly what the uninterrupted run did."""
+    from .helpers import assert_resumed_mid_run_equals_uninterrupted
+
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, rollout={"max_completion_length": 12})
+    assert_resumed_mid_run_equals_uninterrupted(lambda folder, resume: GRPOTrainer(episode_config(
+        tmp_path / folder, tiny_model_dir, **({"resume_from_checkpoint": "latest"} if resume else {}), **settings),
+        environment=AskTwice), "train/turns")
+
+
+def test_lora_policy_trains_only_its_adapters_on_episodes(tmp_path, tiny_model_dir):
+    config = episode_config(tmp_path, tiny_model_dir, use_lora=True, lora_target_modules=None, max_steps=1,
+                            rollout={"max_completion_length": 12})
+    trainer = GRPOTrainer(config, environment=AskTwice)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed)
