@@ -27,10 +27,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): tests that run in one pytest-xdist worker")
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = next((name for name in SHARED_FIXTURE_GROUPS if name in item.fixturenames), None)
-        item.add_marker(pytest.mark.xdist_group(shared or item.nodeid.split("::")[0]))
+def pytest_itemcollected(item):
+    """Each test's xdist group, set as it is collected (pytest-xdist reads the groups in its own
+    pytest_collection_modifyitems)."""
+    shared = next((name for name in SHARED_FIXTURE_GROUPS if name in item.fixturenames), None)
+    item.add_marker(pytest.mark.xdist_group(shared or item.nodeid.split("::")[0]))
 
 
 @pytest.hookimpl(optionalhook=True)
