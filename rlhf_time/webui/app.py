@@ -37,9 +37,13 @@ class Labels:
         self.items.append((component, key, attribute))
         return component
 
+    def texts(self, lang: str) -> list[str]:
+        return [text(lang, key) for _, key, _ in self.items]
+
     def updates(self, lang: str) -> list[Any]:
-        return [type(component)(**{attribute: text(lang, key)}) if not isinstance(component, gr.Tab)
-                else gr.Tab(label=text(lang, key)) for component, key, attribute in self.items]
+        """One update per component: its label (or its text) in `lang`."""
+        return [type(component)(**{attribute: shown}) for (component, _, attribute), shown
+                in zip(self.items, self.texts(lang))]
 
 
 def build_app(output_dir: str | Path, lang: str = "en") -> gr.Blocks:
@@ -50,6 +54,7 @@ def build_app(output_dir: str | Path, lang: str = "en") -> gr.Blocks:
 
     with gr.Blocks(title="rlhf_time") as app:
         app.run_control = control  # the server stops the page's runs when it shuts down
+        app.labels = labels
         with gr.Row():
             labels.add(gr.Markdown(T("title")), "title", "value")
             language = labels.add(gr.Radio(list(LANGUAGES), value=_language_name(lang), label=T("lang"),
