@@ -20,7 +20,7 @@ from rlhf_time.webui.i18n import LANGUAGES, text
 from rlhf_time.webui import tasks
 
 REFRESH_SECONDS = 1.0
-PLOT_COLUMNS = ["step", "value", "series"]
+LOG_LINES = 12  # as many as the log box shows
 
 
 class Labels:
@@ -147,9 +147,14 @@ def _train_tab(labels: Labels, control: RunControl, output_dir: Path, lang_state
         status = labels.add(gr.Textbox(label=T("status"), interactive=False, elem_id="status"), "status")
         progress = labels.add(gr.Textbox(label=T("progress"), interactive=False, elem_id="progress"), "progress")
     with gr.Row():
-        loss_plot = labels.add(_plot(T("loss_plot"), "loss_plot"), "loss_plot")
-        eval_plot = labels.add(_plot(T("eval_plot"), "eval_plot"), "eval_plot")
-        reward_plot = labels.add(_plot(T("reward_plot"), "reward_plot"), "reward_plot")
+        loss_plot = labels.add(gr.Image(label=T("loss_plot"), elem_id="loss_plot", interactive=False, height=300,
+                                        scale=1), "loss_plot")
+        eval_plot = labels.add(gr.Gallery(label=T("eval_plot"), elem_id="eval_plot", columns=2, height=300, scale=2,
+                                          object_fit="contain",
+                                          visible=False), "eval_plot")
+    reward_plot = labels.add(gr.Gallery(label=T("reward_plot"), elem_id="reward_plot", columns=3, height=300,
+                                        object_fit="contain",
+                                        visible=False), "reward_plot")
     log = labels.add(gr.Textbox(label=T("log"), lines=12, max_lines=12, interactive=False, elem_id="log",
                                 autoscroll=True), "log")
     current_run = gr.State(None)  # the run folder the tab follows (str)
@@ -203,24 +208,18 @@ def _train_tab(labels: Labels, control: RunControl, output_dir: Path, lang_state
         now = (run, metrics.stat().st_size if metrics.is_file() else 0)
         if now == shown:
             charts = [gr.skip()] * 3
-        else:
-            frames = run_folders.chart_series([run_dir])
-            charts = [_frame(frames["loss"]), _frame(frames["eval"]), _frame(frames["reward"])]
+        else:  # the charts `rlhf-time plot` draws, redrawn when metrics.jsonl grows
+            drawn = run_folders.draw_run_charts(run_dir, output_dir / ".webui" / "charts" / run_dir.name)
+            charts = [str(drawn["loss"][0]) if drawn["loss"] else None,
+                      *(gr.Gallery([str(path) for path in drawn[group]], visible=bool(drawn[group]))
+                        for group in ("eval", "reward"))]
         return (f"{text(lang, 'state_' + state)} · {run_dir.name}", f"{step} / {total or '?'}",
-                run_folders.log_tail(run_dir), *charts, now)
+                run_folders.log_tail(run_dir, LOG_LINES), *charts, now)
 
     timer = gr.Timer(REFRESH_SECONDS)
     timer.tick(refresh, inputs=[current_run, lang_state, drawn],
                outputs=[status, progress, log, loss_plot, eval_plot, reward_plot, drawn], show_progress="hidden")
     return {"current_run": current_run}
-
-
-def _plot(label: str, elem_id: str) -> gr.LinePlot:
-    return gr.LinePlot(_frame([]), x="step", y="value", color="series", label=label, elem_id=elem_id, height=260)
-
-
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=PLOT_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------- Runs
@@ -234,7 +233,8 @@ def _runs_tab(labels: Labels, control: RunControl, output_dir: Path, lang_state:
     with gr.Row():
         chosen = labels.add(gr.CheckboxGroup([], label=T("compare"), elem_id="compare_runs"), "compare")
         compare = labels.add(gr.Button(T("compare_button"), elem_id="compare_button"), "compare_button", "value")
-    gallery = labels.add(gr.Gallery(label=T("charts"), columns=3, elem_id="compare_charts", height=320), "charts")
+    gallery = labels.add(gr.Gallery(label=T("charts"), columns=3, elem_id="compare_charts", height=320,
+                                    object_fit="contain"), "charts")
     with gr.Row():
         run = labels.add(gr.Dropdown([], label=T("report_run"), elem_id="report_run"), "report_run")
         open_report = labels.add(gr.Button(T("open_report"), elem_id="open_report"), "open_report", "value")

@@ -16,12 +16,13 @@ from typing import Any, Optional
 import yaml
 
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.plots import chart_data, read_metrics
+from rlhf_time.plots import Series, chart_data, draw_charts, read_metrics
 from rlhf_time.runtime.run_folder import LOCK_FILE
 
 LOG_FILE = "webui.log"  # the output of a run the page started (the CLI's runs print to their terminal)
 EXIT_LINE = re.compile(r"^exit code: (-?\d+)$")  # the page's last line of LOG_FILE when the process ends
 STATES = ("running", "finished", "interrupted", "failed")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @dataclass
@@ -140,7 +141,7 @@ def logged_exit_code(run_dir: Path) -> Optional[int]:
 
 
 def log_tail(run_dir: Path, lines: int = 30) -> str:
-    """The last lines of the page's log of the run (progress bars' carriage returns kept as their last state)."""
+    """The last non-empty lines of the page's log of the run, each progress bar as its last state."""
     path = run_dir / LOG_FILE
     try:
         with open(path, "rb") as handle:
@@ -148,8 +149,9 @@ def log_tail(run_dir: Path, lines: int = 30) -> str:
             text = handle.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
-    shown = [line.rsplit("\r", 1)[-1] if line.strip("\r") else line for line in text.splitlines()]
-    return "\n".join(line for line in shown[-lines:])
+    text = ANSI_ESCAPE.sub("", text)  # tqdm's cursor moves between its bars
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+    return "\n".join([line for line in shown if line][-lines:])
 
 
 def progress(run_dir: Path) -> tuple[int, Optional[int]]:
@@ -159,20 +161,30 @@ def progress(run_dir: Path) -> tuple[int, Optional[int]]:
     return max(steps, default=0), int(total) if total else None
 
 
-def chart_series(run_dirs: list[Path]) -> dict[str, list[dict[str, Any]]]:
-    """The loss, eval and reward charts as long-form rows {step, value, series} (plots.chart_data's series):
-    "loss" is the loss chart, "reward" every chart of a reward or score, "eval" the other evaluation metrics."""
-    runs = {path.name: metrics_rows(path) for path in run_dirs}
-    charts = chart_data({name: rows for name, rows in runs.items() if rows})
-    frames: dict[str, list[dict[str, Any]]] = {"loss": [], "eval": [], "reward": []}
-    for chart, series in charts.items():
-        kind = "loss" if chart == "loss" else "reward" if ("reward" in chart or "score" in chart) else "eval"
-        for label, (steps, values) in series.items():
-            if kind == "eval" and not label.endswith("eval"):
-                continue
-            name = label if kind == "loss" else f"{chart} {label}"
-            frames[kind] += [{"step": step, "value": value, "series": name} for step, value in zip(steps, values)]
-    return frames
+def chart_groups(run_dir: Path) -> dict[str, dict[str, Series]]:
+    """The run's charts (plots.chart_data, as `rlhf-time plot` draws them) in the Train tab's three places: "loss"
+    (train and eval loss), "reward" (every chart of a reward or score) and "eval" (the other evaluation metrics)."""
+    rows = metrics_rows(run_dir)
+    groups: dict[str, dict[str, Series]] = {"loss": {}, "eval": {}, "reward": {}}
+    for chart, series in (chart_data({run_dir.name: rows}) if rows else {}).items():
+        if chart == "loss":
+            groups["loss"][chart] = series
+        elif "reward" in chart or "score" in chart:
+            groups["reward"][chart] = series
+        elif any(label.endswith("eval") for label in series):
+            groups["eval"][chart] = series
+    return groups
+
+
+def draw_run_charts(run_dir: Path, out_dir: Path) -> dict[str, list[Path]]:
+    """chart_groups drawn as PNGs (plots.draw_charts) into out_dir/<group>/, replacing what was there."""
+    drawn = {}
+    for group, charts in chart_groups(run_dir).items():
+        folder = out_dir / group
+        for old in folder.glob("*.png"):
+            old.unlink()
+        drawn[group] = draw_charts(charts, folder) if charts else []
+    return drawn
 
 
 REPORT_IMAGE = re.compile(r"!\[([^\]]*)\]\((?![a-z]+://|/)([^)\s]+)\)")
