@@ -133,9 +133,12 @@ def test_train_runs_chat_and_languages_in_chromium(server, page):
     out = server["out"]
     expect(_box(page, "status")).to_have_value("no run yet")
     assert not _plot_has_points(page, "loss_plot")  # the check below sees an empty chart as empty
-    stage = _box(page, "stage")
-    stage.click()
-    page.get_by_role("option", name="sft", exact=True).click()
+    # A stage's own options appear with it (dpo: its section), and none for sft.
+    for name in ("dpo", "sft"):
+        _box(page, "stage").click()
+        page.get_by_role("option", name=name, exact=True).click()
+        expect(page.locator("#section-dpo")).to_be_visible() if name == "dpo" else \
+            expect(page.locator("#stage_options")).to_be_hidden()
     _fill(page, "model_name", "tiny")
     _fill(page, "train_file", str(TRAIN_FILE))
     _fill(page, "eval_file", str(EVAL_FILE))
@@ -211,6 +214,15 @@ def test_train_runs_chat_and_languages_in_chromium(server, page):
     bot = page.locator("#chatbot .bot, #chatbot [data-testid=bot]").last
     expect(bot).not_to_have_text(re.compile(r"^\s*$"))
     _shoot(page, server, "chat")
+    checkpoint = str(out / "webui_sft" / "checkpoint-30")  # a checkpoint loads as a model folder does
+    _fill(page, "compare_model", checkpoint)
+    page.locator("#compare_load").click()
+    expect(_box(page, "compare_status")).to_have_value(checkpoint)
+    _fill(page, "compare_input", "把数字写成中文：7")
+    page.locator("#compare_send").click()
+    for side in ("compare_first", "compare_second"):
+        expect(page.locator(f"#{side}")).to_contain_text("把数字写成中文：7")
+        expect(page.locator(f"#{side} .bot, #{side} [data-testid=bot]").last).not_to_have_text(re.compile(r"^\s*$"))
 
     page.locator("button[role=tab]", has_text="Evaluate / Export").click()
     _shoot(page, server, "tools")
