@@ -71,11 +71,16 @@ def build_app(output_dir: str | Path, lang: str = "en") -> gr.Blocks:
                 _tools_tab(labels, output_dir)
         runs_tab.select(runs_view["refresh"], inputs=[lang_state], outputs=runs_view["outputs"])
 
+        # The run list is refilled in the new language (its headers and states); every other label is updated.
+        relabelled = [index for index, (component, _, _) in enumerate(labels.items)
+                      if all(component is not refilled for refilled in runs_view["outputs"])]
+
         def switch(name: str):
             new = LANGUAGES[name]
-            return [new, *labels.updates(new), *runs_view["refresh"](new)]
+            updates = labels.updates(new)
+            return [new, *(updates[index] for index in relabelled), *runs_view["refresh"](new)]
 
-        language.change(switch, inputs=[language], outputs=[lang_state, *(c for c, _, _ in labels.items),
+        language.change(switch, inputs=[language], outputs=[lang_state, *(labels.items[i][0] for i in relabelled),
                                                             *runs_view["outputs"]])
     return app
 
@@ -246,7 +251,9 @@ def _runs_tab(labels: Labels, control: RunControl, output_dir: Path, lang_state:
         found = run_folders.list_runs(output_dir, control.alive())
         names = [info.name for info in found]
         table_value = pd.DataFrame([_translated_row(info, lang) for info in found], columns=_headers(lang))
-        return table_value, gr.CheckboxGroup(choices=names), gr.Dropdown(choices=names)
+        return (gr.Dataframe(table_value, label=text(lang, "runs_table")),
+                gr.CheckboxGroup(choices=names, label=text(lang, "compare")),
+                gr.Dropdown(choices=names, label=text(lang, "report_run")))
 
     refresh_button.click(refresh, inputs=[lang_state], outputs=[table, chosen, run])
 

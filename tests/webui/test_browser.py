@@ -137,7 +137,9 @@ def test_train_runs_chat_and_languages_in_chromium(server, page):
     for name in ("dpo", "sft"):
         _box(page, "stage").click()
         page.get_by_role("option", name=name, exact=True).click()
-        expect(page.locator("#section-dpo")).to_be_visible() if name == "dpo" else \
+        if name == "dpo":
+            expect(page.locator("#section-dpo")).to_be_visible()
+        else:
             expect(page.locator("#stage_options")).to_be_hidden()
     _fill(page, "model_name", "tiny")
     _fill(page, "train_file", str(TRAIN_FILE))
@@ -151,6 +153,7 @@ def test_train_runs_chat_and_languages_in_chromium(server, page):
     error = page.locator("#config_error")
     expect(_box(page, "config_error")).to_have_value(re.compile(r"^invalid config: batch_size: .*greater than 0"))
     assert not (out / "webui_bad").exists()
+    expect(_box(page, "status")).to_have_value("no run yet")
     _fill(page, "batch_size", "8")
 
     # An SFT run from the form: finished, with its loss curve.
@@ -232,8 +235,11 @@ def test_train_runs_chat_and_languages_in_chromium(server, page):
     page.locator("#lang label", has_text="中文").click()
     expect(page.locator("#start")).to_have_text("开始")
     expect(page.locator("button[role=tab]", has_text="训练")).to_be_visible()
-    expect(_box(page, "status")).to_have_value(re.compile("^中断|^已中断"))
+    expect(_box(page, "status")).to_have_value(re.compile("^已中断 · webui_stop"))
     _shoot(page, server, "train_zh")
+    page.locator("button[role=tab]", has_text="运行记录").click()
+    expect(page.locator("#runs_table")).to_contain_text("已完成")
+    expect(page.locator("#runs_table")).to_contain_text("最佳指标")
+    page.locator("button[role=tab]", has_text="训练").click()
     page.locator("#lang label", has_text="English").click()
     expect(page.locator("#start")).to_have_text("Start")
-    shutil.rmtree(out / ".webui", ignore_errors=True)
