@@ -1,4 +1,4 @@
-"""The `rlhf-time` command: train | eval | predict | chat | export | score | plot.
+"""The `rlhf-time` command: train | eval | predict | chat | export | score | plot | webui.
 
 Errors in config or data print one line on stderr and exit with code 2 (use --debug for the traceback).
 """
@@ -101,6 +101,15 @@ def _build_parser() -> argparse.ArgumentParser:
                                                       "or prompt/chosen/rejected pairs")
     score.add_argument("--output", required=True, help="JSONL: each record plus its reward (pairs: chosen_reward, "
                                                        "rejected_reward; the accuracy is printed)")
+
+    webui = command("webui", _webui, "Serve the web UI (train, runs, chat, evaluate/export) in a browser; needs the "
+                                     "webui extra.")
+    webui.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; any other "
+                                                            "needs --auth)")
+    webui.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    webui.add_argument("--output-dir", default="outputs", help="folder of the run folders to list and write "
+                                                               "(default outputs)")
+    webui.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="ask for this login before the page")
     return parser
 
 
@@ -267,6 +276,13 @@ def _plot(args: argparse.Namespace) -> int:
         raise RlhfTimeError(f"--output {output}: is a file; plot writes one PNG per chart into a folder")
     for path in plot_runs(args.runs, output):
         print(path)
+    return 0
+
+
+def _webui(args: argparse.Namespace) -> int:
+    from rlhf_time.webui.server import serve
+
+    serve(args.host, args.port, args.output_dir, args.auth)
     return 0
 
 

@@ -40,6 +40,7 @@ NOT_RUN = {
     ". .venv/bin/activate": "part of the set-up command (see above)",
     "pip install": "part of the set-up command (see above)",
     "python -m pytest tests": "the test suite itself, which CI runs (.ci/run)",
+    "rlhf-time webui": "serves a page until stopped; tests/webui/test_browser.py starts it and drives it in Chromium",
     "rlhf-time train examples/sft_full.yaml --nproc 8": "needs 8 GPUs; `--nproc 2` under gloo is run by "
     "tests/distributed/test_data_parallel.py::test_cli_nproc_launches_torchrun_with_tensorboard_on_rank_zero",
 }

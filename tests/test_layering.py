@@ -1,6 +1,6 @@
 """The package's layers import downwards only: config, data, loss and models below the sampler and inference,
 those below the runtime, the runtime below the experience layer, that below the stages' trainers, and those below
-the quickstart and the CLI. Checked on every import statement, including the lazy ones inside functions.
+the quickstart, the CLI and the web UI. Checked on every import statement, including the lazy ones inside functions.
 
 A module's layer is that of the longest dotted prefix listed: `stages` (the registry and each stage's options,
 which the config reads) is at the bottom while `stages.sft` (a trainer) is near the top."""
@@ -22,7 +22,8 @@ LAYERS = {
     "experience.critic": 7, "experience.experience": 7,
     "stages.trainers": 8, "stages.sft": 8, "stages.preference": 8, "stages.reward": 8, "stages.dpo": 8, "stages.kto": 8, "stages.online_dpo": 8,
     "stages.kd": 8, "stages.on_policy": 8, "stages.grpo": 8, "stages.ppo": 8,
-    "quickstart": 9, "cli": 9, "__init__": 10, "__main__": 10,
+    "quickstart": 9, "cli": 9, "webui": 9,  # the web UI sits beside the CLI (which starts it) and runs it
+    "__init__": 10, "__main__": 10,
 }
 
 
