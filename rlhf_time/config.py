@@ -138,6 +138,7 @@ class TrainingConfig(_StageSections):
     temperature: float = _f(1.0, "Sampling temperature.", gt=0)
     top_p: float = _f(1.0, "Nucleus sampling threshold.", gt=0, le=1)
     top_k: int = _f(50, "Top-k sampling.", ge=0)
+    list_tools: bool = _f(True, "Prompts list the tools' JSON schemas (the chat template's tools=, or the Hermes system block), in SFT data, rollouts, predict and chat. false: calls and results are still laid out, the schemas are not (a model taught its tools by demonstrations; a far shorter context).")
     tools: list[str] = _f([], "Functions the model may call: 'package.module:function' or 'file.py:function'. On-policy rollouts, predict and chat run the tool loop: calls parsed from each assistant turn, results appended as tool turns (rollout.max_tool_turns, rollout.tool_timeout).")
 
     # --- data sources ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ SAVED_CONFIG = "rlhf_time_config.yaml"
 # What a trained folder's saved config may set for inference: layout and generation settings, nothing else
 # (never trust_remote_code: a downloaded folder must not be able to grant itself code execution).
 INFERENCE_KEYS = ("prompt_template", "response_template", "system_prompt", "model_type", "max_seq_length",
-                  "max_new_tokens", "do_sample", "temperature", "top_p", "top_k")
+                  "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "list_tools")
 
 
 def saved_config(folder: str | Path) -> dict[str, Any]:

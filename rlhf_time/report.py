@@ -67,7 +67,7 @@ def sample_prompts(config, data_kind: str, inference, count: int) -> list[Report
             last = max(i for i, message in enumerate(conversation) if message["role"] == "assistant")
             messages, reference = conversation[:last], conversation[last]["content"]
         shown = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        prompt = inference.encoder.generation_prompt(messages, tools=record_tools(record))
+        prompt = inference.encoder.generation_prompt(messages, tools=record_tools(record) if config.list_tools else None)
         samples.append(ReportSample(prompt, shown, reference))
     return samples
 

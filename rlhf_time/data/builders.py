@@ -83,6 +83,7 @@ def build_sft(records: list[Record], tokenizer, config) -> tuple[dict[str, list]
     for record in records:
         messages, tools = to_messages(record, fmt), record_tools(record)
         unknown = unknown_tool_calls(messages, tools)
+        tools = tools if config.list_tools else None  # calls and results are laid out either way
         if unknown and not stats.unknown_tool_calls:
             stats.first_unknown_tool = f"{record.location}: {unknown[0]!r}"
         stats.unknown_tool_calls += len(unknown)

@@ -292,7 +292,7 @@ def _cache_key(source: str, role: str, tokenizer, config, max_samples, kind) -> 
                     chat_template=tokenizer.chat_template, special=tokenizer.special_tokens_map,
                     data_format=config.data_format, prompt_template=config.prompt_template,
                     response_template=config.response_template, system_prompt=config.system_prompt,
-                    max_seq_length=config.max_seq_length, columns=config.columns)
+                    max_seq_length=config.max_seq_length, columns=config.columns, list_tools=config.list_tools)
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 

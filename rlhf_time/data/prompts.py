@@ -126,7 +126,7 @@ def load_prompt_dataset(path: str | Path, tokenizer, config, *, cache_dir=None, 
     encoder = ConversationEncoder(tokenizer, prompt_template=config.prompt_template,
                                   response_template=config.response_template, system_prompt=config.system_prompt)
     # A record's `tools` are rendered as training renders them (the chat template's own format or the Hermes default).
-    prompt_tools = [record_tools(record) or tools for record in records]
+    prompt_tools = [(record_tools(record) or tools) if config.list_tools else None for record in records]
     texts = [encoder.generation_prompt(m, record.location, tools=listed)
              for m, record, listed in zip(messages, records, prompt_tools)]
     stats = PromptStats(records=len(records), prompts=len(records))

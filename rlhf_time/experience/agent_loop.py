@@ -52,7 +52,8 @@ class AgentLoop:
     """Everything a trainer needs to sample multi-turn episodes (built once; `sample` per micro-batch)."""
 
     def __init__(self, tokenizer, encoder: ConversationEncoder, *, environment: Optional[type] = None,
-                 tools: Sequence[Callable] = (), tool_timeout: Optional[float] = None, max_replies: int = 4,
+                 tools: Sequence[Callable] = (), tool_timeout: Optional[float] = None, list_tools: bool = True,
+                 max_replies: int = 4,
                  max_prompt_length: int = 512, concurrency: int = 16, workers: int = 1) -> None:
         if encoder.use_templates:
             raise RlhfTimeError("multi-turn rollouts (tools, rollout.environment) need a chat template; "
@@ -63,6 +64,7 @@ class AgentLoop:
         self.environment, self.tool_timeout = environment, tool_timeout
         self.tools = tools_by_name(tools)
         self.tool_schemas = [tool_schema(fn) for fn in tools] or None  # checked before any model loads
+        self.listed = self.tool_schemas if list_tools else None  # what prompts show of the tools
         self.style = tool_call_style(tokenizer) if tools else None
         self.max_replies, self.max_prompt_length = max_replies, max_prompt_length
         self.reply_all: Callable[..., list] = (functools.partial(step_all, concurrency=concurrency, workers=workers)
@@ -80,7 +82,8 @@ class AgentLoop:
                                       response_template=config.response_template, system_prompt=config.system_prompt)
         options = config.rollout
         return cls(tokenizer, encoder, environment=load_environment(environment) if environment is not None else None,
-                   tools=tools, tool_timeout=options.tool_timeout, max_replies=options.max_tool_turns,
+                   tools=tools, tool_timeout=options.tool_timeout, list_tools=config.list_tools,
+                   max_replies=options.max_tool_turns,
                    max_prompt_length=options.max_prompt_length, concurrency=options.reward_concurrency,
                    workers=options.reward_workers)
 
@@ -112,7 +115,8 @@ class AgentLoop:
             if first is not None:  # the environment opens the conversation (the record's system message kept)
                 messages = [*(m for m in messages if m["role"] == "system"), {"role": "user", "content": first}]
                 reset = True
-            episodes.append(Episode(prompt_messages=messages, tools=dataset.tools[index] or self.tool_schemas))
+            listed = dataset.tools[index] if dataset.tools[index] is not None else self.listed
+            episodes.append(Episode(prompt_messages=messages, tools=listed))
             prompt_ids.append(self._prompt_ids(messages) if first is not None else dataset.input_ids[index])
         if not reset:  # every row starts from its record's prompt: the G rows of a prompt share its first turn
             prompt_ids, shared = [dataset.input_ids[i] for i in indices], num_samples
@@ -127,7 +131,7 @@ class AgentLoop:
                              max_new_tokens: int, pad_token_id: int) -> Rollout:
         """One episode of each conversation (predict / chat with tools): its prompt lists the tools, its calls run
         until a turn calls nothing (rlhf_time.inference)."""
-        episodes = [Episode(prompt_messages=list(messages), tools=self.tool_schemas) for messages in conversations]
+        episodes = [Episode(prompt_messages=list(messages), tools=self.listed) for messages in conversations]
         prompt_ids = [self._prompt_ids(messages) for messages in conversations]
         return sample_episodes(draw, prompt_ids, episodes, [self._responder() for _ in episodes],
                                tokenizer=self.tokenizer, render=self.render,
@@ -135,7 +139,7 @@ class AgentLoop:
                                max_replies=self.max_replies, pad_token_id=pad_token_id, reply_all=self.reply_all)
 
     def _prompt_ids(self, messages) -> list[int]:
-        text = self.encoder.generation_prompt(messages, "episode", tools=self.tool_schemas)
+        text = self.encoder.generation_prompt(messages, "episode", tools=self.listed)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids[-self.max_prompt_length :]
 

@@ -197,3 +197,26 @@ def test_predict_and_chat_run_the_same_tool_loop(tiny_model_dir):
     assert '"name": "multiply"' in model.tokenizer.decode(model.engine.prompts[0][0])  # the prompt lists the tool
     model.engine = ScriptedEngine(model.model, model.tokenizer, [CALLS[0], "12"])
     assert model.chat([{"role": "user", "content": "What is 3 times 4?"}], tools=[multiply]) == "12"
+
+
+def test_list_tools_false_lays_out_calls_and_results_without_the_schemas(tmp_path, tiny_model_dir):
+    """A model taught its tools by demonstrations: no tool list in SFT examples, rollout prompts or predict."""
+    import json
+
+    from rlhf_time.data.builders import build_sft
+    from rlhf_time.data.readers import Record
+
+    trainer = GRPOTrainer(tool_config(tmp_path, tiny_model_dir, list_tools=False), tools=[multiply])
+    assert "<tools>" not in trainer.tokenizer.decode(trainer.train_dataset.input_ids[0])
+    assert len(trainer.train_dataset.input_ids[0]) < 40  # the question alone (~615 tokens with the schemas)
+    rollout = episodes_of(trainer)
+    ok = rollout.episodes[0]
+    assert ok.tools is None and ok.messages[1]["content"] == "12"
+    text = trainer.tokenizer.decode(rollout.input_ids[0][rollout.attention_mask[0].bool()].tolist())
+    assert "<tools>" not in text and "<tool_response>\n12\n</tool_response>" in text
+    record = json.loads((EXAMPLES / "data" / "agent_sft.jsonl").read_text().splitlines()[0])
+    columns, _ = build_sft([Record("agent_sft.jsonl line 1", record)], trainer.tokenizer, trainer.config)
+    ids, labels = columns["input_ids"][0], columns["labels"][0]
+    assert "<tools>" not in trainer.tokenizer.decode(ids)
+    trained = trainer.tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+    assert trained.startswith("<tool_call>\n") and trained.endswith(record["messages"][-1]["content"] + "<|im_end|>")
