@@ -10,12 +10,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from rlhf_time import TrainingConfig
-from rlhf_time.data import load_sft_dataset, validate_data_file
+from rlhf_time.data import validate_data_file
 from rlhf_time.data.tool_render import supports_tools
 from rlhf_time.errors import RlhfTimeError
 from tests.conftest import LLAMA3_TEMPLATE, write_jsonl
-
-IGNORE = -100
+from tests.data.test_tokenize import expected, ids, load
 MULTIPLY = {"name": "multiply", "description": "Multiply two integers.",
             "parameters": {"type": "object", "properties": {"a": {"type": "integer", "description": "first"},
                                                             "b": {"type": "integer", "description": "second"}},
@@ -107,23 +106,6 @@ ONE_CALL = {"messages": [
     {"role": "assistant", "tool_calls": [call(3, 4)]},
     {"role": "tool", "content": "12"},
     {"role": "assistant", "content": "12"}], "tools": [OPENAI_MULTIPLY]}
-
-
-def ids(tokenizer, text):
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def expected(tokenizer, pieces):
-    input_ids, labels = [], []
-    for text, target in pieces:
-        tokens = ids(tokenizer, text)
-        input_ids += tokens
-        labels += tokens if target else [IGNORE] * len(tokens)
-    return {"input_ids": input_ids, "labels": labels}
-
-
-def load(tmp_path, tokenizer, records, name="d.jsonl", **config):
-    return load_sft_dataset(write_jsonl(tmp_path / name, records), tokenizer, TrainingConfig(**config))
 
 
 @pytest.fixture(scope="module")
