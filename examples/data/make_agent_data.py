@@ -1,6 +1,6 @@
 """Writes the multiply-tool data of the agent examples next to this script (deterministic: seed 0):
 
-- agent_sft.jsonl: 400 demonstrations {"messages", "tools"}: the user asks for the product of two 3-digit numbers,
+- agent_sft.jsonl: 2,000 demonstrations {"messages", "tools"}: the user asks for the product of two 3-digit numbers,
   the assistant calls multiply with {"a", "b"}, the tool returns the product, the assistant answers with it;
 - agent_prompts.jsonl (200) and agent_eval.jsonl (50, held out): prompt-only records {"prompt", "answer", "tools"}
   for a tool-calling RL stage (answer: the product).
@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 QUESTIONS = ("What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}.",
              "What do you get when you multiply {a} and {b}?", "Calculate the product of {a} and {b}.")
-SIZES = {"agent_sft.jsonl": 400, "agent_prompts.jsonl": 200, "agent_eval.jsonl": 50}
+SIZES = {"agent_sft.jsonl": 2000, "agent_prompts.jsonl": 200, "agent_eval.jsonl": 50}
 
 
 def multiply_tool():

@@ -29,8 +29,8 @@ def test_sft_on_tool_calls_loss_is_the_models_loss_and_every_weight_changes(tmp_
     first = examples[0]
     trained = tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"]) if label != -100])
     # Both assistant turns with their <|im_end|>; not the system turn with the tools, the question or the result.
-    assert trained == ('<tool_call>\n{"name": "multiply", "arguments": {"a": 975, "b": 814}}\n</tool_call><|im_end|>'
-                       '793650<|im_end|>')
+    assert trained == ('<tool_call>\n{"name": "multiply", "arguments": {"a": 244, "b": 869}}\n</tool_call><|im_end|>'
+                       '212036<|im_end|>')
 
     # Independent reference: the untrained model's own loss on the padded batch.
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
