@@ -1,18 +1,22 @@
-"""The tool-use pipeline on the tiny model, measured: SFT on the multiply demonstrations stopped while success is
-partial, then GRPO with the tool, held-out success before and after.
+"""The tool-use pipeline on the tiny model, measured: SFT on the multiply demonstrations (examples/agent_sft.yaml),
+stopped while success is partial (one of its checkpoints), then GRPO with the tool (examples/agent_grpo.yaml) over
+several seeds; held-out success after each.
 
-    python bench/agent_pipeline.py [--sft-steps 150] [--grpo-steps 60] [--seed 42] [--out bench/out/agent]
+    python bench/agent_pipeline.py [--sft-steps 1500] [--checkpoints 700,800,900,1000] [--start-from 900]
+                                   [--grpo-steps 60] [--seeds 1,2,3] [--limit 50] [--out bench/out/agent]
 
-Success: the final answer of a greedy episode (the tool loop of predict/chat, rlhf_time.inference.run_tools) equals
-the product. Also reported: the share of episodes whose first turn called multiply with the question's two numbers
-and nothing failed. Both on the 50 held-out questions of examples/data/agent_eval.jsonl.
+The SFT keeps the example's schedule (max_steps = --sft-steps, cosine) and saves a checkpoint at each of
+--checkpoints; GRPO starts from checkpoint --start-from. Success (bench/agent_eval.py): the final answer of a greedy
+episode through the tool loop equals the product; right call: the first turn called multiply with the question's
+two numbers and nothing failed. Both on the held-out questions of examples/data/agent_eval.jsonl. With --reuse-sft
+an SFT run already in --out is evaluated again instead of retrained.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,52 +25,71 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def held_out_success(folder: str, limit: int = 50) -> dict:
-    """Greedy episodes on the held-out questions: success rate and correct-call share."""
-    from rlhf_time.inference import InferenceModel
+def integers(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
 
-    records = [json.loads(line) for line in (EXAMPLES / "data" / "agent_eval.jsonl").read_text().splitlines()[:limit]]
-    model = InferenceModel.load(folder, {"disable_progress_bar": True, "max_new_tokens": 160, "do_sample": False})
-    episodes = model.run_tools([[{"role": "user", "content": r["prompt"]}] for r in records],
-                               tools=[str(EXAMPLES / "tools.py") + ":multiply"])
-    correct = called = 0
-    for record, episode in zip(records, episodes):
-        correct += episode.final_text.strip().replace(" ", "") == record["answer"]
-        factors = [int(n) for n in re.findall(r"\d+", record["prompt"])]
-        first = episode.messages[0].get("tool_calls", [])
-        called += (episode.failed_tool_calls == 0 and len(first) == 1 and first[0]["function"]["name"] == "multiply"
-                   and sorted(first[0]["function"]["arguments"].values()) == sorted(factors))
-    return {"success": correct / len(records), "correct_call": called / len(records), "n": len(records)}
+
+def train(yaml_file: str, overrides: list[str]) -> float:
+    """Seconds one `rlhf-time train` took."""
+    from rlhf_time.cli import main as cli
+
+    started = time.perf_counter()
+    if cli(["train", str(EXAMPLES / yaml_file), *overrides]) != 0:
+        raise SystemExit(f"rlhf-time train {yaml_file} failed")
+    return time.perf_counter() - started
+
+
+def table(result: dict) -> str:
+    lines = ["| model | success | right call |", "|---|---:|---:|"]
+    for step, scores in result["sft"].items():
+        lines.append(f"| SFT step {step} | {scores['correct_answers']}/{scores['n']} | {scores['right_calls']}/{scores['n']} |")
+    for seed, scores in result["grpo"].items():
+        lines.append(f"| SFT step {result['start_from']} + GRPO {result['grpo_steps']} steps, seed {seed} "
+                     f"| {scores['correct_answers']}/{scores['n']} | {scores['right_calls']}/{scores['n']} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--sft-steps", type=int, default=1500, help="the SFT schedule's length (max_steps)")
+    parser.add_argument("--checkpoints", type=integers, default=[700, 800, 900, 1000])
+    parser.add_argument("--start-from", type=int, default=900, help="the SFT checkpoint GRPO starts from")
     parser.add_argument("--grpo-steps", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=integers, default=[1, 2, 3], help="one GRPO run per seed")
+    parser.add_argument("--sft-seed", type=int, default=42)
+    parser.add_argument("--limit", type=int, default=50, help="held-out questions")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "agent")
-    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the GRPO run")
+    parser.add_argument("--reuse-sft", action="store_true")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the GRPO runs")
     args = parser.parse_args(argv)
-    from rlhf_time.cli import main as cli
+    if args.start_from not in args.checkpoints:
+        parser.error("--start-from must be one of --checkpoints")
+    from agent_eval import evaluate
 
     out = args.out.resolve()
-    common = [f"output_dir={out}", f"seed={args.seed}", "overwrite_output_dir=true", "disable_progress_bar=true",
-              "report_to=none"]
-    started = time.perf_counter()
-    assert cli(["train", str(EXAMPLES / "agent_sft.yaml"), f"max_steps={args.sft_steps}", *common]) == 0
-    sft_seconds = time.perf_counter() - started
-    sft = held_out_success(str(out / "agent_sft" / "final"))
-    started = time.perf_counter()
-    assert cli(["train", str(EXAMPLES / "agent_grpo.yaml"), f"max_steps={args.grpo_steps}",
-                f"model_name={out / 'agent_sft' / 'final'}", *common, *args.overrides]) == 0
-    grpo_seconds = time.perf_counter() - started
-    grpo = held_out_success(str(out / "agent_grpo" / "final"))
-    result = {"seed": args.seed, "sft_steps": args.sft_steps, "grpo_steps": args.grpo_steps,
-              "after_sft": sft, "after_grpo": grpo, "sft_seconds": round(sft_seconds), "grpo_seconds": round(grpo_seconds)}
+    quiet = ["overwrite_output_dir=true", "disable_progress_bar=true", "report_to=none"]
+    sft_dir = out / "agent_sft"
+    result = {"sft_steps": args.sft_steps, "start_from": args.start_from, "grpo_steps": args.grpo_steps,
+              "sft": {}, "grpo": {}, "seconds": {}}
+    if not args.reuse_sft:
+        result["seconds"]["sft"] = round(train("agent_sft.yaml", [
+            f"output_dir={out}", f"seed={args.sft_seed}", f"max_steps={args.sft_steps}", "save_strategy=steps",
+            f"save_steps={math.gcd(*args.checkpoints)}", *quiet]))
+    for step in args.checkpoints:
+        result["sft"][step] = evaluate(str(sft_dir / f"checkpoint-{step}"), limit=args.limit)
+    for seed in args.seeds:
+        result["seconds"][f"grpo_seed{seed}"] = round(train("agent_grpo.yaml", [
+            f"output_dir={out / f'grpo_seed{seed}'}", f"seed={seed}", f"max_steps={args.grpo_steps}",
+            f"model_name={sft_dir / f'checkpoint-{args.start_from}'}", *quiet, *args.overrides]))
+        result["grpo"][seed] = evaluate(str(out / f"grpo_seed{seed}" / "agent_grpo" / "final"), limit=args.limit)
+    for scores in [*result["sft"].values(), *result["grpo"].values()]:
+        scores.pop("examples")
     print(json.dumps(result, indent=1))
+    print(table(result))
     return result
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
     main()

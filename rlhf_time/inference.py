@@ -22,6 +22,7 @@ from rlhf_time.errors import RlhfTimeError
 from rlhf_time.experience.sampler import KVCacheEngine, SamplingEngine, SamplingParams
 
 SAVED_CONFIG = "rlhf_time_config.yaml"
+CHECKPOINT_STATE = "trainer_state.json"  # marks a checkpoint-N folder (runtime.checkpoint.STATE_FILE)
 # What a trained folder's saved config may set for inference: layout and generation settings, nothing else
 # (never trust_remote_code: a downloaded folder must not be able to grant itself code execution).
 INFERENCE_KEYS = ("prompt_template", "response_template", "system_prompt", "model_type", "max_seq_length",
@@ -29,10 +30,13 @@ INFERENCE_KEYS = ("prompt_template", "response_template", "system_prompt", "mode
 
 
 def saved_config(folder: str | Path) -> dict[str, Any]:
-    """The rlhf_time config a trained folder was saved with ({} when there is none)."""
+    """The rlhf_time config a trained folder was saved with: final/'s rlhf_time_config.yaml, or a checkpoint-N
+    folder's config.yaml (the run's config, written beside trainer_state.json); {} when there is none."""
     import yaml
 
     path = Path(folder) / SAVED_CONFIG
+    if not path.is_file() and (Path(folder) / CHECKPOINT_STATE).is_file():
+        path = Path(folder) / "config.yaml"
     if not path.is_file():
         return {}
     stored = yaml.safe_load(path.read_text(encoding="utf-8"))

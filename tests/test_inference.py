@@ -94,3 +94,18 @@ def test_score_ranks_preference_pairs_and_reads_the_file_before_the_model(tmp_pa
     bad = write_jsonl(tmp_path / "bad.jsonl", [pairs[0], {"prompt": "p", "chosen": "c"}])
     monkeypatch.setattr(InferenceModel, "load", classmethod(lambda cls, *a, **k: pytest.fail("model loaded first")))
     assert main(["score", final, "--input", str(bad), "--output", str(output)]) == 2  # line 2: missing 'rejected'
+
+
+def test_a_checkpoint_folder_predicts_in_the_layout_it_was_trained_in(tmp_path, tiny_model_dir):
+    """checkpoint-N holds the run's config.yaml (no rlhf_time_config.yaml): its layout is read from there."""
+    folder = tmp_path / "run" / "checkpoint-100"
+    folder.mkdir(parents=True)
+    for file in tiny_model_dir.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model_name": "tiny", "prompt_template": "问：{prompt}\n",
+                                                        "list_tools": False, "trust_remote_code": True}))
+    model = InferenceModel.load(str(folder))
+    assert model.config.prompt_template == "问：{prompt}\n" and model.config.list_tools is False
+    assert model.config.trust_remote_code is False
+    assert model.encoder.generation_prompt([{"role": "user", "content": "12"}]).endswith("问：12\n")

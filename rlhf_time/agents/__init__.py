@@ -7,7 +7,7 @@ Tools must be deterministic functions of their arguments (docs/data.md, "Tool-us
 from rlhf_time.agents.calls import ParseError, ToolCall, parse_tool_calls, tool_call_style
 from rlhf_time.agents.running import run_tool_call
 from rlhf_time.agents.schema import load_tools, tool_schema, tools_by_name
-from rlhf_time.agents.turns import assistant_message, render_tool_turns, tool_result_messages
+from rlhf_time.agents.turns import assistant_message, render_tool_turns, text_after_turn, tool_result_messages
 
 __all__ = ["ParseError", "ToolCall", "assistant_message", "load_tools", "parse_tool_calls", "render_tool_turns",
-           "run_tool_call", "tool_call_style", "tool_result_messages", "tool_schema", "tools_by_name"]
+           "run_tool_call", "text_after_turn", "tool_call_style", "tool_result_messages", "tool_schema", "tools_by_name"]

@@ -4,9 +4,9 @@ template as training (tools= natively, or the Hermes default)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
-
+import functools
 import re
+from typing import Any, Callable, Optional, Sequence, Union
 
 from rlhf_time.agents.calls import _HERMES_CALL, ParseError, Style, ToolCall, _call
 from rlhf_time.data.tokenize import END_OF_TURN_MARKERS
@@ -41,19 +41,28 @@ def tool_result_messages(calls: Sequence[Union[ToolCall, ParseError]], contents:
             for call, content in zip(calls, contents)]
 
 
+def text_after_turn(render: Callable[..., str], context: list[dict[str, Any]], assistant: dict[str, Any],
+                    replies: list[dict[str, Any]], end_markers: Sequence[str]) -> str:
+    """The text the chat template puts after the assistant turn's end-of-turn marker: the replies (tool turns, an
+    environment's message) and the next generation prompt (e.g. "\\n<|im_start|>user\\n<tool_response>...
+    <|im_start|>assistant\\n" in ChatML). Appended to a rollout's tokens, it continues the training layout.
+    `render(messages, add_generation_prompt=)` is the chat template."""
+    before = render([*context, assistant], add_generation_prompt=False)
+    after = render([*context, assistant, *replies], add_generation_prompt=True)
+    cut = max((before.rfind(m) + len(m) for m in end_markers if m and m in before), default=len(before))
+    if not after.startswith(before[:cut]):
+        raise RlhfTimeError("the chat template renders a conversation's beginning differently once replies follow "
+                            "(it rewrites earlier turns), so a multi-turn episode cannot continue the sampled tokens")
+    return after[cut:]
+
+
 def render_tool_turns(tokenizer, messages: list[dict[str, Any]], tool_messages: list[dict[str, Any]],
                       tools: Optional[list] = None) -> str:
-    """The text that follows the end-of-turn token of the last (assistant) message: the tool turns, then the
-    header the next assistant turn is generated after. Appended to a rollout's tokens, it continues the same
-    layout as training renders the whole conversation."""
+    """text_after_turn for a conversation ending with the assistant turn that made the calls, rendered by the
+    tokenizer's template (tools natively or in the Hermes default)."""
     if not messages or messages[-1]["role"] != "assistant":
         raise RlhfTimeError("render_tool_turns: the conversation must end with the assistant turn that made the calls")
-    done = render_messages(tokenizer, messages, tools)
     markers = [tokenizer.eos_token] if tokenizer.eos_token else []
     markers += [m for m in END_OF_TURN_MARKERS if m not in markers]
-    cut = next((done.rfind(m) + len(m) for m in markers if m in done), len(done))
-    full = render_messages(tokenizer, [*messages, *tool_messages], tools, add_generation_prompt=True)
-    if not full.startswith(done[:cut]):
-        raise RlhfTimeError("the chat template renders a conversation's beginning differently from the whole "
-                            "conversation (it rewrites earlier turns), so tool turns cannot be appended to a rollout")
-    return full[cut:]
+    render = functools.partial(render_messages, tokenizer, tools=tools)
+    return text_after_turn(render, messages[:-1], messages[-1], tool_messages, markers)

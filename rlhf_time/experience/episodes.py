@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from rlhf_time.errors import RlhfTimeError
+from rlhf_time.agents import text_after_turn
 from rlhf_time.experience.sampler import Rollout
 
 Messages = list[dict[str, Any]]
@@ -72,19 +72,6 @@ class Turn:
     sampled: bool
     logps: Optional[list[float]] = None
     entropies: Optional[list[float]] = None
-
-
-def reply_text(render: Callable[..., str], context: Messages, assistant: dict[str, Any], replies: Messages,
-               end_markers: Sequence[str]) -> str:
-    """The text the chat template puts after the assistant turn's end-of-turn marker: the replies and the next
-    generation prompt (e.g. "\\n<|im_start|>user\\n<tool_response>...<|im_start|>assistant\\n" in ChatML)."""
-    before = render([*context, assistant], add_generation_prompt=False)
-    after = render([*context, assistant, *replies], add_generation_prompt=True)
-    cut = max((before.rfind(m) + len(m) for m in end_markers if m and m in before), default=len(before))
-    if not after.startswith(before[:cut]):
-        raise RlhfTimeError("the chat template renders a conversation's beginning differently once replies follow "
-                            "(it rewrites earlier turns), so a multi-turn episode cannot continue the sampled tokens")
-    return after[cut:]
 
 
 def reply_in_turn(responders: Sequence[Responder], messages: Sequence[dict[str, Any]],
@@ -144,7 +131,7 @@ def sample_episodes(sample: Callable[..., Rollout], prompt_ids: Sequence[Sequenc
             if episode.turns > max_replies:
                 episode.out_of_replies = True
                 continue
-            reply_ids = tokenizer(reply_text(functools.partial(render, tools=episode.tools), before, message, reply,
+            reply_ids = tokenizer(text_after_turn(functools.partial(render, tools=episode.tools), before, message, reply,
                                              end_markers),
                                   add_special_tokens=False)["input_ids"]
             episode.messages.extend(reply)

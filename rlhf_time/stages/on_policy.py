@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from rlhf_time.data.prompts import PromptDataset, load_prompt_dataset
+from rlhf_time.errors import RlhfTimeError
 from rlhf_time.agents import load_tools, tool_schema
 from rlhf_time.experience.agent_loop import AgentLoop
 from rlhf_time.experience.environments import load_environment
@@ -60,6 +61,9 @@ class PromptTrainer(Trainer):
         if environment is not None:
             environment = load_environment(environment)  # as bad reward functions: before any model is loaded
         tools = load_tools(tools if tools is not None else config.tools)
+        if (environment is not None or tools) and config.distributed == "fsdp":
+            raise RlhfTimeError("tools and environments run episodes whose number of turns differs between ranks, "
+                                "while FSDP's ranks must run the same forwards: use distributed: ddp")
         self.tool_schemas = [tool_schema(fn) for fn in tools] or None  # prompts list them (records may list their own)
         if config.rollout.reward_model:  # an SFT folder would score with a random head: refuse it before any model loads
             require_reward_model(config.rollout.reward_model, "rollout.reward_model", needed_by=f"stage {config.stage}")

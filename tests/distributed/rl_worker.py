@@ -13,7 +13,7 @@ from tests.distributed import exit_probe, grpo_worker, ppo_worker
 
 torch.set_num_threads(1)
 
-GRPO_SCENARIOS = ("injected", "injected_rpp", "sampled", "fsdp")
+GRPO_SCENARIOS = ("injected", "injected_rpp", "sampled", "environment", "fsdp")
 PPO_SCENARIOS = ("ddp", "fsdp", "fsdp_resume")
 
 

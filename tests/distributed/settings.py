@@ -79,6 +79,33 @@ def sharper_reference_dir(model_dir: Path) -> Path:
     return Path(model_dir).parent / "sharper-reference"
 
 
+def turn_ending_model_dir(model_dir: Path) -> Path:
+    """Where the environment scenario's model lives (built by build_turn_ending_model before torchrun starts)."""
+    return Path(model_dir).parent / "ends-its-turns"
+
+
+def build_turn_ending_model(model_dir: Path, prompts: list[str], boost: float = 3.0) -> Path:
+    """The tiny random model with its end-of-turn logit raised by about `boost` where its hidden states point on
+    average: it ends its turns after a few to twenty-odd tokens, so episodes run several turns and their lengths
+    differ between ranks (the random model alone almost never ends a turn)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = turn_ending_model_dir(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    with torch.no_grad():
+        hidden = torch.cat([model(**tokenizer(t, return_tensors="pt"), output_hidden_states=True).hidden_states[-1][0]
+                            for t in texts])
+        direction = hidden.mean(0)
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] += boost * direction / direction.norm() ** 2
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def failure_report(result) -> str:
     """What a failed torchrun printed that says why: each rank's own traceback (torchrun prefixes its lines with
     [rankN]; the rank that failed first is usually not the last one printed), then the tail of the rest."""

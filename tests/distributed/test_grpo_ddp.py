@@ -12,7 +12,9 @@ from tests.trainer.grpo_helpers import InjectedGRPOTrainer
 from tests.trainer.helpers import merged, tiny_config, train_losses
 
 from .exit_probe import assert_no_gloo_thread_at_exit
-from .settings import EXACT, WORLD_SIZE
+from .settings import EXACT, WORLD_SIZE, turn_ending_model_dir
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **overrides):
@@ -27,6 +29,13 @@ def grpo_distributed_config(folder: Path, model_dir: Path, scenario: str, **over
         values = merged(values, dict(rollout={"reward_funcs": ["length_penalty"]}, grpo={"kl_coef": 0.1}))
     if scenario == "fsdp":  # every rank must run the same forwards: sampling runs to max_completion_length
         values.update(distributed="fsdp")
+    if scenario == "environment":  # multi-turn episodes: each rank's episodes take their own number of turns
+        guesses = str(EXAMPLES / "data" / "guess_train.jsonl")
+        values = merged(values, dict(model_name=str(turn_ending_model_dir(model_dir)), train_file=guesses,
+                                     eval_file=guesses, max_eval_samples=4,
+                                     rollout={"environment": f"{EXAMPLES / 'guess_number.py'}:GuessTheNumber",
+                                              "max_completion_length": 64, "max_tool_turns": 3,
+                                              "reward_funcs": ["length_penalty"]}))
     return tiny_config(folder, model_dir, **merged(values, overrides))
 
 
@@ -37,7 +46,7 @@ def launched(rl_launched) -> Path:
 
 
 def test_ranks_stay_identical(launched):
-    for scenario in ("injected", "injected_rpp", "sampled", "fsdp"):
+    for scenario in ("injected", "injected_rpp", "sampled", "fsdp", "environment"):
         ranks = [json.loads((launched / scenario / f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
         assert ranks[0]["digest"] == ranks[1]["digest"], scenario
         assert ranks[0]["eval"]["eval_reward"] == ranks[1]["eval"]["eval_reward"], scenario
@@ -64,3 +73,15 @@ def test_injected_completions_update_as_one_process(launched, tmp_path, tiny_mod
 def test_no_gloo_thread_outlives_the_process_group(rl_launched):
     """A run that ends under FSDP still leaves no gloo thread for Python's shutdown (it would abort the rank)."""
     assert_no_gloo_thread_at_exit(rl_launched)
+
+
+def test_multi_turn_episodes_of_different_lengths_on_each_rank_train_in_step(launched):
+    """An environment's episodes end after different numbers of turns on each rank; DDP's update still runs in step
+    (the ranks stay identical, above) and the run logged multi-turn episodes."""
+    run_dir = launched / "environment" / "outputs" / "run"
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    turns = [m["train/turns"] for m in steps if "train/turns" in m]
+    assert len(turns) == 2 and max(turns) > 1.5
+    samples = [json.loads(line) for line in (run_dir / "completions.jsonl").open()]
+    assert len({len(s["trajectory"]) for s in samples}) > 1  # episodes of different lengths
+    assert any("train/rewards/GuessTheNumber" in m for m in steps)

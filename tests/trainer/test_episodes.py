@@ -180,3 +180,10 @@ def test_lora_policy_trains_only_its_adapters_on_episodes(tmp_path, tiny_model_d
     after = dict(trainer.model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_fsdp_refuses_episodes_in_one_line_before_any_model_loads(tmp_path):
+    """FSDP's ranks must run the same forwards; episodes take a different number of turns on each rank."""
+    config = episode_config(tmp_path, tmp_path / "no-model-here", distributed="fsdp")
+    with pytest.raises(RlhfTimeError, match="use distributed: ddp"):
+        GRPOTrainer(config, environment=AskTwice)

@@ -220,3 +220,65 @@ def test_list_tools_false_lays_out_calls_and_results_without_the_schemas(tmp_pat
     assert "<tools>" not in trainer.tokenizer.decode(ids)
     trained = trainer.tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
     assert trained.startswith("<tool_call>\n") and trained.endswith(record["messages"][-1]["content"] + "<|im_end|>")
+
+
+LLAMA_CALLS = ['{"name": "multiply", "parameters": {"a": 3, "b": 4}}',  # Llama 3.1's JSON call, ipython result
+               '{"name": "multiply", "parameters": {"a": 3, "b": }}', "12", '{"name": "divide", "parameters": {}}']
+
+
+@pytest.fixture(scope="module")
+def llama31_trainer(tmp_path_factory, llama_model_dir):
+    """A tiny Llama whose chat template writes Llama 3.1's native JSON calls and ipython results."""
+    from transformers import AutoTokenizer
+
+    from tests.data.test_tool_data import LLAMA31_TOOL_TEMPLATE
+
+    folder = tmp_path_factory.mktemp("llama31")
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (llama_model_dir / name).is_file():
+            (folder / name).write_bytes((llama_model_dir / name).read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(llama_model_dir)
+    tokenizer.chat_template = LLAMA31_TOOL_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    trainer = GRPOTrainer(tool_config(folder, folder), tools=[multiply])
+    trainer.model.float()
+    return trainer
+
+
+def test_llama31_native_calls_run_and_their_ipython_results_are_context(llama31_trainer):
+    """The template's own format end to end: the call parsed from Llama 3.1 JSON, the result rendered as an ipython
+    turn, the sequence the template's rendering, only sampled tokens trained, sampling log-probs = a full forward."""
+    trainer = llama31_trainer
+    assert trainer.agent.style == "llama3"
+    rollout = trainer.agent.sample(forced_first_turn(trainer, LLAMA_CALLS), trainer.train_dataset, [0, 1],
+                                   num_samples=2, max_new_tokens=160, pad_token_id=trainer.tokenizer.pad_token_id)
+    ok, not_json, plain, unknown = rollout.episodes
+    assert ok.messages[0]["tool_calls"] == [{"type": "function", "function": {"name": "multiply",
+                                                                            "arguments": {"a": 3, "b": 4}}}]
+    assert ok.messages[1]["role"] == "tool" and ok.messages[1]["content"] == "12"
+    assert not_json.messages[1]["content"].startswith("error: the call is not JSON")
+    assert unknown.messages[1]["content"].startswith("error: unknown tool 'divide'")
+    assert plain.turns == 1 and plain.tool_calls == 0
+    tokenizer = trainer.tokenizer
+    ids = rollout.input_ids[0][rollout.attention_mask[0].bool()].tolist()
+    text = tokenizer.decode(ids)
+    assert '"name": "multiply"' in text.split("<|eot_id|>")[1]  # the tools listed in the first user turn
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\n12<|eot_id|>" in text
+    if not ok.truncated:
+        rendered = trainer.agent.render([*ok.prompt_messages, *ok.messages], tools=ok.tools)
+        assert rendered == tokenizer.decode(ids)
+    completion = rollout.input_ids[0, rollout.prompt_length:]
+    context = completion[~rollout.completion_mask[0] & rollout.attention_mask[0, rollout.prompt_length:].bool()]
+    assert "ipython<|end_header_id|>\n\n12<|eot_id|>" in tokenizer.decode(context)  # never trained
+    batch = trainer._training_batch(trainer.score_rollout(trainer.train_dataset, [0, 1], rollout, 2))
+    assert torch.equal(batch["labels"][:, rollout.prompt_length:] != IGNORE_INDEX, rollout.completion_mask)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"]).logits.float()
+    width = rollout.completion_mask.shape[1]
+    reference = F.log_softmax(logits[:, -width - 1: -1], -1).gather(-1, batch["input_ids"][:, -width:, None]).squeeze(-1)
+    first = len(tokenizer(LLAMA_CALLS[0], add_special_tokens=False).input_ids) + 1
+    second_turn = rollout.completion_mask[0].clone()
+    second_turn[:first] = False
+    assert second_turn.sum() >= 3  # sampled after the ipython result
+    torch.testing.assert_close(rollout.logps[0][second_turn], reference[0][second_turn], atol=1e-5, rtol=0)
