@@ -95,7 +95,10 @@ class Trainer(StageHooks, Checkpointing):
         if config.torch_compile:  # in place: parameter names, checkpoints and hooks stay those of the eager model
             self.model.compile()
         # The one generation path: on-policy sampling, KD's student replies, predict and chat (experience.sampler).
-        self.sampling_engine: SamplingEngine = create_sampling_engine(config.rollout.engine, self.model)
+        # FSDP ranks must run the same forwards, which only kv_cache can (stop_early=False); the config refuses an
+        # explicit transformers_paged there.
+        engine = "kv_cache" if config.distributed == "fsdp" else config.rollout.engine
+        self.sampling_engine: SamplingEngine = create_sampling_engine(engine, self.model)
         trainable, total = count_parameters(self.model)
         self._log(f"model {config.model_name} ({self.family.name}): {trainable:,} trainable of {total:,} parameters")
         self.amp_dtype = self._amp_dtype()
