@@ -23,10 +23,10 @@ class RolloutOptions(Section):
     max_prompt_length: int = option(512, "Prompt tokens kept (longer prompts are cut from the left, counted in the data summary).", gt=0)
     max_completion_length: int = option(256, "Most tokens sampled per completion (generation stops earlier at EOS/end-of-turn).", gt=0)
     engine: Literal["kv_cache", "transformers_paged"] = option(
-        "transformers_paged", "What samples the completions (and greedy eval / predict / chat during training): "
+        "kv_cache", "What samples the completions (and greedy eval / predict / chat during training): "
                               "transformers_paged (transformers' continuous batching with a paged cache, log-probs "
                               "recomputed by one forward; measured 1.4-2.6x kv_cache's tokens/s on CPU) or kv_cache "
-                              "(rlhf_time's own batched sampler). Same layout, log-probs and seeded determinism. "
+                              "(rlhf_time's own batched sampler, the default). Same layout, log-probs and seeded determinism. "
                               "distributed fsdp always samples with kv_cache (its ranks must run the same forwards).")
     reward_funcs: list[str] = option([], "Reward functions: built-ins (exact_match, regex_match, length_penalty) or "
                                          "'package.module:function' / 'file.py:function'.")

@@ -1,7 +1,7 @@
 """rollout.engine transformers_paged (transformers' continuous batching): log-probs equal a fresh forward's (each
 row alone), the sampler's layout and stopping conventions, greedy equals the built-in engine, same seed same
 samples, the attention implementation and training mode restored (a GRPO step then equals an untouched eager
-model's), a tiny GRPO run end to end. Exact resume with it, the default engine: test_grpo's resume test."""
+model's), a tiny GRPO run end to end. Exact resume."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from rlhf_time.config_errors import ConfigError
 from rlhf_time.experience.paged_engine import TransformersPagedEngine
 from rlhf_time.experience.sampler import KVCacheEngine, SamplingParams
 
-from .helpers import Recorder, weights
+from .helpers import assert_resumed_mid_run_equals_uninterrupted, Recorder, weights
 from .test_grpo import grpo_config
 
 PROMPTS = ["把数字写成中文：407", "你好", "The quick brown fox jumps over the lazy dog. 把数字写成中文：12"]
@@ -145,9 +145,16 @@ def test_grpo_trains_end_to_end_with_the_paged_engine(tmp_path, tiny_model_dir):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_resume_mid_run_is_exact_with_the_paged_engine(tmp_path, tiny_model_dir):
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2, temperature=0.8, rollout=PAGED)
+    assert_resumed_mid_run_equals_uninterrupted(lambda folder, resume: GRPOTrainer(grpo_config(
+        tmp_path / folder, tiny_model_dir, **({"resume_from_checkpoint": "latest"} if resume else {}), **settings)),
+        "train/reward")
+
+
 def test_the_engine_is_validated_and_refused_under_fsdp():
     with pytest.raises(ConfigError, match="kv_cache.*transformers_paged"):
         TrainingConfig(stage="grpo", rollout={"engine": "vllm"})
     with pytest.raises(ConfigError, match="transformers_paged cannot sample a sharded"):
         TrainingConfig(stage="grpo", rollout=PAGED, distributed="fsdp")
-    assert TrainingConfig(stage="grpo", distributed="fsdp").rollout.engine == "transformers_paged"  # kv_cache is used
+    assert TrainingConfig(stage="grpo", distributed="fsdp").rollout.engine == "kv_cache"
