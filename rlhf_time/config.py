@@ -230,6 +230,10 @@ class TrainingConfig(_StageSections):
                 raise ValueError(f"rollout.reward_weights has {len(rollout.reward_weights)} values for {expected} "
                                  f"rewards (reward_funcs{' + reward_model' if rollout.reward_model else ''}"
                                  f"{' + environment' if rollout.environment else ''})")
+        if "engine" in rollout.model_fields_set and rollout.engine == "transformers_paged" and self.distributed == "fsdp":
+            raise ValueError("rollout.engine transformers_paged cannot sample a sharded (FSDP) model, whose ranks must "
+                             "run the same forwards: use rollout.engine kv_cache (the default under fsdp), or "
+                             "distributed ddp")
         if self.stage == "ppo" and self.ppo.num_mini_batches > self.gradient_accumulation_steps:
             raise ValueError(f"ppo.num_mini_batches={self.ppo.num_mini_batches} needs at least as many micro-batches "
                              f"per step (gradient_accumulation_steps={self.gradient_accumulation_steps})")

@@ -16,7 +16,7 @@ LAYERS = {
     "config": 1, "config_checks": 1, "config_docs": 1, "config_errors": 1, "config_yaml": 1,
     "loss": 2, "data": 2, "templates": 2,
     "models": 3,
-    "experience": 4, "experience.sampler": 4, "plots": 4, "agents": 4,
+    "experience": 4, "experience.sampler": 4, "experience.paged_engine": 4, "experience.engines": 4, "plots": 4, "agents": 4,
     "inference": 5, "report": 5, "experience.rewards": 5, "experience.environments": 5, "experience.agent_loop": 5,
     "runtime": 6,
     "experience.critic": 7, "experience.experience": 7,

@@ -26,7 +26,8 @@ from rlhf_time.config import TrainingConfig
 from rlhf_time.data import eval_spec, plan_batches, shard_batches, train_spec, validate_data_file
 from rlhf_time.data.streaming import StreamedBatches
 from rlhf_time.errors import RlhfTimeError
-from rlhf_time.experience.sampler import KVCacheEngine, SamplingEngine
+from rlhf_time.experience.engines import create_sampling_engine
+from rlhf_time.experience.sampler import SamplingEngine
 from rlhf_time.models import apply_tuning, count_parameters, ensure_chat_template, load_causal_lm, load_tokenizer, model_family
 from rlhf_time.report import RunReport
 from rlhf_time.runtime import checkpoint as ckpt
@@ -94,7 +95,10 @@ class Trainer(StageHooks, Checkpointing):
         if config.torch_compile:  # in place: parameter names, checkpoints and hooks stay those of the eager model
             self.model.compile()
         # The one generation path: on-policy sampling, KD's student replies, predict and chat (experience.sampler).
-        self.sampling_engine: SamplingEngine = KVCacheEngine(self.model)
+        # FSDP ranks must run the same forwards, which only kv_cache can (stop_early=False); the config refuses an
+        # explicit transformers_paged there.
+        engine = "kv_cache" if config.distributed == "fsdp" else config.rollout.engine
+        self.sampling_engine: SamplingEngine = create_sampling_engine(engine, self.model)
         trainable, total = count_parameters(self.model)
         self._log(f"model {config.model_name} ({self.family.name}): {trainable:,} trainable of {total:,} parameters")
         self.amp_dtype = self._amp_dtype()

@@ -161,9 +161,11 @@ def test_losses_equal_hand_computed_values(tmp_path, tiny_model_dir, loss_type):
 
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_kl_is_zero_at_the_first_step(tmp_path, tiny_model_dir, use_lora):
-    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"kl_coef": 0.1},
-                                      rollout={"reward_funcs": ["length_penalty"]}, max_steps=2, use_lora=use_lora,
-                                      lora_target_modules=None, learning_rate=1e-2))
+    # The reward is the completion's length in characters: it differs within a group even when every completion
+    # runs to the token limit (length_penalty would then be flat, leaving step 1 without a gradient).
+    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"kl_coef": 0.1}, max_steps=2, use_lora=use_lora,
+                                      lora_target_modules=None, learning_rate=1e-2),
+                          reward_funcs=[lambda prompts, completions, **_: [float(len(c)) for c in completions]])
     assert ("reference" in trainer.aux) != use_lora  # LoRA: the adapter-disabled policy is the reference
     recorder = Recorder()
     trainer.callbacks.append(recorder)

@@ -5,6 +5,7 @@ import pytest
 from transformers import GenerationMixin
 
 from rlhf_time import GRPOTrainer, KDTrainer, SFTrainer
+from rlhf_time.experience.paged_engine import TransformersPagedEngine
 from rlhf_time.experience.sampler import KVCacheEngine, sample
 
 from .helpers import merged, tiny_config
@@ -13,18 +14,21 @@ from .test_grpo import grpo_config
 
 @pytest.fixture
 def sampled(monkeypatch):
-    """Every call of KVCacheEngine.sample, as (number of prompts, num_samples, do_sample); generate refused."""
+    """Every call of an engine's sample (either engine), as (number of prompts, num_samples, do_sample); generate
+    refused."""
     calls = []
-    original = KVCacheEngine.sample
 
-    def recording(self, prompts, params, *, num_samples=1, generator=None):
-        calls.append((len(prompts), num_samples, params.do_sample))
-        return original(self, prompts, params, num_samples=num_samples, generator=generator)
+    def recording(original):
+        def sample(self, prompts, params, *, num_samples=1, generator=None):
+            calls.append((len(prompts), num_samples, params.do_sample))
+            return original(self, prompts, params, num_samples=num_samples, generator=generator)
+        return sample
 
     def refuse(*args, **kwargs):
         raise AssertionError("transformers' generate was called: there is one sampler")
 
-    monkeypatch.setattr(KVCacheEngine, "sample", recording)
+    for engine in (KVCacheEngine, TransformersPagedEngine):
+        monkeypatch.setattr(engine, "sample", recording(engine.sample))
     monkeypatch.setattr(GenerationMixin, "generate", refuse)
     return calls
 
