@@ -76,3 +76,9 @@ def make_preference_pairs(count: int, tokenizer, seed: int = 0) -> list[dict[str
                       "chosen": _text(rng, count_tokens, rng.randint(*RESPONSE_TOKENS), chinese),
                       "rejected": _text(rng, count_tokens, rng.randint(*RESPONSE_TOKENS), chinese)})
     return pairs
+
+
+def character_variety(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """A reward for GRPO on these prompts (bench/gpu_check.py): distinct characters / characters of each completion.
+    Any score that differs within a group gives non-zero advantages; the check measures speed, not learning."""
+    return [len(set(text)) / max(len(text), 1) for text in completions]
