@@ -53,26 +53,36 @@ def _text(rng: random.Random, count_tokens, target: int, chinese: bool) -> str:
     return "".join(parts).strip()
 
 
-def make_chat_records(count: int, tokenizer, seed: int = 0) -> list[dict[str, str]]:
-    """`count` {"prompt", "response"} records, the same for a given (count, seed) on every machine."""
+def make_chat_records(count: int, tokenizer, seed: int = 0, *, prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
+                      response_tokens: tuple[int, int] = RESPONSE_TOKENS) -> list[dict[str, str]]:
+    """`count` {"prompt", "response"} records, the same for a given (count, seed, lengths) on every machine; the
+    token ranges default to realistic chat shapes (quick checks pass shorter ones)."""
     rng = random.Random(seed)
     count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     records = []
     for _ in range(count):
         chinese = rng.random() < 0.5
-        records.append({"prompt": _text(rng, count_tokens, rng.randint(*PROMPT_TOKENS), chinese),
-                        "response": _text(rng, count_tokens, rng.randint(*RESPONSE_TOKENS), chinese)})
+        records.append({"prompt": _text(rng, count_tokens, rng.randint(*prompt_tokens), chinese),
+                        "response": _text(rng, count_tokens, rng.randint(*response_tokens), chinese)})
     return records
 
 
-def make_preference_pairs(count: int, tokenizer, seed: int = 0) -> list[dict[str, str]]:
-    """`count` {"prompt", "chosen", "rejected"} pairs: one prompt, two independently drawn responses."""
+def make_preference_pairs(count: int, tokenizer, seed: int = 0, *, prompt_tokens: tuple[int, int] = PROMPT_TOKENS,
+                          response_tokens: tuple[int, int] = RESPONSE_TOKENS) -> list[dict[str, str]]:
+    """`count` {"prompt", "chosen", "rejected"} pairs: one prompt, two independently drawn responses (token
+    ranges as in make_chat_records)."""
     rng = random.Random(seed + 1)
     count_tokens = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     pairs = []
     for _ in range(count):
         chinese = rng.random() < 0.5
-        pairs.append({"prompt": _text(rng, count_tokens, rng.randint(*PROMPT_TOKENS), chinese),
-                      "chosen": _text(rng, count_tokens, rng.randint(*RESPONSE_TOKENS), chinese),
-                      "rejected": _text(rng, count_tokens, rng.randint(*RESPONSE_TOKENS), chinese)})
+        pairs.append({"prompt": _text(rng, count_tokens, rng.randint(*prompt_tokens), chinese),
+                      "chosen": _text(rng, count_tokens, rng.randint(*response_tokens), chinese),
+                      "rejected": _text(rng, count_tokens, rng.randint(*response_tokens), chinese)})
     return pairs
+
+
+def character_variety(prompts: list[str], completions: list[str], **_) -> list[float]:
+    """A reward for GRPO on these prompts (bench/gpu_check.py): distinct characters / characters of each completion.
+    Any score that differs within a group gives non-zero advantages; the check measures speed, not learning."""
+    return [len(set(text)) / max(len(text), 1) for text in completions]

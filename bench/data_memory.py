@@ -13,11 +13,12 @@ import argparse
 import gc
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from toolkit import peak_memory_gb
 
 
 def _rss_mib() -> float:
@@ -53,7 +54,7 @@ def _load(path: str, cache: str) -> None:
     example = dataset[len(dataset) // 2]  # the data set is usable (and still referenced)
     print(json.dumps({"examples": len(dataset), "tokens": dataset.stats.total_tokens,
                       "rss_before_mib": round(before), "rss_after_mib": round(after),
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                      "peak_rss_mib": round(peak_memory_gb() * 1024),
                       "held_bytes_per_token": round((after - before) * 2**20 / dataset.stats.total_tokens, 1),
                       "example_tokens": len(example["input_ids"])}))
 

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from toolkit import ROOT, finish_child, markdown_table, run_child
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "examples"))  # grpo_rewards
 
 TRAIN, EVAL = ROOT / "examples" / "data" / "grpo_train.jsonl", ROOT / "examples" / "data" / "grpo_eval.jsonl"
 PROMPTS, G, NEW_TOKENS, LR, TEMPERATURE = 4, 8, 8, 3e-4, 0.7
@@ -192,9 +189,7 @@ def child(variant: str, model_dir: str, out: str, steps: int, threads: int) -> N
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     runner = {"rlhf_time": run_rlhf_time, "trl": run_trl}[variant]
-    result = runner(Path(model_dir), Path(out), steps)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    Path(out, f"{variant}.json").write_text(json.dumps(result), encoding="utf-8")
+    finish_child(runner(Path(model_dir), Path(out), steps), Path(out, f"{variant}.json"))
 
 
 def main() -> None:
@@ -224,8 +219,7 @@ def main() -> None:
         for variant in ("rlhf_time", "trl"):
             command = [sys.executable, __file__, "--child", variant, str(model_dir), "--steps", str(args.steps),
                        "--threads", str(args.threads), "--out", str(out), "--method", args.method]
-            subprocess.run(command, check=True, env={"PYTHONPATH": str(ROOT), **_env()})
-            run = json.loads((out / f"{variant}.json").read_text(encoding="utf-8"))
+            run = run_child(command, out / f"{variant}.json", env={"PYTHONPATH": str(ROOT), **_env()})
             if repeat == 0:
                 results[variant] = run
                 results[variant]["held_out_reward"] = held_out_reward(run["final_model_dir"])
@@ -251,13 +245,12 @@ def report(results: dict, out: Path) -> None:
         per_step = statistics.median(r["pooled_step_times"])
         rewards = r["rewards"]
         window = max(1, len(rewards) // 3)
-        rows.append(f"| {variant} | {per_step:.3f} | {base / per_step:.2f}x | {statistics.mean(r['generation_shares']):.0%} | "
-                    f"{statistics.mean(rewards[:window]):.3f} | {statistics.mean(rewards[-window:]):.3f} | "
-                    f"{r['held_out_reward']:.3f} | {r['peak_rss_gb']:.2f} |")
-    table = ("| variant | s/step (median) | steps/s vs TRL | generation share | train reward, first third of steps | "
-             "last third | held-out sampled reward after | peak RSS (GB) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
-             + "\n".join(rows))
-    print(table)
+        rows.append([variant, f"{per_step:.3f}", f"{base / per_step:.2f}x", f"{statistics.mean(r['generation_shares']):.0%}",
+                     f"{statistics.mean(rewards[:window]):.3f}", f"{statistics.mean(rewards[-window:]):.3f}",
+                     f"{r['held_out_reward']:.3f}", f"{r['peak_memory_gb']:.2f}"])
+    print("\n".join(markdown_table(["variant", "s/step (median)", "steps/s vs TRL", "generation share",
+                                    "train reward, first third of steps", "last third", "held-out sampled reward after",
+                                    "peak RSS (GB)"], rows)))
     print(f"held-out sampled reward before GRPO: {results['held_out_reward_before']:.3f}")
     try:
         import matplotlib

@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from toolkit import ROOT, markdown_table, write_results
 
 
 def memory_kb(field: str) -> int:
@@ -82,18 +80,13 @@ def main() -> None:
     if args.vocabs:
         return vocab_sweep(args)
     chunks = [int(c) for c in args.chunks.split(",")]
-    rows = []
-    for tokens in (int(t) for t in args.tokens.split(",")):
-        for method, chunk in [("plain", 0)] + [("chunked", c) for c in chunks]:
-            command = [sys.executable, __file__, "--one", f"{method}:{tokens}:{chunk}", "--vocab", str(args.vocab),
-                       "--hidden", str(args.hidden), "--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+    rows = [run_one(method, tokens, chunk, args.vocab, args) for tokens in (int(t) for t in args.tokens.split(","))
+            for method, chunk in [("plain", 0)] + [("chunked", c) for c in chunks]]
     report(rows, chunks, args)
 
 
 def run_one(method: str, tokens: int, chunk: int, vocab: int, args) -> dict:
+    """One measurement in a fresh process (its peak is its own), the row it prints."""
     command = [sys.executable, __file__, "--one", f"{method}:{tokens}:{chunk}", "--vocab", str(vocab),
                "--hidden", str(args.hidden), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -108,25 +101,20 @@ def vocab_sweep(args) -> None:
     from rlhf_time.loss import chunk_rows
 
     tokens = int(args.tokens.split(",")[0])
-    rows, lines = [], [f"{tokens:,} target tokens, hidden {args.hidden}; peak extra memory of one loss step (GB), "
-                       "and without the LM head's gradient (V x H float32, which every method must hold)", "",
-                       "| vocabulary | head gradient (GB) | plain | chunked C=1024 | chunked by bytes (rows) | "
-                       "plain - head grad | C=1024 - head grad | by bytes - head grad |",
-                       "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows, cells = [], []
     for vocab in (int(v) for v in args.vocabs.split(",")):
         plain, fixed, auto = (run_one(m, tokens, c, vocab, args) for m, c in (("plain", 0), ("chunked", 1024), ("chunked", 0)))
         rows += [plain, fixed, auto]
         head = vocab * args.hidden * 4 / 2**30
-        lines.append(f"| {vocab:,} | {head:.2f} | {plain['peak_extra_gb']:.2f} | {fixed['peak_extra_gb']:.2f} | "
-                     f"{auto['peak_extra_gb']:.2f} ({chunk_rows(vocab)}) | {plain['peak_extra_gb'] - head:.2f} | "
-                     f"{fixed['peak_extra_gb'] - head:.2f} | {auto['peak_extra_gb'] - head:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "loss_memory_vocab.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    (out / "loss_memory_vocab.md").write_text(table + "\n")
-    vocab_chart(rows, out / "loss_memory_vocab.png", tokens)
+        cells.append([f"{vocab:,}", f"{head:.2f}", f"{plain['peak_extra_gb']:.2f}", f"{fixed['peak_extra_gb']:.2f}",
+                      f"{auto['peak_extra_gb']:.2f} ({chunk_rows(vocab)})", f"{plain['peak_extra_gb'] - head:.2f}",
+                      f"{fixed['peak_extra_gb'] - head:.2f}", f"{auto['peak_extra_gb'] - head:.2f}"])
+    lines = [f"{tokens:,} target tokens, hidden {args.hidden}; peak extra memory of one loss step (GB), "
+             "and without the LM head's gradient (V x H float32, which every method must hold)", ""]
+    lines += markdown_table(["vocabulary", "head gradient (GB)", "plain", "chunked C=1024", "chunked by bytes (rows)",
+                             "plain - head grad", "C=1024 - head grad", "by bytes - head grad"], cells)
+    write_results(Path(args.out), "loss_memory_vocab", "\n".join(lines), {"args": vars(args), "rows": rows})
+    vocab_chart(rows, Path(args.out) / "loss_memory_vocab.png", tokens)
 
 
 def vocab_chart(rows: list[dict], path: Path, tokens: int) -> None:
@@ -153,23 +141,18 @@ def vocab_chart(rows: list[dict], path: Path, tokens: int) -> None:
 def report(rows: list[dict], chunks: list[int], args) -> None:
     logits_gb = lambda n: n * args.vocab * 4 / 2**30  # noqa: E731
     weight_gb = args.vocab * args.hidden * 4 / 2**30
-    lines = [f"vocabulary {args.vocab:,}, hidden {args.hidden}: one float32 N x V logits tensor = N x "
-             f"{args.vocab * 4 / 2**20:.2f} MB; the LM head's gradient alone = {weight_gb:.2f} GB", "",
-             "| target tokens N | N x V float32 logits (GB) | plain: peak extra (GB) | "
-             + " | ".join(f"chunked C={c}: peak extra (GB)" for c in chunks) + " | max loss difference |",
-             "|---:|---:|---:|" + "---:|" * len(chunks) + "---:|"]
+    cells = []
     for tokens in sorted({r["tokens"] for r in rows}):
         plain = next(r for r in rows if r["tokens"] == tokens and r["method"] == "plain")
         chunked = [next(r for r in rows if r["tokens"] == tokens and r["chunk"] == c) for c in chunks]
         difference = max(abs(r["loss"] - plain["loss"]) for r in chunked)
-        lines.append(f"| {tokens:,} | {logits_gb(tokens):.2f} | {plain['peak_extra_gb']:.2f} | "
-                     + " | ".join(f"{r['peak_extra_gb']:.2f}" for r in chunked) + f" | {difference:.1e} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "loss_memory.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    (out / "loss_memory.md").write_text(table + "\n")
+        cells.append([f"{tokens:,}", f"{logits_gb(tokens):.2f}", f"{plain['peak_extra_gb']:.2f}",
+                      *(f"{r['peak_extra_gb']:.2f}" for r in chunked), f"{difference:.1e}"])
+    lines = [f"vocabulary {args.vocab:,}, hidden {args.hidden}: one float32 N x V logits tensor = N x "
+             f"{args.vocab * 4 / 2**20:.2f} MB; the LM head's gradient alone = {weight_gb:.2f} GB", ""]
+    lines += markdown_table(["target tokens N", "N x V float32 logits (GB)", "plain: peak extra (GB)",
+                             *(f"chunked C={c}: peak extra (GB)" for c in chunks), "max loss difference"], cells)
+    write_results(Path(args.out), "loss_memory", "\n".join(lines), {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -23,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import build_model, make_records, rlhf_time_config  # noqa: E402  (bench/run.py)
+from run import build_model, make_records, rlhf_time_config  # bench/run.py
+from toolkit import markdown_table, peak_memory_gb
 
 GROUPS = {  # first match wins
     "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"),
@@ -85,17 +84,14 @@ def main() -> None:
     model = "256x4 (Qwen3 vocabulary), " + args.stage if args.real_vocab else args.model
     print(f"model {model}, {args.steps} steps x batch {args.batch_size}, {args.threads} threads, "
           f"train() wall time {wall_us / 1e6:.1f} s\n")
-    print("| where | seconds | share |\n|---|---:|---:|")
-    for group, us in sorted(by_group.items(), key=lambda kv: -kv[1]):
-        print(f"| {group} | {us / 1e6:.2f} | {us / wall_us * 100:.1f}% |")
+    shares = [[group, f"{us / 1e6:.2f}", f"{us / wall_us:.1%}"] for group, us in sorted(by_group.items(), key=lambda kv: -kv[1])]
+    print("\n".join(markdown_table(["where", "seconds", "share"], shares)))
     print("\ntop operators by self time:")
     top = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: -e.self_cpu_time_total)[:15]
     for event in top:
         print(f"  {event.key:55s} {event.self_cpu_time_total / 1e6:7.2f} s  x{event.count}")
     if args.real_vocab:
-        import resource
-
-        print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB; "
+        print(f"\npeak RSS {peak_memory_gb():.2f} GB; "
               "operators by memory allocated (sum over calls, GB):")
         for event in sorted(events, key=lambda e: -e.self_cpu_memory_usage)[:10]:
             if event.self_cpu_memory_usage > 0:

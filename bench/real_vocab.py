@@ -23,64 +23,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from chat_data import PROMPT_TEMPLATE, RESPONSE_TEMPLATE, make_chat_records, make_preference_pairs
+from toolkit import (QWEN3_VOCAB, ROOT, SEED, ChildFailed, StepClock, finish_child, markdown_table, run_child,
+                     save_qwen3, training_config, write_results)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from chat_data import PROMPT_TEMPLATE, RESPONSE_TEMPLATE, make_chat_records, make_preference_pairs  # noqa: E402
-
-MODELS = {
-    "256x4": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, tie_word_embeddings=False),
-    "512x8": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64, tie_word_embeddings=False),
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-}
-QWEN3_VOCAB = 151_936  # Qwen3's embedding rows (the tokenizer's 151,669 padded to a multiple of 128)
+MODELS = ("256x4", "512x8", "0.6b")  # toolkit.QWEN3_SHAPES: untied heads, 0.6b tied as released
 VARIANTS = {
     "sft": {"rlhf_time": "rlhf_time default", "trl": "TRL SFTTrainer", "trl_padding_free": "TRL SFTTrainer padding_free",
             "rlhf_time_compile": "rlhf_time torch_compile=true"},
     "dpo": {"rlhf_time": "rlhf_time DPO (reference copy)", "rlhf_time_precompute": "rlhf_time DPO precompute_ref_logps",
             "trl": "TRL DPOTrainer (reference copy)"},
 }
-SEED, BETA = 0, 0.1
+BETA = 0.1
 
 
 # ------------------------------------------------------------------------------------------- set-up
-def build_model(size: str, folder: Path, tokenizer, max_length: int) -> int:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(vocab_size=QWEN3_VOCAB, max_position_embeddings=max(2048, max_length), rope_theta=1e6,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **MODELS[size])
-    torch.manual_seed(SEED)
-    model = Qwen3ForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
-
-
 def rlhf_time_config(work: Path, args, **overrides):
-    from rlhf_time import TrainingConfig
-
-    return TrainingConfig(
-        experiment_name=overrides.pop("name", "run"), output_dir=str(work / "runs"), model_name=str(work / "model"),
-        model_type="Qwen", train_file=str(work / "train.jsonl"), prompt_template=PROMPT_TEMPLATE,
-        response_template=RESPONSE_TEMPLATE, max_seq_length=2048, batch_size=args.batch_size, max_steps=args.steps,
-        num_train_epochs=1, learning_rate=learning_rate(args), lr_scheduler_type="linear", warmup_steps_ratio=0.0,
-        weight_decay=0.0, max_grad_norm=1.0, eval_strategy="no", save_strategy="no", report_to="none",
-        disable_progress_bar=True, logging_steps=1, seed=SEED, data_cache_dir=str(work / "cache"),
-        device=args.device, use_amp=args.bf16, stage=args.stage, **overrides)
+    return training_config(
+        work, experiment_name=overrides.pop("name", "run"), train_file=str(work / "train.jsonl"),
+        prompt_template=PROMPT_TEMPLATE, response_template=RESPONSE_TEMPLATE, max_seq_length=2048,
+        batch_size=args.batch_size, max_steps=args.steps, num_train_epochs=1, learning_rate=learning_rate(args),
+        lr_scheduler_type="linear", warmup_steps_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+        plot_metrics=True, device=args.device, use_amp=args.bf16, stage=args.stage, **overrides)
 
 
 def learning_rate(args) -> float:
@@ -110,7 +80,7 @@ def prepare(work: Path, args) -> dict:
     plan = plan_batches(dataset.lengths, batch_size=args.batch_size, group_by_length=True, shuffle=True, seed=SEED)
     (work / "examples.json").write_text(json.dumps(examples))
     (work / "order.json").write_text(json.dumps([i for batch in plan for i in batch]))
-    parameters = build_model(args.model, work / "model", tokenizer, max(dataset.lengths))
+    parameters = save_qwen3(work / "model", args.model, tokenizer, max_position_embeddings=max(2048, max(dataset.lengths)))
     if args.stage == "sft":
         tokens = sum(len(e["input_ids"]) for e in examples)
         targets = sum(sum(t != -100 for t in e["labels"][1:]) for e in examples)
@@ -122,34 +92,7 @@ def prepare(work: Path, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ variants
-class StepClock:
-    """Wall time from the first step's start (train begin) to the last step's end, the same for every variant."""
-
-    def __init__(self) -> None:
-        self.begin = self.end = None
-        self.step_ends: list[float] = []  # seconds since train begin
-
-    def start(self) -> None:
-        self._sync()
-        self.begin = time.perf_counter()
-
-    def step(self) -> None:
-        self._sync()
-        self.end = time.perf_counter()
-        self.step_ends.append(self.end - self.begin)
-
-    @staticmethod
-    def _sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    @property
-    def seconds(self) -> float:
-        return self.end - self.begin
-
-
 def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = False) -> dict:
-    from rlhf_time.runtime.callbacks import TrainerCallback
     from rlhf_time.stages.dpo import DPOTrainer
     from rlhf_time.stages.sft import SFTrainer
 
@@ -167,15 +110,7 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
     trainer_class = SFTrainer if args.stage == "sft" else DPOTrainer
     extra = dict(dpo={"beta": BETA, "precompute_ref_logps": precompute}) if args.stage == "dpo" else {}
     trainer = trainer_class(rlhf_time_config(work, args, name=f"rt_{precompute}", torch_compile=compile, **extra))
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, trainer):
-            clock.start()
-
-        def on_step_end(self, trainer, metrics):
-            clock.step()
-
-    trainer.callbacks.append(Clock())
+    trainer.callbacks.append(clock.rlhf_time_callback())
     trainer.train()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "train/loss" in row]
@@ -183,19 +118,6 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
             "step_ends": clock.step_ends,
             "losses": [row["train/loss"] for row in steps],
             "accuracies": [row.get("train/rewards/accuracies") for row in steps]}
-
-
-def trl_callback(clock: StepClock):
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *_, **__):
-            clock.start()
-
-        def on_step_end(self, *_, **__):
-            clock.step()
-
-    return Clock()
 
 
 def trl_common(work: Path, args) -> dict:
@@ -208,61 +130,60 @@ def trl_common(work: Path, args) -> dict:
                 use_cpu=args.device == "cpu", train_sampling_strategy="sequential")
 
 
-def trl_model(work: Path, args):
+def trl_trainer(work: Path, args, trainer_class, config_class, rows: list[dict], **options):
+    """A TRL trainer on the saved model with `rows` as its dataset: TRL's defaults but for trl_common's settings."""
+    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation="sdpa")
-    return model, AutoTokenizer.from_pretrained(work / "model")
+    config = config_class(max_length=None, **options, **trl_common(work, args))
+    return trainer_class(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(work / "model"))
 
 
-def ordered_records(work: Path) -> list[dict]:
-    records = [json.loads(line) for line in (work / "train.jsonl").read_text().splitlines()]
-    return [records[i] for i in json.loads((work / "order.json").read_text())]
+def in_batch_order(work: Path, name: str) -> list[dict]:
+    """The rows of work/<name> (train.jsonl: the records; examples.json: rlhf_time's tokenised examples) in
+    rlhf_time's batch order."""
+    text = (work / name).read_text()
+    rows = [json.loads(line) for line in text.splitlines()] if name.endswith(".jsonl") else json.loads(text)
+    return [rows[i] for i in json.loads((work / "order.json").read_text())]
+
+
+def train_trl(trainer) -> tuple[StepClock, list[dict]]:
+    """Train a TRL trainer under the step clock; its logged rows with a loss."""
+    clock = StepClock()
+    trainer.add_callback(clock.transformers_callback())
+    trainer.train()
+    return clock, [row for row in trainer.state.log_history if "loss" in row]
 
 
 def run_trl_sft(work: Path, args, padding_free: bool) -> dict:
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     rows = [{"prompt": PROMPT_TEMPLATE.format(prompt=r["prompt"]), "completion": RESPONSE_TEMPLATE.format(response=r["response"])}
-            for r in ordered_records(work)]
-    model, tokenizer = trl_model(work, args)
-    config = SFTConfig(max_length=None, padding_free=padding_free, **trl_common(work, args))
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    reference = json.loads((work / "examples.json").read_text())
-    ours = [reference[i] for i in json.loads((work / "order.json").read_text())]
+            for r in in_batch_order(work, "train.jsonl")]
+    trainer = trl_trainer(work, args, SFTTrainer, SFTConfig, rows, padding_free=padding_free)
     same = sum(row["input_ids"] == e["input_ids"] and list(row["labels"]) == e["labels"]
-               for row, e in zip(trainer.train_dataset, ours))
-    clock = StepClock()
-    trainer.add_callback(trl_callback(clock))
-    trainer.train()
-    log = [row for row in trainer.state.log_history if "loss" in row]
+               for row, e in zip(trainer.train_dataset, in_batch_order(work, "examples.json")))
+    clock, log = train_trl(trainer)
     return {"seconds": clock.seconds, "losses": [row["loss"] for row in log], "identical_examples": same,
             "step_ends": clock.step_ends}
 
 
 def run_trl_dpo(work: Path, args) -> dict:
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     rows = [{"prompt": PROMPT_TEMPLATE.format(prompt=r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"]}
-            for r in ordered_records(work)]
-    model, tokenizer = trl_model(work, args)
-    config = DPOConfig(beta=BETA, max_length=None, **trl_common(work, args))
-    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    reference = json.loads((work / "examples.json").read_text())
-    ours = [reference[i] for i in json.loads((work / "order.json").read_text())]
+            for r in in_batch_order(work, "train.jsonl")]
+    trainer = trl_trainer(work, args, DPOTrainer, DPOConfig, rows, beta=BETA)
     same = 0
-    for row, e in zip(trainer.train_dataset, ours):
+    for row, e in zip(trainer.train_dataset, in_batch_order(work, "examples.json")):
         prompt = list(row["prompt_ids"])
         # same tokens, and the trained positions are exactly the completion (+ eos) after the prompt
         same += all(prompt + list(row[f"{side}_ids"]) == e[f"{side}_input_ids"]
                     and [t != -100 for t in e[f"{side}_labels"]] == [i >= len(prompt) for i in range(len(e[f"{side}_labels"]))]
                     for side in ("chosen", "rejected"))
-    clock = StepClock()
-    trainer.add_callback(trl_callback(clock))
-    trainer.train()
-    log = [row for row in trainer.state.log_history if "loss" in row]
+    clock, log = train_trl(trainer)
     return {"seconds": clock.seconds, "losses": [row["loss"] for row in log], "identical_examples": same,
             "accuracies": [row.get("rewards/accuracies") for row in log], "step_ends": clock.step_ends}
 
@@ -276,19 +197,14 @@ def run_variant(name: str, work: Path, args) -> None:
         result = run_trl_sft(work, args, padding_free=name.endswith("padding_free"))
     else:
         result = run_trl_dpo(work, args)
-    if args.device == "cuda":
-        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        result["peak_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result["load_average"] = os.getloadavg()[0]
-    (work / f"{name}.json").write_text(json.dumps(result))
+    finish_child(result, work / f"{name}.json", args.device)
 
 
 # ------------------------------------------------------------------------------------------- driver
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("stage", choices=("sft", "dpo"))
-    parser.add_argument("--model", choices=sorted(MODELS), default="256x4")
+    parser.add_argument("--model", choices=MODELS, default="256x4")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, help="examples (SFT) or pairs (DPO) per step; 8 / 4 by default")
     parser.add_argument("--threads", type=int, default=2)
@@ -319,11 +235,11 @@ def main() -> None:
             command = [sys.executable, __file__, args.stage, "--variant", name, "--work", str(work),
                        "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                        "--threads", str(args.threads), "--device", args.device] + (["--bf16"] if args.bf16 else [])
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                print(f"{name} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            try:
+                results[name] = run_child(command, work / f"{name}.json")
+            except ChildFailed as error:
+                print(f"{name} failed:\n{error}", file=sys.stderr)
                 continue
-            results[name] = json.loads((work / f"{name}.json").read_text())
             print(f"{name}: {results[name]['seconds']:.1f} s, {results[name]['peak_memory_gb']:.2f} GB", flush=True)
     report(results, shared, args, out)
 
@@ -340,20 +256,20 @@ def report(results: dict, shared: dict, args, out: Path) -> None:
              f"trained on), longest {shared['max_length']}, {args.device}, {'bf16 autocast' if args.bf16 else 'float32'}, "
              f"{args.threads} threads",
              f"tokenizer: {identity['identical_texts']}/{identity['texts']} texts ({identity['tokens_compared']:,} tokens) "
-             f"with token ids identical to the tiktoken reference; vocabulary {identity['vocab_size']:,}",
-             "", f"| variant | {per_second} | vs TRL | {memory_kind} (GB) | vs TRL | first loss | last loss |"
-             + (" mean reward accuracy |" if args.stage == "dpo" else ""),
-             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.stage == "dpo" else "")]
+             f"with token ids identical to the tiktoken reference; vocabulary {identity['vocab_size']:,}", ""]
+    header = ["variant", per_second, "vs TRL", f"{memory_kind} (GB)", "vs TRL", "first loss", "last loss"]
+    rows = []
     for name, r in results.items():
         r["rate"] = work_done / r["seconds"]
         r["speed_vs_trl"] = trl["seconds"] / r["seconds"] if trl else float("nan")
         r["memory_vs_trl"] = r["peak_memory_gb"] / trl["peak_memory_gb"] if trl else float("nan")
-        row = (f"| {VARIANTS[args.stage][name]} | {r['rate']:,.{0 if args.stage == 'sft' else 2}f} | {r['speed_vs_trl']:.2f}x | "
-               f"{r['peak_memory_gb']:.2f} | {r['memory_vs_trl']:.2f}x | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
+        rows.append([VARIANTS[args.stage][name], f"{r['rate']:,.{0 if args.stage == 'sft' else 2}f}",
+                     f"{r['speed_vs_trl']:.2f}x", f"{r['peak_memory_gb']:.2f}", f"{r['memory_vs_trl']:.2f}x",
+                     f"{r['losses'][0]:.4f}", f"{r['losses'][-1]:.4f}"])
         if args.stage == "dpo":
             accuracies = [a for a in r.get("accuracies", []) if a is not None]
-            row += f" {sum(accuracies) / max(len(accuracies), 1):.2f} |"
-        lines.append(row)
+            rows[-1].append(f"{sum(accuracies) / max(len(accuracies), 1):.2f}")
+    lines += markdown_table(header + (["mean reward accuracy"] if args.stage == "dpo" else []), rows)
     for name, r in results.items():
         if "identical_examples" in r:
             lines.append(f"\n{VARIANTS[args.stage][name]}: examples identical to rlhf_time's (tokens and trained "
@@ -372,11 +288,8 @@ def report(results: dict, shared: dict, args, out: Path) -> None:
                      f"{results['rlhf_time_precompute']['reference_seconds']:.1f} s (included in its pairs/s)")
     loads = ", ".join(f"{name} {r['load_average']:.1f}" for name, r in results.items())
     lines.append(f"load average at the end of each variant (shared machine): {loads}")
-    text = "\n".join(lines)
-    print(text)
     stem = f"{args.stage}_{args.model}_{args.device}"
-    (out / f"{stem}.md").write_text(text + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"shared": shared, "results": results, "args": vars(args)}, indent=1))
+    write_results(out, stem, "\n".join(lines), {"shared": shared, "results": results, "args": vars(args)})
     chart(results, args, out / f"{stem}.png", per_second, memory_kind)
 
 

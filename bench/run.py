@@ -10,27 +10,25 @@ Every variant runs in its own subprocess (so peak RSS is its own), one after the
   - the same optimisation: AdamW, lr 1e-3, linear decay, no warmup, no weight decay, clip 1.0, float32;
   - the same loss: cross-entropy on response tokens (+ eos) only, summed and divided by the step's target tokens.
 Reported: real (non-padding) tokens/sec of the training loop, its ratio to TRL, peak RSS, the final loss
-(held-out set, same function for every variant), the last-10-step train loss, and MFU
-(6·N·tokens + 6·L·d_attn·Σlen²) / s / measured float32 matmul peak. Writes results.json and throughput.png.
+(held-out set, same function for every variant), the last-10-step train loss, and MFU: the run's model FLOPs
+(rlhf_time's ThroughputMeter count: 3 x forward, the LM head on trained positions, causal attention by real
+length) / s / the CPU peak (rlhf_time.runtime.throughput.cpu_peak_flops). Writes results.md, results.json and
+throughput.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from toolkit import (ROOT, SEED, ChildFailed, finish_child, markdown_table, run_child, save_qwen3,
+                     training_config, write_results)
 
 VARIANTS = {
     "rlhf_time": "rlhf_time default (length-grouped batches)",
@@ -39,13 +37,8 @@ VARIANTS = {
     "trl_padding_free": "TRL SFTTrainer padding_free=true",
     "torch": "plain PyTorch loop, padded batches",
 }
-MODELS = {
-    "tiny": dict(hidden_size=128, intermediate_size=448, num_hidden_layers=6, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32),
-    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=64),
-}
-LEARNING_RATE, SEED, EVAL_EXAMPLES = 1e-3, 0, 64
+MODELS = {"tiny": "128x6", "small": "512x8"}  # toolkit.QWEN3_SHAPES, at the tiny tokenizer's vocabulary, tied head
+LEARNING_RATE, EVAL_EXAMPLES = 1e-3, 64
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -62,31 +55,19 @@ def make_records(count: int, seed: int) -> list[dict[str, str]]:
 
 
 def build_model(size: str, folder: Path) -> int:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     from rlhf_time.models.tiny import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer()
-    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **MODELS[size])
-    torch.manual_seed(SEED)
-    model = Qwen3ForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return save_qwen3(folder, MODELS[size], tokenizer, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                      tie_word_embeddings=True)
 
 
 def rlhf_time_config(work: Path, args, **overrides):
-    from rlhf_time import TrainingConfig
-
-    return TrainingConfig(
-        experiment_name=overrides.pop("name"), output_dir=str(work / "runs"), model_name=str(work / "model"),
-        model_type="Qwen", train_file=str(work / "train.jsonl"), prompt_template="{prompt}",
+    return training_config(
+        work, experiment_name=overrides.pop("name"), train_file=str(work / "train.jsonl"), prompt_template="{prompt}",
         response_template="{response}", max_seq_length=1024, batch_size=args.batch_size, max_steps=args.steps,
         num_train_epochs=1, learning_rate=LEARNING_RATE, lr_scheduler_type="linear", warmup_steps_ratio=0.0,
-        weight_decay=0.0, max_grad_norm=1.0, eval_strategy="no", save_strategy="no", report_to="none",
-        disable_progress_bar=True, logging_steps=1, seed=SEED, data_cache_dir=str(work / "cache"),
-        plot_metrics=False, **overrides)  # time training only: no report charts or sample generations
+        weight_decay=0.0, max_grad_norm=1.0, **overrides)
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -197,17 +178,16 @@ def run_variant(name: str, work: Path, args) -> None:
         model, seconds, losses = run_trl(work, args, padding_free=name.endswith("padding_free"))
     else:
         model, seconds, losses = run_torch(work, args)
-    result = {"seconds": seconds, "losses": losses, "final_loss": held_out_loss(model, work),
-              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "load_average": os.getloadavg()[0]}
-    (work / f"{name}.json").write_text(json.dumps(result))
+    finish_child({"seconds": seconds, "losses": losses, "final_loss": held_out_loss(model, work)}, work / f"{name}.json")
 
 
 # ------------------------------------------------------------------------------------------- driver
 def prepare(work: Path, args) -> dict:
-    from rlhf_time.data import load_sft_dataset
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_time.data import PaddingCollator, load_sft_dataset
     from rlhf_time.models.tiny import load_tiny_tokenizer
-    from rlhf_time.runtime.throughput import device_peak_flops
+    from rlhf_time.runtime.throughput import ThroughputMeter, device_peak_flops
 
     count = args.steps * args.batch_size
     records = make_records(count + EVAL_EXAMPLES, seed=SEED)
@@ -222,14 +202,12 @@ def prepare(work: Path, args) -> dict:
                 for i in range(len(dataset))]
         (work / f"{name}.json").write_text(json.dumps(rows))
     examples = json.loads((work / "examples.json").read_text())
-    lengths = [len(e["input_ids"]) for e in examples]
-    spec = MODELS[args.model]
-    embeddings = len(tokenizer) * spec["hidden_size"]
-    attention = 6 * spec["num_hidden_layers"] * spec["num_attention_heads"] * spec["head_dim"] * sum(n * n for n in lengths)
     torch.set_num_threads(args.threads)
-    return {"parameters": parameters, "tokens": sum(lengths),
+    # every variant trains on these examples once: the same model FLOPs, counted as rlhf_time's meter counts them
+    meter = ThroughputMeter(AutoModelForCausalLM.from_pretrained(work / "model"), torch.device("cpu"))
+    return {"parameters": parameters, "tokens": sum(len(e["input_ids"]) for e in examples),
             "target_tokens": sum(sum(t != -100 for t in e["labels"][1:]) for e in examples),
-            "model_flops": 6 * (parameters - embeddings) * sum(lengths) + attention,
+            "model_flops": 3 * meter.forward_flops(PaddingCollator(pad_token_id=tokenizer.pad_token_id)(examples)),
             "peak_flops": device_peak_flops(torch.device("cpu"))}
 
 
@@ -256,11 +234,10 @@ def main() -> None:
         for name in args.variants.split(","):
             command = [sys.executable, __file__, "--variant", name, "--work", str(work), "--model", args.model,
                        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                print(f"{name} failed:\n{done.stderr[-1500:]}", file=sys.stderr)
-                continue
-            results[name] = json.loads((work / f"{name}.json").read_text())
+            try:
+                results[name] = run_child(command, work / f"{name}.json")
+            except ChildFailed as error:
+                print(f"{name} failed:\n{error}", file=sys.stderr)
         check = json.loads((work / "trl_check.json").read_text()) if (work / "trl_check.json").exists() else None
     report(results, shared, check, args, out)
 
@@ -269,17 +246,18 @@ def report(results: dict, shared: dict, check, args, out: Path) -> None:
     trl = results.get("trl", {}).get("seconds")
     lines = [f"model {args.model} ({shared['parameters'] / 1e6:.1f}M parameters), {args.steps} steps x batch "
              f"{args.batch_size}, {shared['tokens']:,} tokens ({shared['target_tokens']:,} trained on), "
-             f"{args.threads} threads, peak {shared['peak_flops'] / 1e9:.0f} GFLOP/s (measured matmul)",
-             "", "| variant | tokens/sec | vs TRL | peak RSS (GB) | final loss | last-10 train loss | MFU |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{args.threads} threads, CPU peak {shared['peak_flops'] / 1e9:.0f} GFLOP/s (one-thread matmul x threads)",
+             ""]
+    rows = []
     for name, r in results.items():
         r["tokens_per_sec"] = shared["tokens"] / r["seconds"]
         r["ratio_to_trl"] = trl / r["seconds"] if trl else float("nan")
         r["mfu"] = shared["model_flops"] / r["seconds"] / shared["peak_flops"]
         r["last10_train_loss"] = sum(r["losses"][-10:]) / len(r["losses"][-10:])
-        lines.append(f"| {VARIANTS[name]} | {r['tokens_per_sec']:,.0f} | {r['ratio_to_trl']:.2f}x | "
-                     f"{r['peak_rss_gb']:.2f} | {r['final_loss']:.4f} | {r['last10_train_loss']:.4f} | "
-                     f"{r['mfu'] * 100:.1f}% |")
+        rows.append([VARIANTS[name], f"{r['tokens_per_sec']:,.0f}", f"{r['ratio_to_trl']:.2f}x", f"{r['peak_memory_gb']:.2f}",
+                     f"{r['final_loss']:.4f}", f"{r['last10_train_loss']:.4f}", f"{r['mfu']:.1%}"])
+    lines += markdown_table(["variant", "tokens/sec", "vs TRL", "peak RSS (GB)", "final loss", "last-10 train loss",
+                             "MFU"], rows)
     if check:
         lines.append(f"\nTRL examples identical to rlhf_time's (tokens and trained positions): "
                      f"{check['identical_examples']}/{check['examples']}")
@@ -287,11 +265,8 @@ def report(results: dict, shared: dict, check, args, out: Path) -> None:
     if losses:
         spread = (max(losses) - min(losses)) / min(losses)
         lines.append(f"final losses within {spread * 100:.2f}% of each other")
-    table = "\n".join(lines)
-    print(table)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "shared": shared, "check": check,
-                                                  "results": results}, indent=1))
-    (out / "results.md").write_text(table + "\n")
+    write_results(out, "results", "\n".join(lines), {"args": vars(args), "shared": shared, "check": check,
+                                                     "results": results})
     chart(results, out / "throughput.png", args)
 
 
@@ -305,7 +280,7 @@ def chart(results: dict, path: Path, args) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.barh(names, [results[n]["tokens_per_sec"] for n in names], color="tab:blue")
     left.set_xlabel("tokens / second (higher is better)")
-    right.barh(names, [results[n]["peak_rss_gb"] for n in names], color="tab:orange")
+    right.barh(names, [results[n]["peak_memory_gb"] for n in names], color="tab:orange")
     right.set_xlabel("peak RSS, GB (lower is better)")
     for axis in (left, right):
         axis.invert_yaxis()
