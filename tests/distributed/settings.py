@@ -4,6 +4,7 @@ The FSDP and LoRA scenarios also use gradient checkpointing, which must not chan
 """
 
 import json
+import os
 from pathlib import Path
 
 from rlhf_time import TrainingConfig
@@ -62,9 +63,12 @@ def preference_files(folder: Path) -> dict[str, str]:
     for key, count, seed in (("train_file", 16, 10), ("eval_file", 8, 11)):
         path = folder / "data" / f"{key}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_records(count,
-                                                                                                          seed=seed)),
-                        encoding="utf-8")
+        # Every rank writes the same file: through a rename, so no rank ever reads another's half-written copy.
+        staging = path.with_name(f"{path.name}.{os.getpid()}")
+        staging.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_records(count,
+                                                                                                             seed=seed)),
+                           encoding="utf-8")
+        os.replace(staging, path)
         files[key] = str(path)
     return files
 
