@@ -2,8 +2,12 @@
 stopped while success is partial (one of its checkpoints), then GRPO with the tool (examples/agent_grpo.yaml) over
 several seeds; held-out success after each.
 
-    python bench/agent_pipeline.py [--sft-steps 1500] [--checkpoints 700,800,900,1000] [--start-from 900]
+    python bench/agent_pipeline.py [--sft-steps 1500] [--checkpoints 300,400,500] [--start-from 500]
                                    [--grpo-steps 60] [--seeds 1,2,3] [--limit 50] [--out bench/out/agent]
+                                   [key=value overrides of the GRPO runs, last]
+
+e.g. one row of docs/stages.md's table: `--reuse-sft --grpo-steps 200 --seeds 1,2 learning_rate=1e-4
+eval_strategy=no`, run with OMP_NUM_THREADS=1 on a shared machine.
 
 The SFT keeps the example's schedule (max_steps = --sft-steps, cosine) and saves a checkpoint at each of
 --checkpoints; GRPO starts from checkpoint --start-from. Success (bench/agent_eval.py): the final answer of a greedy
@@ -52,8 +56,8 @@ def table(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft-steps", type=int, default=1500, help="the SFT schedule's length (max_steps)")
-    parser.add_argument("--checkpoints", type=integers, default=[700, 800, 900, 1000])
-    parser.add_argument("--start-from", type=int, default=900, help="the SFT checkpoint GRPO starts from")
+    parser.add_argument("--checkpoints", type=integers, default=[300, 400, 500])
+    parser.add_argument("--start-from", type=int, default=500, help="the SFT checkpoint GRPO starts from")
     parser.add_argument("--grpo-steps", type=int, default=60)
     parser.add_argument("--seeds", type=integers, default=[1, 2, 3], help="one GRPO run per seed")
     parser.add_argument("--sft-seed", type=int, default=42)
