@@ -9,7 +9,7 @@ import re
 from typing import Any, Callable, Optional, Sequence, Union
 
 from rlhf_time.agents.calls import _HERMES_CALL, ParseError, Style, ToolCall, _call
-from rlhf_time.data.tokenize import END_OF_TURN_MARKERS
+from rlhf_time.data.tokenize import end_of_turn_markers
 from rlhf_time.data.tool_render import render_messages
 from rlhf_time.errors import RlhfTimeError
 
@@ -62,7 +62,5 @@ def render_tool_turns(tokenizer, messages: list[dict[str, Any]], tool_messages: 
     tokenizer's template (tools natively or in the Hermes default)."""
     if not messages or messages[-1]["role"] != "assistant":
         raise RlhfTimeError("render_tool_turns: the conversation must end with the assistant turn that made the calls")
-    markers = [tokenizer.eos_token] if tokenizer.eos_token else []
-    markers += [m for m in END_OF_TURN_MARKERS if m not in markers]
     render = functools.partial(render_messages, tokenizer, tools=tools)
-    return text_after_turn(render, messages[:-1], messages[-1], tool_messages, markers)
+    return text_after_turn(render, messages[:-1], messages[-1], tool_messages, end_of_turn_markers(tokenizer))

@@ -21,6 +21,12 @@ END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_t
 Segments = list[tuple[str, bool]]  # (text, is_target)
 
 
+def end_of_turn_markers(tokenizer) -> list[str]:
+    """The texts that may end a turn: the tokenizer's EOS first, then the known end-of-turn tokens."""
+    markers = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return markers + [m for m in END_OF_TURN_MARKERS if m not in markers]
+
+
 class ConversationEncoder:
     """Turns conversations into token ids and labels with the configured templates or the chat template."""
 
@@ -37,8 +43,7 @@ class ConversationEncoder:
                                 "(e.g. prompt_template='Question: {prompt}\\n', response_template='Answer: {response}')")
         if self.use_templates and not tokenizer.eos_token:
             raise RlhfTimeError("prompt_template/response_template need a tokenizer with an eos_token to end each response")
-        markers = [tokenizer.eos_token] if tokenizer.eos_token else []
-        self.end_of_turn_markers = markers + [m for m in END_OF_TURN_MARKERS if m not in markers]
+        self.end_of_turn_markers = end_of_turn_markers(tokenizer)
         bos = tokenizer.bos_token_id
         self.bos_text = tokenizer.bos_token if bos is not None and tokenizer("a").input_ids[:1] == [bos] else ""
 
