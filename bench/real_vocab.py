@@ -1,7 +1,8 @@
-"""SFT and DPO at Qwen's real vocabulary: rlhf_time against TRL, same model, same examples, same batches.
+"""SFT, DPO and GRPO at Qwen's real vocabulary: rlhf_time against TRL, same model, same examples, same batches.
 
     python bench/real_vocab.py sft [--model 256x4|512x8|0.6b] [--steps 10] [--batch-size 8] [--device cpu|cuda] [--bf16]
     python bench/real_vocab.py dpo [--model 256x4] [--steps 10] [--batch-size 4] ...
+    python bench/real_vocab.py grpo [--model 256x4] [--steps 3] [--batch-size 8] [--completion-tokens 256] ...
 
 Every variant runs in its own subprocess (so peak memory is its own), one after the other, on:
   - Qwen3's 151,669-token tokenizer converted offline from qwen.tiktoken (bench/qwen_vocab.py; token ids checked
@@ -15,8 +16,17 @@ Every variant runs in its own subprocess (so peak memory is its own), one after 
     batches would pad more, so the speed ratios here are conservative);
   - AdamW lr 1e-5 (SFT: 1e-4), no warmup, no weight decay, clip 1.0, float32 (or bf16 autocast with --bf16),
     no gradient checkpointing, DPO sigmoid loss with beta 0.1 and a frozen reference copy.
+GRPO (8 prompts x G = 8 completions per step by default): the chat records' prompts in file order (no shuffling
+on either side), temperature 1, no top-k/top-p, up to --completion-tokens new tokens (the random model rarely stops,
+so nearly every completion runs to the limit: the worst case for memory), reward `character_variety`
+(bench/chat_data.py) for both, DAPO aggregation, group scaling, epsilon 0.2, mu = 1, no KL (TRL's default beta 0),
+AdamW 1e-6 constant, clip 1.0. TRL generates the step's 64 completions in one batch and trains on them in
+micro-batches of --trl-micro-batch completions (accumulated to one optimiser step; one batch of 64 would need
+64 x 257 x 151,936 float32 logits, 10 GB per copy); rlhf_time trains on the step in its default way (one
+micro-batch of 8 prompts x 8 completions, the prompt read once per group, log-probs from chunked hidden states).
 Reported: tokens/s (SFT) or pairs/s (DPO) over the steps (first step start to last step end), peak memory
-(CPU: the process's peak RSS; CUDA: torch.cuda.max_memory_allocated), per-step losses, DPO reward accuracy.
+(CPU: the process's peak RSS; CUDA: torch.cuda.max_memory_allocated), per-step losses, DPO reward accuracy; GRPO: sampled tokens/s and steps/s, generation's share of the time, the
+mean reward and completion length per step.
 """
 
 from __future__ import annotations
@@ -30,31 +40,38 @@ from pathlib import Path
 
 import torch
 from chat_data import PROMPT_TEMPLATE, RESPONSE_TEMPLATE, make_chat_records, make_preference_pairs
-from toolkit import (QWEN3_VOCAB, ROOT, SEED, ChildFailed, StepClock, finish_child, markdown_table, run_child,
+from toolkit import (QWEN3_SHAPES, QWEN3_VOCAB, ROOT, SEED, ChildFailed, StepClock, finish_child, markdown_table, run_child,
                      save_qwen3, training_config, write_results)
 
-MODELS = ("256x4", "512x8", "0.6b")  # toolkit.QWEN3_SHAPES: untied heads, 0.6b tied as released
+MODELS = tuple(QWEN3_SHAPES)  # untied heads, 0.6b tied as released
 VARIANTS = {
     "sft": {"rlhf_time": "rlhf_time default", "trl": "TRL SFTTrainer", "trl_padding_free": "TRL SFTTrainer padding_free",
             "rlhf_time_compile": "rlhf_time torch_compile=true"},
     "dpo": {"rlhf_time": "rlhf_time DPO (reference copy)", "rlhf_time_precompute": "rlhf_time DPO precompute_ref_logps",
             "trl": "TRL DPOTrainer (reference copy)"},
+    "grpo": {"rlhf_time": "rlhf_time GRPO", "trl": "TRL GRPOTrainer"},
+    "ppo": {"rlhf_time": "rlhf_time PPO", "plain": "plain PPO loop (bench/plain_ppo.py)"},
 }
+BASELINE = {"sft": "trl", "dpo": "trl", "grpo": "trl", "ppo": "plain"}  # what each ratio is against
 BETA = 0.1
 
 
 # ------------------------------------------------------------------------------------------- set-up
 def rlhf_time_config(work: Path, args, **overrides):
-    return training_config(
-        work, experiment_name=overrides.pop("name", "run"), train_file=str(work / "train.jsonl"),
-        prompt_template=PROMPT_TEMPLATE, response_template=RESPONSE_TEMPLATE, max_seq_length=2048,
-        batch_size=args.batch_size, max_steps=args.steps, num_train_epochs=1, learning_rate=learning_rate(args),
-        lr_scheduler_type="linear", warmup_steps_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
-        plot_metrics=True, device=args.device, use_amp=args.bf16, stage=args.stage, **overrides)
+    fields = dict(experiment_name=overrides.pop("name", "run"), train_file=str(work / "train.jsonl"),
+                  prompt_template=PROMPT_TEMPLATE, response_template=RESPONSE_TEMPLATE, max_seq_length=2048,
+                  batch_size=args.batch_size, max_steps=args.steps, num_train_epochs=1, learning_rate=learning_rate(args),
+                  lr_scheduler_type="linear", warmup_steps_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+                  plot_metrics=True, device=args.device, use_amp=args.bf16, stage=args.stage)
+    return training_config(work, **{**fields, **overrides})
 
 
 def learning_rate(args) -> float:
-    return 1e-4 if args.stage == "sft" else 1e-5
+    return {"sft": 1e-4, "dpo": 1e-5}.get(args.stage, 1e-6)
+
+
+REWARD = f"{ROOT / 'bench' / 'chat_data.py'}:character_variety"
+GROUP = 8  # completions per prompt (G)
 
 
 def prepare(work: Path, args) -> dict:
@@ -65,6 +82,8 @@ def prepare(work: Path, args) -> dict:
 
     tokenizer = load_qwen_tokenizer()
     count = args.steps * args.batch_size
+    if args.stage in ("grpo", "ppo"):
+        return prepare_prompts(work, args, tokenizer, count)
     if args.stage == "sft":
         records = make_chat_records(count, tokenizer, seed=SEED)
         texts = [r[k] for r in records for k in ("prompt", "response")]
@@ -89,6 +108,19 @@ def prepare(work: Path, args) -> dict:
         targets = sum(sum(t != -100 for t in e[k][1:]) for e in examples for k in ("chosen_labels", "rejected_labels"))
     return {"parameters": parameters, "tokens": tokens, "target_tokens": targets, "examples": len(examples),
             "max_length": max(dataset.lengths), "tokenizer_identity": identity}
+
+
+def prepare_prompts(work: Path, args, tokenizer, count: int) -> dict:
+    """GRPO and PPO: `count` chat prompts (steps x prompts per step, in file order) and the model."""
+    from qwen_vocab import token_identity
+
+    prompts = [{"prompt": r["prompt"]} for r in make_chat_records(count, tokenizer, seed=SEED, prompt_tokens=args.prompt_tokens)]
+    (work / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts))
+    lengths = [len(tokenizer.encode(PROMPT_TEMPLATE.format(prompt=r["prompt"]), add_special_tokens=False)) for r in prompts]
+    parameters = save_qwen3(work / "model", args.model, tokenizer,
+                            max_position_embeddings=max(2048, max(lengths) + args.completion_tokens))
+    return {"parameters": parameters, "examples": count, "prompt_tokens": sum(lengths), "max_length": max(lengths),
+            "tokenizer_identity": token_identity(tokenizer, [r["prompt"] for r in prompts])}
 
 
 # ------------------------------------------------------------------------------------------ variants
@@ -118,6 +150,109 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
             "step_ends": clock.step_ends,
             "losses": [row["train/loss"] for row in steps],
             "accuracies": [row.get("train/rewards/accuracies") for row in steps]}
+
+
+def run_rlhf_time_grpo(work: Path, args) -> dict:
+    from rlhf_time.stages.grpo import GRPOTrainer
+
+    generation = [0.0]
+
+    class Timed(GRPOTrainer):
+        def sample_rollout(self, *a, **k):
+            begin = time.perf_counter()
+            rollout = super().sample_rollout(*a, **k)
+            generation[0] += time.perf_counter() - begin
+            return rollout
+
+    config = rlhf_time_config(
+        work, args, name="rt_grpo", lr_scheduler_type="constant", shuffle=False,
+        group_by_length=False, temperature=1.0, top_k=0, top_p=1.0, grpo={"num_generations": GROUP, "loss_type": "dapo"},
+        rollout={"max_prompt_length": 2048, "max_completion_length": args.completion_tokens, "reward_funcs": [REWARD]})
+    trainer = Timed(config)
+    clock = StepClock()
+    trainer.callbacks.append(clock.rlhf_time_callback())
+    trainer.train()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "train/reward" in row]
+    return {"seconds": clock.seconds, "generation_seconds": generation[0], "step_ends": clock.step_ends,
+            "losses": [row["train/loss"] for row in steps], "rewards": [row["train/reward"] for row in steps],
+            "completion_lengths": [row["train/completions/mean_length"] for row in steps]}
+
+
+def run_rlhf_time_ppo(work: Path, args) -> dict:
+    from rlhf_time.stages.ppo import PPOTrainer
+
+    generation = [0.0]
+
+    class Timed(PPOTrainer):
+        def sample_rollout(self, *a, **k):
+            begin = time.perf_counter()
+            rollout = super().sample_rollout(*a, **k)
+            generation[0] += time.perf_counter() - begin
+            return rollout
+
+    config = rlhf_time_config(
+        work, args, name="rt_ppo", batch_size=args.micro_batch, gradient_accumulation_steps=args.batch_size // args.micro_batch,
+        lr_scheduler_type="constant", shuffle=False, group_by_length=False, temperature=1.0, top_k=0, top_p=1.0,
+        rollout={"max_prompt_length": 2048, "max_completion_length": args.completion_tokens, "reward_funcs": [REWARD]})
+    trainer = Timed(config)
+    clock = StepClock()
+    trainer.callbacks.append(clock.rlhf_time_callback())
+    trainer.train()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "train/reward" in row]
+    return {"seconds": clock.seconds, "generation_seconds": generation[0], "step_ends": clock.step_ends,
+            "rewards": [row["train/reward"] for row in steps],
+            "completion_lengths": [row["train/completions/mean_length"] for row in steps]}
+
+
+def run_plain_ppo(work: Path, args) -> dict:
+    import plain_ppo
+    from chat_data import character_variety
+
+    prompts = [PROMPT_TEMPLATE.format(prompt=json.loads(line)["prompt"])
+               for line in (work / "train.jsonl").read_text().splitlines()]
+    clock = StepClock()
+    result = plain_ppo.train(str(work / "model"), prompts, character_variety, steps=args.steps,
+                             prompts_per_step=args.batch_size, micro_batch=args.micro_batch,
+                             max_new_tokens=args.completion_tokens, learning_rate=learning_rate(args), clock=clock)
+    return {"seconds": clock.seconds, "step_ends": clock.step_ends, **result}
+
+
+def run_trl_grpo(work: Path, args) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from chat_data import character_variety
+
+    rows = [{"prompt": PROMPT_TEMPLATE.format(prompt=json.loads(line)["prompt"])}
+            for line in (work / "train.jsonl").read_text().splitlines()]
+    completions_per_step = args.batch_size * GROUP
+    common = trl_common(work, args)
+    for key in ("train_sampling_strategy", "per_device_train_batch_size"):
+        common.pop(key)
+    config = GRPOConfig(
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=completions_per_step // args.micro_batch,
+        num_generations=GROUP, max_completion_length=args.completion_tokens, temperature=1.0, top_k=0, top_p=1.0,
+        loss_type="dapo", scale_rewards="group", beta=0.0, epsilon=0.2, num_iterations=1, shuffle_dataset=False,
+        **{**common, "lr_scheduler_type": "constant"})
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, attn_implementation="sdpa"),
+                          reward_funcs=[character_variety], args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=AutoTokenizer.from_pretrained(work / "model"))
+    generate, generation = trainer.model.generate, [0.0]
+
+    def timed_generate(*a, **k):
+        begin = time.perf_counter()
+        out = generate(*a, **k)
+        generation[0] += time.perf_counter() - begin
+        return out
+
+    trainer.model.generate = timed_generate
+    clock, log = train_trl(trainer)
+    return {"seconds": clock.seconds, "generation_seconds": generation[0], "step_ends": clock.step_ends,
+            "losses": [row["loss"] for row in log], "rewards": [row["reward"] for row in log],
+            "completion_lengths": [row["completions/mean_length"] for row in log]}
 
 
 def trl_common(work: Path, args) -> dict:
@@ -191,7 +326,11 @@ def run_trl_dpo(work: Path, args) -> dict:
 def run_variant(name: str, work: Path, args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
-    if name.startswith("rlhf_time"):
+    if args.stage == "grpo":
+        result = run_rlhf_time_grpo(work, args) if name == "rlhf_time" else run_trl_grpo(work, args)
+    elif args.stage == "ppo":
+        result = run_rlhf_time_ppo(work, args) if name == "rlhf_time" else run_plain_ppo(work, args)
+    elif name.startswith("rlhf_time"):
         result = run_rlhf_time(work, args, precompute=name.endswith("precompute"), compile=name.endswith("compile"))
     elif args.stage == "sft":
         result = run_trl_sft(work, args, padding_free=name.endswith("padding_free"))
@@ -203,10 +342,15 @@ def run_variant(name: str, work: Path, args) -> None:
 # ------------------------------------------------------------------------------------------- driver
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("stage", choices=("sft", "dpo"))
+    parser.add_argument("stage", choices=tuple(VARIANTS))
     parser.add_argument("--model", choices=MODELS, default="256x4")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, help="examples (SFT) or pairs (DPO) per step; 8 / 4 by default")
+    parser.add_argument("--steps", type=int, help="optimiser steps; 10 (SFT, DPO) or 3 (GRPO) by default")
+    parser.add_argument("--batch-size", type=int, help="examples (SFT), pairs (DPO) or prompts (GRPO) per step; 8 / 4 / 8 by default")
+    parser.add_argument("--completion-tokens", type=int, default=256, help="GRPO, PPO: max_completion_length")
+    parser.add_argument("--prompt-tokens", type=lambda text: tuple(map(int, text.split(","))), default=(20, 600),
+                        help="GRPO, PPO: MIN,MAX prompt tokens (chat_data's realistic 20,600 by default)")
+    parser.add_argument("--micro-batch", type=int, default=8,
+                        help="completions per forward/backward: TRL's in GRPO; rlhf_time's and the plain loop's in PPO")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for every variant")
@@ -215,7 +359,8 @@ def parse_args(argv=None):
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.batch_size = args.batch_size or (8 if args.stage == "sft" else 4)
+    args.batch_size = args.batch_size or {"sft": 8, "dpo": 4, "grpo": 8, "ppo": 64}[args.stage]
+    args.steps = args.steps or (3 if args.stage in ("grpo", "ppo") else 10)
     return args
 
 
@@ -234,7 +379,10 @@ def main() -> None:
         for name in names:
             command = [sys.executable, __file__, args.stage, "--variant", name, "--work", str(work),
                        "--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                       "--threads", str(args.threads), "--device", args.device] + (["--bf16"] if args.bf16 else [])
+                       "--threads", str(args.threads), "--device", args.device,
+                       "--completion-tokens", str(args.completion_tokens),
+                       "--prompt-tokens", ",".join(map(str, args.prompt_tokens)), "--micro-batch", str(args.micro_batch)
+                       ] + (["--bf16"] if args.bf16 else [])
             try:
                 results[name] = run_child(command, work / f"{name}.json")
             except ChildFailed as error:
@@ -244,7 +392,41 @@ def main() -> None:
     report(results, shared, args, out)
 
 
+def report_on_policy(results: dict, shared: dict, args, out: Path) -> None:
+    """GRPO's table against TRL, PPO's against the plain loop: time per step, sampled tokens/s, peak memory."""
+    base_name = BASELINE[args.stage]
+    base = results.get(base_name, {})
+    memory_kind = "peak CUDA memory" if args.device == "cuda" else "peak RSS"
+    group = GROUP if args.stage == "grpo" else 1
+    completions = args.batch_size * group
+    shape = f"{args.batch_size} prompts x G {GROUP}" if args.stage == "grpo" else f"{args.batch_size} prompts"
+    lines = [f"{args.stage.upper()}, model {args.model} ({shared['parameters'] / 1e6:.1f}M parameters, vocabulary "
+             f"{QWEN3_VOCAB:,}), {args.steps} steps x {shape}, up to {args.completion_tokens} new tokens, "
+             f"{shared['prompt_tokens']:,} prompt tokens (longest {shared['max_length']}), {args.device}, "
+             f"{'bf16 autocast' if args.bf16 else 'float32'}, {args.threads} threads; micro-batches of "
+             f"{args.micro_batch} completions ({'TRL' if args.stage == 'grpo' else 'both'})", ""]
+    versus = "TRL" if base_name == "trl" else "plain"
+    header = ["variant", "s/step", f"steps/s vs {versus}", "sampled tokens/s", "generation share",
+              f"{memory_kind} (GB)", f"vs {versus}", "mean reward", "mean completion length"]
+    rows = []
+    for name, r in results.items():
+        sampled = sum(r["completion_lengths"]) * completions
+        r["speed_vs_base"] = base["seconds"] / r["seconds"] if base else float("nan")
+        r["memory_vs_base"] = r["peak_memory_gb"] / base["peak_memory_gb"] if base else float("nan")
+        rows.append([VARIANTS[args.stage][name], f"{r['seconds'] / args.steps:.1f}", f"{r['speed_vs_base']:.2f}x",
+                     f"{sampled / r['seconds']:.1f}", f"{r['generation_seconds'] / r['seconds']:.0%}",
+                     f"{r['peak_memory_gb']:.2f}", f"{r['memory_vs_base']:.2f}x",
+                     f"{sum(r['rewards']) / len(r['rewards']):.4f}",
+                     f"{sum(r['completion_lengths']) / len(r['completion_lengths']):.1f}"])
+    lines += markdown_table(header, rows)
+    loads = ", ".join(f"{name} {r['load_average']:.1f}" for name, r in results.items())
+    lines.append(f"load average at the end of each variant (shared machine): {loads}")
+    write_results(out, f"{args.stage}_{args.model}_{args.device}", "\n".join(lines), {"shared": shared, "results": results, "args": vars(args)})
+
+
 def report(results: dict, shared: dict, args, out: Path) -> None:
+    if args.stage in ("grpo", "ppo"):
+        return report_on_policy(results, shared, args, out)
     per_second = "tokens/s" if args.stage == "sft" else "pairs/s"
     work_done = shared["tokens"] if args.stage == "sft" else shared["examples"]
     trl = results.get("trl", {})
