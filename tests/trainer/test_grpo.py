@@ -287,3 +287,34 @@ def test_num_iterations_reuses_each_sampled_batch(tmp_path, tiny_model_dir):
     assert all(state["step"] == 6 for state in trainer.optimizer.state.values())
     # the later passes move away from the sampling policy: with a large step, some ratios leave the clip range
     assert recorder.steps[-1]["train/clip_ratio/low"] + recorder.steps[-1]["train/clip_ratio/high"] > 0
+
+
+def test_a_step_never_holds_float32_log_probs_of_every_completion_token_times_the_vocabulary(tmp_path, tiny_model_dir):
+    """The training, reference and old log-probs and the entropies go through chunks of the LM head: no float32
+    tensor over the vocabulary in a whole GRPO step (sampling, reference, mu = 2 passes) reaches completions x
+    length x vocabulary, the logits that run 151k-vocabulary RL out of memory. The largest is one sampling step's
+    (completions, V)."""
+    from tests.test_loss_chunked import _LargestTensor
+
+    trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, max_steps=1, loss_chunk_size=4, temperature=1.0,
+                                      top_k=0, grpo={"num_generations": 4, "kl_coef": 0.1, "num_iterations": 2},
+                                      rollout={"max_completion_length": 64}))
+    vocab = trainer.model.config.vocab_size
+    weights = {p.untyped_storage().data_ptr() for model in (trainer.model, trainer.aux["reference"]) for p in model.parameters()}
+
+    class LargestOverVocabulary(_LargestTensor):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in out if isinstance(out, (tuple, list)) else (out,):
+                if (isinstance(value, torch.Tensor) and value.dtype == torch.float32 and value.shape[-1:] == (vocab,)
+                        and value.untyped_storage().data_ptr() not in weights):  # the head transposed is no new memory
+                    self.largest = max(self.largest, value.numel())
+            return out
+
+    recorder = Recorder()
+    trainer.callbacks.append(recorder)
+    with LargestOverVocabulary() as largest:
+        trainer.train()
+    completions, length = 8, recorder.steps[0]["train/completions/max_length"]
+    assert length >= 16 and recorder.steps[0]["train/kl"] >= 0  # long completions, and the reference ran
+    assert largest.largest == completions * vocab < completions * length * vocab
