@@ -49,7 +49,8 @@ VARIANTS = {
             "rlhf_time_compile": "rlhf_time torch_compile=true"},
     "dpo": {"rlhf_time": "rlhf_time DPO (reference copy)", "rlhf_time_precompute": "rlhf_time DPO precompute_ref_logps",
             "trl": "TRL DPOTrainer (reference copy)"},
-    "grpo": {"rlhf_time": "rlhf_time GRPO", "trl": "TRL GRPOTrainer"},
+    "grpo": {"rlhf_time": "rlhf_time GRPO", "rlhf_time_micro": "rlhf_time GRPO, micro-batches of 1 prompt x G",
+             "trl": "TRL GRPOTrainer"},
     "ppo": {"rlhf_time": "rlhf_time PPO", "plain": "plain PPO loop (bench/plain_ppo.py)"},
 }
 BASELINE = {"sft": "trl", "dpo": "trl", "grpo": "trl", "ppo": "plain"}  # what each ratio is against
@@ -152,7 +153,9 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
             "accuracies": [row.get("train/rewards/accuracies") for row in steps]}
 
 
-def run_rlhf_time_grpo(work: Path, args) -> dict:
+def run_rlhf_time_grpo(work: Path, args, micro: bool = False) -> dict:
+    """micro: one prompt's G completions per micro-batch (sampled and trained on in turn, gradients accumulated to
+    one optimiser step), the same number of rows per forward as TRL's micro-batch at G = 8."""
     from rlhf_time.stages.grpo import GRPOTrainer
 
     generation = [0.0]
@@ -165,7 +168,8 @@ def run_rlhf_time_grpo(work: Path, args) -> dict:
             return rollout
 
     config = rlhf_time_config(
-        work, args, name="rt_grpo", lr_scheduler_type="constant", shuffle=False,
+        work, args, name="rt_grpo", lr_scheduler_type="constant",
+        **(dict(batch_size=1, gradient_accumulation_steps=args.batch_size) if micro else {}), shuffle=False,
         group_by_length=False, temperature=1.0, top_k=0, top_p=1.0, grpo={"num_generations": GROUP, "loss_type": "dapo"},
         rollout={"max_prompt_length": 2048, "max_completion_length": args.completion_tokens, "reward_funcs": [REWARD]})
     trainer = Timed(config)
@@ -327,7 +331,7 @@ def run_variant(name: str, work: Path, args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     if args.stage == "grpo":
-        result = run_rlhf_time_grpo(work, args) if name == "rlhf_time" else run_trl_grpo(work, args)
+        result = run_trl_grpo(work, args) if name == "trl" else run_rlhf_time_grpo(work, args, micro=name.endswith("micro"))
     elif args.stage == "ppo":
         result = run_rlhf_time_ppo(work, args) if name == "rlhf_time" else run_plain_ppo(work, args)
     elif name.startswith("rlhf_time"):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("trl")
 
 
-@pytest.mark.parametrize("stage, batch, variants", [("grpo", "1", ("rlhf_time", "trl")), ("ppo", "4", ("rlhf_time", "plain"))])
+@pytest.mark.parametrize("stage, batch, variants", [("grpo", "1", ("rlhf_time", "rlhf_time_micro", "trl")), ("ppo", "4", ("rlhf_time", "plain"))])
 def test_the_real_vocabulary_rl_bench_runs_both_variants(tmp_path, stage, batch, variants):
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "real_vocab.py"), stage, "--model", "64x2", "--steps", "1",
