@@ -83,13 +83,40 @@ def score_all(scorer: RewardScorer, tokenizer, dataset: PromptDataset, rollouts:
 
 def collect(sample: Callable[..., Rollout], scorer: RewardScorer, tokenizer, dataset: PromptDataset,
             micro_batches: Sequence[list[int]], *, group_size: int = 1,
-            generators: Optional[Sequence[torch.Generator]] = None) -> list[Experience]:
+            generators: Optional[Sequence[torch.Generator]] = None, together: bool = False) -> list[Experience]:
     """Each micro-batch of prompt indices sampled (`sample(indices, num_samples=, greedy=, generator=)`,
-    group_size completions per prompt), then all of them scored (concurrently, for a concurrent scorer)."""
-    rollouts = [(indices, sample(indices, num_samples=group_size, greedy=False,
-                                 generator=generators[i] if generators is not None else None))
-                for i, indices in enumerate(micro_batches)]
+    group_size completions per prompt), then all of them scored (concurrently, for a concurrent scorer).
+    together: one `sample` call for all micro-batches (the first one's generator), split back into micro-batches."""
+    if together and len(micro_batches) > 1:
+        whole = sample([i for indices in micro_batches for i in indices], num_samples=group_size, greedy=False,
+                       generator=generators[0] if generators is not None else None)
+        parts = split_rollout(whole, [len(indices) * group_size for indices in micro_batches])
+        rollouts = list(zip(micro_batches, parts))
+    else:
+        rollouts = [(indices, sample(indices, num_samples=group_size, greedy=False,
+                                     generator=generators[i] if generators is not None else None))
+                    for i, indices in enumerate(micro_batches)]
     return score_all(scorer, tokenizer, dataset, rollouts, group_size)
+
+
+def split_rollout(rollout: Rollout, sizes: Sequence[int]) -> list[Rollout]:
+    """Consecutive row blocks of `sizes` rows, each cut to its own columns: the prompt padding that no row of the
+    block has on the left, the completion columns past the block's longest sequence on the right."""
+    parts, start, prompt_length = [], 0, rollout.prompt_length
+    for size in sizes:
+        rows = slice(start, start + size)
+        start += size
+        attended = rollout.attention_mask[rows].bool().any(0)  # (P + C,)
+        first = min(int(attended[:prompt_length].int().argmax()), prompt_length)
+        width = int(attended[prompt_length:].nonzero().max()) + 1 if attended[prompt_length:].any() else 0
+        columns = slice(first, prompt_length + width)
+        parts.append(Rollout(
+            input_ids=rollout.input_ids[rows, columns], attention_mask=rollout.attention_mask[rows, columns],
+            prompt_length=prompt_length - first, completion_mask=rollout.completion_mask[rows, :width],
+            truncated=rollout.truncated[rows], logps=rollout.logps[rows, :width],
+            entropies=rollout.entropies[rows, :width],
+            episodes=rollout.episodes[rows] if rollout.episodes is not None else None))
+    return parts
 
 
 def global_mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,7 +165,8 @@ class PromptTrainer(Trainer):
         its metrics recorded under the names every on-policy stage shares, a few samples logged."""
         experiences = collect(functools.partial(self.sample_prompts, dataset), self.rewards, self.tokenizer, dataset,
                               [batch["prompt_index"].tolist() for batch in micro_batches], group_size=group_size,
-                              generators=[self.sampling_generator(i) for i in range(len(micro_batches))])
+                              generators=[self.sampling_generator(i) for i in range(len(micro_batches))],
+                              together=self.config.rollout.sample_together)
         for experience in experiences:
             experience.rollout = experience.rollout.to(self.device)
         self.record_metrics(experience_metrics(experiences, self.rewards.names))

@@ -28,6 +28,11 @@ class RolloutOptions(Section):
                               "recomputed by one forward; measured 1.4-2.6x kv_cache's tokens/s on CPU) or kv_cache "
                               "(rlhf_time's own batched sampler, the default). Same layout, log-probs and seeded determinism. "
                               "distributed fsdp always samples with kv_cache (its ranks must run the same forwards).")
+    sample_together: bool = option(
+        False, "Sample all gradient_accumulation_steps micro-batches of a step in one engine call (a sampling batch "
+               "that many times larger, as TRL's generation batch), then train on them one micro-batch at a time (the "
+               "same training memory). Off: each micro-batch is sampled on its own from its own seed, so one process "
+               "with accumulation N draws exactly what N data-parallel ranks draw.")
     reward_funcs: list[str] = option([], "Reward functions: built-ins (exact_match, regex_match, length_penalty) or "
                                          "'package.module:function' / 'file.py:function'.")
     reward_weights: Optional[list[float]] = option(None, "One weight per reward (reward_funcs, then reward_model); None = all 1.")

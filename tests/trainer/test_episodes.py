@@ -1,6 +1,7 @@
 """Multi-turn episodes with an environment: layout, masks, sampling log-probs against a full forward, rewards,
 metrics and samples (rlhf_time.experience.episodes / environments / agent_loop)."""
 
+import functools
 import json
 
 import pytest
@@ -187,3 +188,22 @@ def test_fsdp_refuses_episodes_in_one_line_before_any_model_loads(tmp_path):
     config = episode_config(tmp_path, tmp_path / "no-model-here", distributed="fsdp")
     with pytest.raises(RlhfTimeError, match="use distributed: ddp"):
         GRPOTrainer(config, environment=AskTwice)
+
+
+def test_episodes_sampled_together_split_into_micro_batches_with_their_turn_masks(trainer):
+    """rollout.sample_together with multi-turn episodes: each micro-batch keeps its own rows, episodes and masks,
+    and the sampled tokens' log-probs still equal the training forward's over the whole trajectory."""
+    from rlhf_time.experience.experience import collect
+
+    generators = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    sample = functools.partial(trainer.sample_prompts, trainer.train_dataset)
+    experiences = collect(sample, trainer.rewards, trainer.tokenizer, trainer.train_dataset, [[0, 1], [2, 3]],
+                          group_size=2, generators=generators, together=True)
+    whole = sample([0, 1, 2, 3], num_samples=2, greedy=False, generator=torch.Generator().manual_seed(3))
+    for part, experience in enumerate(experiences):
+        rollout = experience.rollout
+        assert [e.final_text for e in rollout.episodes] == [e.final_text for e in whole.episodes[4 * part: 4 * part + 4]]
+        batch = experience.batch()
+        recomputed = trainer.completion_logps(trainer.train_model, batch).detach()
+        torch.testing.assert_close(recomputed * batch["loss_mask"], batch["old_logps"], rtol=0, atol=1e-5)
+        assert (batch["labels"] != -100).sum() == batch["loss_mask"].sum()  # context tokens stay untrained

@@ -63,3 +63,36 @@ def test_grpo_samples_through_the_engine(tmp_path, tiny_model_dir, sampled):
     trainer.train()
     group = trainer.config.grpo.num_generations
     assert sampled == [(trainer.config.batch_size, group, True)] * trainer.config.gradient_accumulation_steps
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_sample_together_draws_the_whole_step_in_one_call_and_trains_on_each_micro_batch(tmp_path, tiny_model_dir,
+                                                                                          sampled, stage):
+    """rollout.sample_together: one engine call for the step's micro-batches; each micro-batch then carries only
+    its own rows and columns, and its sampling log-probs still equal the training forward's."""
+    import torch
+
+    from rlhf_time import PPOTrainer
+
+    from .test_ppo import ppo_config
+
+    overrides = dict(max_steps=1, eval_file=None, gradient_accumulation_steps=3, max_train_samples=6,
+                     rollout={"sample_together": True, "max_completion_length": 10})
+    trainer = (GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, **overrides)) if stage == "grpo"
+               else PPOTrainer(ppo_config(tmp_path, tiny_model_dir, **overrides)))
+    group = trainer.config.grpo.num_generations if stage == "grpo" else 1
+    plan = trainer.epoch_plan(0)[:3]
+    experiences = trainer.collect_experience([trainer.collate(b, trainer.train_dataset) for b in plan],
+                                             trainer.train_dataset, group)
+    assert sampled == [(3 * trainer.config.batch_size, group, True)]
+    for experience, indices in zip(experiences, plan):
+        rollout = experience.rollout
+        assert experience.indices == list(indices) and rollout.input_ids.shape[0] == len(indices) * group
+        assert rollout.attention_mask[:, 0].any() and rollout.attention_mask[:, -1].any()  # no column all padding
+        batch = experience.batch()
+        recomputed = trainer.completion_logps(trainer.train_model, {**batch, "group_size": torch.tensor(group)})
+        torch.testing.assert_close(recomputed.detach() * batch["loss_mask"], batch["old_logps"], rtol=0, atol=1e-5)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    assert len(sampled) == 2  # the step sampled once more, all micro-batches together
