@@ -49,7 +49,7 @@ VARIANTS = {
             "rlhf_time_compile": "rlhf_time torch_compile=true"},
     "dpo": {"rlhf_time": "rlhf_time DPO (reference copy)", "rlhf_time_precompute": "rlhf_time DPO precompute_ref_logps",
             "trl": "TRL DPOTrainer (reference copy)"},
-    "grpo": {"rlhf_time": "rlhf_time GRPO", "rlhf_time_micro": "rlhf_time GRPO, micro-batches of 1 prompt x G",
+    "grpo": {"rlhf_time": "rlhf_time GRPO", "rlhf_time_micro": "rlhf_time GRPO, sample_together, micro-batches of 1 prompt x G",
              "trl": "TRL GRPOTrainer"},
     "ppo": {"rlhf_time": "rlhf_time PPO", "plain": "plain PPO loop (bench/plain_ppo.py)"},
 }
@@ -154,8 +154,9 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
 
 
 def run_rlhf_time_grpo(work: Path, args, micro: bool = False) -> dict:
-    """micro: one prompt's G completions per micro-batch (sampled and trained on in turn, gradients accumulated to
-    one optimiser step), the same number of rows per forward as TRL's micro-batch at G = 8."""
+    """micro: the step's completions sampled in one batch (rollout.sample_together), then trained on one prompt's G
+    completions at a time (gradients accumulated to one optimiser step): TRL's layout, the same rows per forward as
+    its micro-batch at G = 8."""
     from rlhf_time.stages.grpo import GRPOTrainer
 
     generation = [0.0]
@@ -171,7 +172,8 @@ def run_rlhf_time_grpo(work: Path, args, micro: bool = False) -> dict:
         work, args, name="rt_grpo", lr_scheduler_type="constant",
         **(dict(batch_size=1, gradient_accumulation_steps=args.batch_size) if micro else {}), shuffle=False,
         group_by_length=False, temperature=1.0, top_k=0, top_p=1.0, grpo={"num_generations": GROUP, "loss_type": "dapo"},
-        rollout={"max_prompt_length": 2048, "max_completion_length": args.completion_tokens, "reward_funcs": [REWARD]})
+        rollout={"max_prompt_length": 2048, "max_completion_length": args.completion_tokens, "reward_funcs": [REWARD],
+                 "sample_together": micro})
     trainer = Timed(config)
     clock = StepClock()
     trainer.callbacks.append(clock.rlhf_time_callback())
