@@ -153,54 +153,17 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
             "accuracies": [row.get("train/rewards/accuracies") for row in steps]}
 
 
-def run_rlhf_time_grpo(work: Path, args, micro: bool = False) -> dict:
-    """micro: the step's completions sampled in one batch (rollout.sample_together), then trained on one prompt's G
-    completions at a time (gradients accumulated to one optimiser step): TRL's layout, the same rows per forward as
-    its micro-batch at G = 8."""
-    from rlhf_time.stages.grpo import GRPOTrainer
-
+def train_on_policy(trainer_class, config) -> dict:
+    """An rlhf_time on-policy run timed step by step, with the time its sampling took; per-step reward and length."""
     generation = [0.0]
 
-    class Timed(GRPOTrainer):
+    class Timed(trainer_class):
         def sample_rollout(self, *a, **k):
             begin = time.perf_counter()
             rollout = super().sample_rollout(*a, **k)
             generation[0] += time.perf_counter() - begin
             return rollout
 
-    config = rlhf_time_config(
-        work, args, name="rt_grpo", lr_scheduler_type="constant",
-        **(dict(batch_size=1, gradient_accumulation_steps=args.batch_size) if micro else {}), shuffle=False,
-        group_by_length=False, temperature=1.0, top_k=0, top_p=1.0, grpo={"num_generations": GROUP, "loss_type": "dapo"},
-        rollout={"max_prompt_length": 2048, "max_completion_length": args.completion_tokens, "reward_funcs": [REWARD],
-                 "sample_together": micro})
-    trainer = Timed(config)
-    clock = StepClock()
-    trainer.callbacks.append(clock.rlhf_time_callback())
-    trainer.train()
-    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in rows if "train/reward" in row]
-    return {"seconds": clock.seconds, "generation_seconds": generation[0], "step_ends": clock.step_ends,
-            "losses": [row["train/loss"] for row in steps], "rewards": [row["train/reward"] for row in steps],
-            "completion_lengths": [row["train/completions/mean_length"] for row in steps]}
-
-
-def run_rlhf_time_ppo(work: Path, args) -> dict:
-    from rlhf_time.stages.ppo import PPOTrainer
-
-    generation = [0.0]
-
-    class Timed(PPOTrainer):
-        def sample_rollout(self, *a, **k):
-            begin = time.perf_counter()
-            rollout = super().sample_rollout(*a, **k)
-            generation[0] += time.perf_counter() - begin
-            return rollout
-
-    config = rlhf_time_config(
-        work, args, name="rt_ppo", batch_size=args.micro_batch, gradient_accumulation_steps=args.batch_size // args.micro_batch,
-        lr_scheduler_type="constant", shuffle=False, group_by_length=False, temperature=1.0, top_k=0, top_p=1.0,
-        rollout={"max_prompt_length": 2048, "max_completion_length": args.completion_tokens, "reward_funcs": [REWARD]})
     trainer = Timed(config)
     clock = StepClock()
     trainer.callbacks.append(clock.rlhf_time_callback())
@@ -210,6 +173,34 @@ def run_rlhf_time_ppo(work: Path, args) -> dict:
     return {"seconds": clock.seconds, "generation_seconds": generation[0], "step_ends": clock.step_ends,
             "rewards": [row["train/reward"] for row in steps],
             "completion_lengths": [row["train/completions/mean_length"] for row in steps]}
+
+
+def on_policy_config(work: Path, args, **fields):
+    """rlhf_time_config with the sampling and reward both RL stages share (prompts in file order)."""
+    return rlhf_time_config(
+        work, args, lr_scheduler_type="constant", shuffle=False, group_by_length=False, temperature=1.0, top_k=0,
+        top_p=1.0, **{**fields, "rollout": {"max_prompt_length": 2048, "max_completion_length": args.completion_tokens,
+                                            "reward_funcs": [REWARD], **fields.get("rollout", {})}})
+
+
+def run_rlhf_time_grpo(work: Path, args, micro: bool = False) -> dict:
+    """micro: the step's completions sampled in one batch (rollout.sample_together), then trained on one prompt's G
+    completions at a time (gradients accumulated to one optimiser step): TRL's layout, the same rows per forward as
+    its micro-batch at G = 8."""
+    from rlhf_time.stages.grpo import GRPOTrainer
+
+    layout = dict(batch_size=1, gradient_accumulation_steps=args.batch_size) if micro else {}
+    return train_on_policy(GRPOTrainer, on_policy_config(
+        work, args, name="rt_grpo_micro" if micro else "rt_grpo", grpo={"num_generations": GROUP, "loss_type": "dapo"},
+        rollout={"sample_together": micro}, **layout))
+
+
+def run_rlhf_time_ppo(work: Path, args) -> dict:
+    from rlhf_time.stages.ppo import PPOTrainer
+
+    return train_on_policy(PPOTrainer, on_policy_config(
+        work, args, name="rt_ppo", batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.batch_size // args.micro_batch))
 
 
 def run_plain_ppo(work: Path, args) -> dict:
