@@ -244,18 +244,22 @@ def report(results: dict, shared: dict, args, out: Path) -> None:
              f"of resident memory per run (watchdog: a run past it is killed and the library stops)", ""]
     lines += markdown_table(header, rows)
     longest = {library: longest_fitting(results[library]) for library in args.libraries}
+    missed = {library: any(not r["fits"] for r in results[library].values()) for library in args.libraries}
     lines.append("")
     for library in args.libraries:
-        runs = results[library]
-        last = max(runs) if runs else None
-        ended = (f"first miss: {last:,} ({runs[last]['killed']})" if last and not runs[last]["fits"]
-                 else "fits every length tried; its limit lies beyond (not tried)")
-        fit = f"{longest[library]:,}" if longest[library] else "none"
-        lines.append(f"{LIBRARIES[library]}: longest example within {args.cap_gb:g} GiB: {fit} tokens; {ended}")
+        runs, fit = results[library], longest[library]
+        ended = (f"first miss: {max(runs):,} ({runs[max(runs)]['killed']})" if missed[library]
+                 else f"fits every length tried, {args.cap_gb - runs[fit]['peak_memory_gb']:.2f} GiB below the cap at "
+                      f"{fit:,}: its limit lies beyond (not tried)")
+        lines.append(f"{LIBRARIES[library]}: longest example within {args.cap_gb:g} GiB: "
+                     f"{f'{fit:,} tokens' if fit else 'none'}; {ended}")
     if len(args.libraries) == 2 and all(longest.values()):
-        ours, theirs = (longest[library] for library in args.libraries)
-        lines.append(f"ratio {LIBRARIES[args.libraries[0]]} / {LIBRARIES[args.libraries[1]]}: {ours / theirs:.1f}x "
-                     f"(a lower bound where a library fitted every length tried)")
+        (ours, theirs), (a, b) = (longest[library] for library in args.libraries), args.libraries
+        if not missed[b]:
+            lines.append(f"ratio {LIBRARIES[a]} / {LIBRARIES[b]}: not determined ({LIBRARIES[b]} fitted every length tried)")
+        else:
+            bound = "" if missed[a] else "at least "
+            lines.append(f"ratio {LIBRARIES[a]} / {LIBRARIES[b]}: {bound}{ours / theirs:.1f}x")
     if "trl" in results:
         same = [r["identical_example"] for r in results["trl"].values() if "identical_example" in r]
         lines.append(f"TRL's tokenised example equals rlhf_time's (tokens and trained positions): {sum(same)}/{len(same)}")

@@ -70,4 +70,5 @@ def test_a_library_stops_at_its_first_length_that_does_not_fit(tmp_path, monkeyp
     text = (tmp_path / "long_context.md").read_text()
     assert "| 2,048 | 2.00 | 8.00 (killed) | 1.0 | - | - |" in text
     assert "TRL: longest example within 8 GiB: 1,024 tokens; first miss: 2,048" in text
-    assert "ratio rlhf_time / TRL: 8.0x" in text
+    assert "ratio rlhf_time / TRL: at least 8.0x" in text
+    assert "rlhf_time: longest example within 8 GiB: 8,192 tokens; fits every length tried, 0.00 GiB below" in text
