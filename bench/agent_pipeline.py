@@ -7,7 +7,9 @@ several seeds; held-out success after each.
                                    [key=value overrides of the GRPO runs, last]
 
 e.g. one row of docs/stages.md's table: `--reuse-sft --grpo-steps 200 --seeds 1,2 learning_rate=1e-4
-eval_strategy=no`, run with OMP_NUM_THREADS=1 on a shared machine.
+eval_strategy=no`, run with OMP_NUM_THREADS=1 on a shared machine. Other rewards (the "+ args" rows), with absolute
+paths (overrides are not resolved against the YAML's folder): R=$PWD/examples/agent_rewards.py, then
+`"rollout.reward_funcs=[$R:correct_product,$R:right_arguments,$R:clean_tool_use]" "rollout.reward_weights=[1.0,0.5,0.2]"`.
 
 The SFT keeps the example's schedule (max_steps = --sft-steps, cosine) and saves a checkpoint at each of
 --checkpoints; GRPO starts from checkpoint --start-from. Success (bench/agent_eval.py): the final answer of a greedy

@@ -1,5 +1,5 @@
 """The tool-calling building blocks (rlhf_time.agents): schemas, loading, parsing calls, running them with each
-failure kind, and the tool turns a rollout appends."""
+failure kind, the tool turns a rollout appends, and the example agent rewards (examples/agent_rewards.py)."""
 
 import json
 import math
@@ -261,3 +261,39 @@ def test_the_example_data_generator_reproduces_the_shipped_files(tmp_path):
         factors[name] = {tuple(int(w.strip(".?*")) for w in q.split() if w.strip(".?*").isdigit()) for q in questions}
         assert all(len(f) == 2 for f in factors[name]) and len(factors[name]) == len(records)
     assert not (factors["agent_eval.jsonl"] & (factors["agent_sft.jsonl"] | factors["agent_prompts.jsonl"]))
+
+
+def example_rewards():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("agent_rewards", EXAMPLES / "agent_rewards.py")
+    rewards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rewards)
+    return rewards
+
+
+def test_the_example_argument_reward_counts_the_question_digits_the_first_call_copies_in_place():
+    rewards = example_rewards()
+
+    def episode(arguments):
+        calls = [{"type": "function", "function": {"name": "multiply", "arguments": arguments}}] if arguments else []
+        return [{"role": "user", "content": "Multiply 499 by 275."},
+                {"role": "assistant", "content": "", **({"tool_calls": calls} if calls else {})},
+                {"role": "tool", "content": "1"}, {"role": "assistant", "content": "1"}]
+
+    trajectories = [episode({"a": 499, "b": 275}), episode({"a": 494, "b": 275}), episode({"a": 275, "b": 499}),
+                    episode({"a": 49, "b": 2750}), episode(None)]
+    scores = rewards.right_arguments(["p"] * 5, ["1"] * 5, trajectories=trajectories)
+    # right; a's last digit wrong; swapped (no digit in place); 49 and 2750 hold 2 + 3 of 499 and 275 in place; no call
+    assert scores == [1.0, 5 / 6, 0.0, 5 / 6, 0.0]
+
+
+def test_the_example_copy_reward_compares_the_answer_with_the_last_tool_result_not_the_product():
+    def episode(result):
+        tool = [{"role": "tool", "content": result}] if result is not None else []
+        return [{"role": "user", "content": "What is 249 times 218?"}, {"role": "assistant", "content": ""}, *tool]
+
+    scores = example_rewards().copies_result(["p"] * 4, ["54282", "55428", " 5 4282 ", "54282"],
+                                             trajectories=[episode("54282"), episode("54282"), episode("54282"),
+                                                           episode(None)])
+    assert scores == [1.0, 0.0, 1.0, 0.0]  # right copy; a miscopy; spaces ignored; no tool turn
