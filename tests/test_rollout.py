@@ -108,25 +108,3 @@ def test_top_k_and_top_p_filters_by_hand():
     assert kept(filter_logits(shuffled, top_p=0.7)) == [False, True, False, False, True]
     assert kept(filter_logits(shuffled, top_k=3, top_p=1.0)) == [False, True, False, True, True]
 
-
-def test_draw_follows_the_distribution_never_draws_filtered_tokens_and_reaches_a_tiny_tail():
-    """draw (inverse CDF, one uniform per row) against the probabilities themselves: frequencies within 4 standard
-    errors, probability-0 tokens never drawn, and a tail of 10,000 tokens of 2e-8 each (2e-4 together) drawn at
-    its rate. In a float32 cumulative distribution (values 6e-8 apart near 1) most of those tokens would get an
-    empty interval and the others three times theirs."""
-    from rlhf_time.experience.sampler import draw
-
-    draws = 200_000
-    probs = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05])
-    tokens = draw(probs.expand(draws, -1), torch.Generator().manual_seed(0))
-    frequencies = torch.bincount(tokens, minlength=5).double() / draws
-    standard_error = (probs.double() * (1 - probs.double()) / draws).sqrt()
-    assert frequencies[1] == 0 and ((frequencies - probs.double()).abs() <= 4 * standard_error + 1e-12).all()
-
-    tail = torch.full((10_001,), 2e-8)
-    tail[0] = 1 - 2e-4
-    generator = torch.Generator().manual_seed(0)
-    in_tail = sum(int((draw(tail.expand(2_000, -1), generator) > 0).sum()) for _ in range(50))  # 20 expected
-    assert 5 <= in_tail <= 40
-    float32 = tail.cumsum(-1)
-    assert (float32[1:] == float32[:-1]).sum() > 5_000 and (tail.cumsum(-1, dtype=torch.float64).diff() > 0).all()

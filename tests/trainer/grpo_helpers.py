@@ -14,6 +14,14 @@ def char_share(prompts, completions, response, **_):
     return [sum(a == b for a, b in zip(c, r)) / max(len(c), len(r)) for c, r in zip(completions, response)]
 
 
+def text_hash(prompts, completions, **_):
+    """A reward in [0, 1) that differs between almost any two different completions (a CRC of the text): groups have
+    non-zero advantages whatever the sampler draws, for tests about the update rather than the reward."""
+    import zlib
+
+    return [zlib.crc32(c.encode()) / 2**32 for c in completions]
+
+
 def teacher_forced_rollout(model, prompt_ids: list[list[int]], completions: list[list[int]], *, pad_token_id: int,
                            temperature: float = 1.0, truncated: list[bool] | None = None) -> Rollout:
     """A Rollout of given completions, laid out as sampling lays them out, with log-probs from one full forward

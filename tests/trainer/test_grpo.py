@@ -269,7 +269,8 @@ def test_a_reward_model_folder_is_one_more_reward(tmp_path, tiny_model_dir, tiny
 
 def test_num_iterations_reuses_each_sampled_batch(tmp_path, tiny_model_dir):
     trainer = GRPOTrainer(grpo_config(tmp_path, tiny_model_dir, grpo={"num_iterations": 3},
-                                      rollout={"reward_funcs": ["length_penalty"]}, max_steps=2, learning_rate=3e-2,
+                                      rollout={"reward_funcs": ["tests.trainer.grpo_helpers:text_hash"]}, max_steps=2,
+                                      learning_rate=3e-2,
                                       max_grad_norm=None))
     sampled = []
     original = trainer.sample_rollout
