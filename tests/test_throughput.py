@@ -129,3 +129,17 @@ def test_mfu_of_a_real_tiny_cpu_run_is_at_most_one(tmp_path, tiny_model_dir):
         summary = trainer.train()
         assert 0 < summary["mfu"] <= 1
     assert len(recorder.steps) == 8 and all(0 < step["train/mfu"] <= 1 for step in recorder.steps)
+
+
+def test_cpu_peak_memory_is_the_programs_own_not_its_parents():
+    """A process started from a large one reports its own peak: getrusage's ru_maxrss would carry the parent's
+    (Linux keeps the peak from before exec), which made bench children and pytest-launched runs read high."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(1 << 30)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # touch every page: 1 GiB resident in this process
+    probe = ("import torch; from rlhf_time.runtime.throughput import peak_memory_bytes; "
+             "print(peak_memory_bytes(torch.device('cpu')))")
+    own_peak = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert len(ballast) == 1 << 30 and own_peak < 0.8 * 2**30

@@ -119,9 +119,16 @@ def example_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def peak_memory_bytes(device: torch.device) -> float:
+    """CUDA: the most memory torch allocated. CPU: this program's peak resident memory -- on Linux VmHWM, because
+    getrusage carries the peak from before exec over, so a process started from a large one (a pytest worker, a
+    notebook, a benchmark driver) would report its parent's peak."""
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as status:
+            return float(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024)
+    except (OSError, StopIteration):
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
 def shared_prompt_work(batch: dict[str, torch.Tensor], group: int) -> tuple[float, float]:
