@@ -107,8 +107,9 @@ def split_rollout(rollout: Rollout, sizes: Sequence[int]) -> list[Rollout]:
         rows = slice(start, start + size)
         start += size
         attended = rollout.attention_mask[rows].bool().any(0)  # (P + C,)
-        first = min(int(attended[:prompt_length].int().argmax()), prompt_length)
-        width = int(attended[prompt_length:].nonzero().max()) + 1 if attended[prompt_length:].any() else 0
+        first = int(attended[:prompt_length].int().argmax())  # every prompt has a token
+        completion_columns = attended[prompt_length:].nonzero()
+        width = int(completion_columns.max()) + 1 if len(completion_columns) else 0
         columns = slice(first, prompt_length + width)
         parts.append(Rollout(
             input_ids=rollout.input_ids[rows, columns], attention_mask=rollout.attention_mask[rows, columns],
