@@ -3,12 +3,13 @@ stopped while success is partial (one of its checkpoints), then GRPO with the to
 several seeds; held-out success after each.
 
     python bench/agent_pipeline.py [--sft-steps 1500] [--checkpoints 300,400,500] [--start-from 500]
-                                   [--grpo-steps 60] [--seeds 1,2,3] [--limit 50] [--out bench/out/agent]
+                                   [--grpo-steps 100] [--seeds 1,2,3] [--limit 50] [--out bench/out/agent]
                                    [key=value overrides of the GRPO runs, last]
 
-e.g. one row of docs/stages.md's table: `--reuse-sft --grpo-steps 200 --seeds 1,2 learning_rate=1e-4
-eval_strategy=no`, run with OMP_NUM_THREADS=1 on a shared machine. Other rewards (the "+ args" rows), with absolute
-paths (overrides are not resolved against the YAML's folder): R=$PWD/examples/agent_rewards.py, then
+The defaults are the measurement of docs/stages.md ("Agents, measured"): the example's GRPO settings from SFT step 500,
+seeds 1-3; run it with OMP_NUM_THREADS=1 on a shared machine. Other rows: e.g. `--reuse-sft --checkpoints 400
+--start-from 400 --seeds 1,2,3 learning_rate=2e-4 temperature=1.0` plus other rewards, with absolute paths
+(overrides are not resolved against the YAML's folder): R=$PWD/examples/agent_rewards.py, then
 `"rollout.reward_funcs=[$R:correct_product,$R:right_arguments,$R:clean_tool_use]" "rollout.reward_weights=[1.0,0.5,0.2]"`.
 
 The SFT keeps the example's schedule (max_steps = --sft-steps, cosine) and saves a checkpoint at each of
@@ -60,7 +61,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sft-steps", type=int, default=1500, help="the SFT schedule's length (max_steps)")
     parser.add_argument("--checkpoints", type=integers, default=[300, 400, 500])
     parser.add_argument("--start-from", type=int, default=500, help="the SFT checkpoint GRPO starts from")
-    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--grpo-steps", type=int, default=100)
     parser.add_argument("--seeds", type=integers, default=[1, 2, 3], help="one GRPO run per seed")
     parser.add_argument("--sft-seed", type=int, default=42)
     parser.add_argument("--limit", type=int, default=50, help="held-out questions")

@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-QUESTIONS = ("What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}.",
+QUESTIONS = ("What is the product of {a} and {b}?", "Multiply {a} and {b}.", "Compute the product of {a} and {b}.",
              "What do you get when you multiply {a} and {b}?", "Calculate the product of {a} and {b}.")
 SIZES = {"agent_sft.jsonl": 2000, "agent_prompts.jsonl": 200, "agent_eval.jsonl": 50}
 

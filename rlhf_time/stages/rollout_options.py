@@ -25,8 +25,9 @@ class RolloutOptions(Section):
     engine: Literal["kv_cache", "transformers_paged"] = option(
         "kv_cache", "What samples the completions (and greedy eval / predict / chat during training): "
                               "transformers_paged (transformers' continuous batching with a paged cache, log-probs "
-                              "recomputed by one forward; measured 1.4-2.6x kv_cache's tokens/s on CPU) or kv_cache "
-                              "(rlhf_time's own batched sampler, the default). Same layout, log-probs and seeded determinism. "
+                              "recomputed by one forward) or kv_cache (rlhf_time's own batched sampler, the default: "
+                              "2.9-4.2x transformers_paged's tokens/s with one CPU thread, docs/stages.md). Same layout, "
+                              "log-probs and seeded determinism. "
                               "distributed fsdp always samples with kv_cache (its ranks must run the same forwards).")
     sample_together: bool = option(
         False, "Sample all gradient_accumulation_steps micro-batches of a step in one engine call (a sampling batch "
