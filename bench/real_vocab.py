@@ -4,6 +4,9 @@
     python bench/real_vocab.py dpo [--model 256x4] [--steps 10] [--batch-size 4] ...
     python bench/real_vocab.py grpo [--model 256x4] [--steps 3] [--batch-size 8] [--completion-tokens 256] ...
 
+SFT's rlhf_time_chunk32 / rlhf_time_chunk512 variants set loss_chunk_bytes to 32 / 512 MiB (the default: 128 MiB),
+to weigh the memory a chunk size saves against the time it costs in one run.
+
 Every variant runs in its own subprocess (so peak memory is its own), one after the other, on:
   - Qwen3's 151,669-token tokenizer converted offline from qwen.tiktoken (bench/qwen_vocab.py; token ids checked
     against tiktoken on every text of the run, recorded in the results);
@@ -33,10 +36,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from chat_data import PROMPT_TEMPLATE, RESPONSE_TEMPLATE, make_chat_records, make_preference_pairs
@@ -46,7 +51,8 @@ from toolkit import (QWEN3_SHAPES, QWEN3_VOCAB, ROOT, SEED, ChildFailed, StepClo
 MODELS = tuple(QWEN3_SHAPES)  # untied heads, 0.6b tied as released
 VARIANTS = {
     "sft": {"rlhf_time": "rlhf_time default", "trl": "TRL SFTTrainer", "trl_padding_free": "TRL SFTTrainer padding_free",
-            "rlhf_time_compile": "rlhf_time torch_compile=true"},
+            "rlhf_time_compile": "rlhf_time torch_compile=true",
+            "rlhf_time_chunk32": "rlhf_time loss_chunk_bytes 32 MiB", "rlhf_time_chunk512": "rlhf_time loss_chunk_bytes 512 MiB"},
     "dpo": {"rlhf_time": "rlhf_time DPO (reference copy)", "rlhf_time_precompute": "rlhf_time DPO precompute_ref_logps",
             "trl": "TRL DPOTrainer (reference copy)"},
     "grpo": {"rlhf_time": "rlhf_time GRPO", "rlhf_time_micro": "rlhf_time GRPO, sample_together, micro-batches of 1 prompt x G",
@@ -125,7 +131,7 @@ def prepare_prompts(work: Path, args, tokenizer, count: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ variants
-def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = False) -> dict:
+def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = False, chunk_mib: Optional[int] = None) -> dict:
     from rlhf_time.stages.dpo import DPOTrainer
     from rlhf_time.stages.sft import SFTrainer
 
@@ -142,13 +148,15 @@ def run_rlhf_time(work: Path, args, precompute: bool = False, compile: bool = Fa
         DPOTrainer._reference_logps_of = timed
     trainer_class = SFTrainer if args.stage == "sft" else DPOTrainer
     extra = dict(dpo={"beta": BETA, "precompute_ref_logps": precompute}) if args.stage == "dpo" else {}
-    trainer = trainer_class(rlhf_time_config(work, args, name=f"rt_{precompute}", torch_compile=compile, **extra))
+    if chunk_mib:  # otherwise the default budget
+        extra["loss_chunk_bytes"] = chunk_mib * 2**20
+    trainer = trainer_class(rlhf_time_config(work, args, name=f"rt_{precompute}_{compile}_{chunk_mib}", torch_compile=compile, **extra))
     trainer.callbacks.append(clock.rlhf_time_callback())
     trainer.train()
     rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "train/loss" in row]
     return {"seconds": clock.seconds + reference_seconds[0], "reference_seconds": reference_seconds[0],
-            "step_ends": clock.step_ends,
+            "step_ends": clock.step_ends, "loss_chunk_bytes": trainer.config.loss_chunk_bytes,
             "losses": [row["train/loss"] for row in steps],
             "accuracies": [row.get("train/rewards/accuracies") for row in steps]}
 
@@ -328,7 +336,9 @@ def run_variant(name: str, work: Path, args) -> None:
     elif args.stage == "ppo":
         result = run_rlhf_time_ppo(work, args) if name == "rlhf_time" else run_plain_ppo(work, args)
     elif name.startswith("rlhf_time"):
-        result = run_rlhf_time(work, args, precompute=name.endswith("precompute"), compile=name.endswith("compile"))
+        chunk = re.search(r"chunk(\d+)$", name)
+        result = run_rlhf_time(work, args, precompute=name.endswith("precompute"), compile=name.endswith("compile"),
+                               chunk_mib=int(chunk.group(1)) if chunk else None)
     elif args.stage == "sft":
         result = run_trl_sft(work, args, padding_free=name.endswith("padding_free"))
     else:
