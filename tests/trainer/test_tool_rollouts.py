@@ -2,6 +2,7 @@
 goes on; failures are data; only sampled tokens are trained; sampling log-probs equal a full forward over the whole
 trajectory; reward functions see trajectories and call counts; the metrics count calls and errors."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from rlhf_time import GRPOTrainer
 from rlhf_time.constants import IGNORE_INDEX
 
 from .grpo_helpers import teacher_forced_rollout
-from .helpers import Recorder
+from .helpers import Recorder, merged, tiny_config
 from .test_grpo import grpo_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -282,3 +283,95 @@ def test_llama31_native_calls_run_and_their_ipython_results_are_context(llama31_
     second_turn[:first] = False
     assert second_turn.sum() >= 3  # sampled after the ipython result
     torch.testing.assert_close(rollout.logps[0][second_turn], reference[0][second_turn], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------ the other on-policy stages with tools
+CALL_3_BY_5 = '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 5}}\n</tool_call>'
+
+
+class CallingEngine:
+    """The trainer's sampling engine replaced by a script: in each prompt's first turn its first sample calls
+    multiply(3, 5) and its second answers at once; every later turn answers "done". Log-probs by a full forward at
+    the run's temperature, as sampling computes them."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def sample(self, prompt_ids, params, *, num_samples=1, generator=None):
+        tokenizer = self.trainer.tokenizer
+        texts = [(CALL_3_BY_5 if sample == 0 else "done") if num_samples > 1 else "done"
+                 for _ in prompt_ids for sample in range(num_samples)]
+        completions = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in texts]
+        prompts = [list(ids) for ids in prompt_ids for _ in range(num_samples)]
+        return teacher_forced_rollout(self.trainer.model, prompts, completions, pad_token_id=tokenizer.pad_token_id,
+                                      temperature=self.trainer.config.temperature)
+
+
+def calls_made(prompts, completions, tool_calls, **_):
+    return [float(t["calls"] - t["failed"]) for t in tool_calls]
+
+
+def scripted_tool_run(trainer_class, tmp_path, model_dir, **overrides):
+    """One step of `trainer_class` with the multiply tool on 2 prompts x 2 episodes (the first of each pair calls
+    the tool, the second does not); returns the trainer, its first logged step and its prepared batches."""
+    values = dict(train_file=str(EXAMPLES / "data" / "agent_prompts.jsonl"), max_train_samples=4, batch_size=2,
+                  max_seq_length=512, max_steps=1, logging_steps=1, learning_rate=1e-3, temperature=1.0, top_k=0,
+                  eval_strategy="no", rollout={"max_completion_length": 160, "max_prompt_length": 1024,
+                                               "reward_funcs": ["tests.trainer.test_tool_rollouts:calls_made"]})
+    trainer = trainer_class(tiny_config(tmp_path, model_dir, **merged(values, overrides)), tools=[multiply])
+    trainer.model.float()
+    trainer.sampling_engine = CallingEngine(trainer)
+    prepared, recorder = [], Recorder()
+    original = trainer.prepare_step
+
+    def keep(micro_batches, dataset):
+        batches = original(micro_batches, dataset)
+        prepared.extend(batches)
+        return batches
+
+    trainer.prepare_step = keep
+    trainer.callbacks.append(recorder)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    return trainer, recorder.steps[0], prepared
+
+
+def trained_text(trainer, batch, row):
+    """What the loss sees of one episode, and the whole episode after its prompt."""
+    completion = batch["input_ids"][row, batch["input_ids"].shape[1] - batch["loss_mask"].shape[1]:]
+    return (trainer.tokenizer.decode(completion[batch["loss_mask"][row].bool()]),
+            trainer.tokenizer.decode(completion))
+
+
+def test_online_dpo_with_tools_prefers_the_better_episode_and_trains_only_sampled_tokens(tmp_path, tiny_model_dir):
+    """Online DPO over episodes: the episode that called the tool wins its pair (reward = calls that ran), the
+    tool's result enters the context but not the loss, and the first step's loss is DPO's log 2 (policy = the
+    reference, every pair kept)."""
+    from rlhf_time import OnlineDPOTrainer
+
+    trainer, metrics, prepared = scripted_tool_run(OnlineDPOTrainer, tmp_path, tiny_model_dir, stage="online_dpo")
+    batch = prepared[0]
+    assert batch["first_wins"].tolist() == [True, True] and batch["kept"].all()
+    trained, whole = trained_text(trainer, batch, 0)
+    assert '"name": "multiply"' in trained and "done" in trained and "15" not in trained
+    assert "<tool_response>\n15\n</tool_response>" in whole
+    assert metrics["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["train/tools/calls_per_episode"] == 0.5 and metrics["train/tools/error_rate"] == 0.0
+    assert metrics["train/turns"] == 1.5 and metrics["train/online_dpo/ties"] == 0.0
+
+
+def test_rloo_with_tools_scores_episodes_leave_one_out_and_trains_only_sampled_tokens(tmp_path, tiny_model_dir):
+    """RLOO (grpo.advantage_estimator: rloo) over episodes: with rewards (1, 0) per prompt the leave-one-out
+    advantages are r_i - mean of the others = (+1, -1), on every sampled token and on no tool-result token."""
+    trainer, metrics, prepared = scripted_tool_run(GRPOTrainer, tmp_path, tiny_model_dir, stage="grpo",
+                                                   grpo={"num_generations": 2, "advantage_estimator": "rloo"})
+    batch = prepared[0]
+    mask = batch["loss_mask"].bool()
+    expected = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    advantages = batch["advantages"]
+    per_row = advantages if advantages.dim() == 1 else advantages.masked_fill(~mask, 0).sum(-1) / mask.sum(-1)
+    assert torch.allclose(per_row, expected)
+    trained, whole = trained_text(trainer, batch, 0)
+    assert '"name": "multiply"' in trained and "15" not in trained and "<tool_response>\n15\n</tool_response>" in whole
+    assert metrics["train/tools/calls_per_episode"] == 0.5 and metrics["train/turns"] == 1.5
