@@ -16,7 +16,7 @@ pytest.importorskip("trl")
 def test_the_real_vocabulary_sft_bench_weighs_chunk_sizes_against_trl(tmp_path):
     variants = ("rlhf_time_chunk32", "trl")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "real_vocab.py"), "sft", "--model", "64x2", "--steps", "2",
+        [sys.executable, str(ROOT / "bench" / "real_vocab.py"), "sft", "--model", "64x2", "--steps", "1",
          "--batch-size", "2", "--threads", "1", "--variants", ",".join(variants), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
