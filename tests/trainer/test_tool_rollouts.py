@@ -178,11 +178,11 @@ class ScriptedEngine:
 
     def sample(self, prompt_ids, params, *, num_samples=1, generator=None):
         self.prompts.append([list(ids) for ids in prompt_ids])
-        texts = [self.turns.pop(0) for _ in prompt_ids]
+        rows = [list(ids) for ids in prompt_ids for _ in range(num_samples)]  # each prompt's samples, consecutive
+        texts = [self.turns.pop(0) for _ in rows]
         completions = [self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
                        for text in texts]
-        return teacher_forced_rollout(self.model, [list(p) for p in prompt_ids], completions,
-                                      pad_token_id=self.tokenizer.pad_token_id)
+        return teacher_forced_rollout(self.model, rows, completions, pad_token_id=self.tokenizer.pad_token_id)
 
 
 def test_predict_and_chat_run_the_same_tool_loop(tiny_model_dir):
@@ -289,24 +289,6 @@ def test_llama31_native_calls_run_and_their_ipython_results_are_context(llama31_
 CALL_3_BY_5 = '<tool_call>\n{"name": "multiply", "arguments": {"a": 3, "b": 5}}\n</tool_call>'
 
 
-class CallingEngine:
-    """The trainer's sampling engine replaced by a script: in each prompt's first turn its first sample calls
-    multiply(3, 5) and its second answers at once; every later turn answers "done". Log-probs by a full forward at
-    the run's temperature, as sampling computes them."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def sample(self, prompt_ids, params, *, num_samples=1, generator=None):
-        tokenizer = self.trainer.tokenizer
-        texts = [(CALL_3_BY_5 if sample == 0 else "done") if num_samples > 1 else "done"
-                 for _ in prompt_ids for sample in range(num_samples)]
-        completions = [tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for text in texts]
-        prompts = [list(ids) for ids in prompt_ids for _ in range(num_samples)]
-        return teacher_forced_rollout(self.trainer.model, prompts, completions, pad_token_id=tokenizer.pad_token_id,
-                                      temperature=self.trainer.config.temperature)
-
-
 def calls_made(prompts, completions, tool_calls, **_):
     return [float(t["calls"] - t["failed"]) for t in tool_calls]
 
@@ -320,7 +302,10 @@ def scripted_tool_run(trainer_class, tmp_path, model_dir, **overrides):
                                                "reward_funcs": ["tests.trainer.test_tool_rollouts:calls_made"]})
     trainer = trainer_class(tiny_config(tmp_path, model_dir, **merged(values, overrides)), tools=[multiply])
     trainer.model.float()
-    trainer.sampling_engine = CallingEngine(trainer)
+    # 2 prompts x 2 samples: each prompt's first sample calls multiply(3, 5), its second answers at once; then the
+    # two episodes that called answer after the tool's result (temperature 1: the script's log-probs are the policy's)
+    trainer.sampling_engine = ScriptedEngine(trainer.model, trainer.tokenizer,
+                                             [CALL_3_BY_5, "done", CALL_3_BY_5, "done", "done", "done"])
     prepared, recorder = [], Recorder()
     original = trainer.prepare_step
 
@@ -363,15 +348,11 @@ def test_online_dpo_with_tools_prefers_the_better_episode_and_trains_only_sample
 
 def test_rloo_with_tools_scores_episodes_leave_one_out_and_trains_only_sampled_tokens(tmp_path, tiny_model_dir):
     """RLOO (grpo.advantage_estimator: rloo) over episodes: with rewards (1, 0) per prompt the leave-one-out
-    advantages are r_i - mean of the others = (+1, -1), on every sampled token and on no tool-result token."""
+    advantages are r_i - mean of the others = (+1, -1), and no tool-result token is trained."""
     trainer, metrics, prepared = scripted_tool_run(GRPOTrainer, tmp_path, tiny_model_dir, stage="grpo",
                                                    grpo={"num_generations": 2, "advantage_estimator": "rloo"})
     batch = prepared[0]
-    mask = batch["loss_mask"].bool()
-    expected = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    advantages = batch["advantages"]
-    per_row = advantages if advantages.dim() == 1 else advantages.masked_fill(~mask, 0).sum(-1) / mask.sum(-1)
-    assert torch.allclose(per_row, expected)
+    assert torch.allclose(batch["advantages"], torch.tensor([1.0, -1.0, 1.0, -1.0]))  # one per episode (row)
     trained, whole = trained_text(trainer, batch, 0)
     assert '"name": "multiply"' in trained and "15" not in trained and "<tool_response>\n15\n</tool_response>" in whole
     assert metrics["train/tools/calls_per_episode"] == 0.5 and metrics["train/turns"] == 1.5
