@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,8 +105,18 @@ def load_qwen_tokenizer(folder: Path | str = DEFAULT_FOLDER, extra_texts=()):
         check = token_identity(tokenizer, CHECK_TEXTS + tuple(extra_texts))
         if check["identical_texts"] != check["texts"] or check["identical_special_ids"] != check["special_tokens"]:
             raise RuntimeError(f"converted Qwen tokenizer differs from the tiktoken reference: {check}")
-        tokenizer.save_pretrained(folder)
-        (folder / "token_identity.json").write_text(json.dumps(check, indent=1))
+        # Written beside the folder, then renamed into place in one step: processes that convert at the same
+        # time (parallel test workers, bench children) never read each other's half-written files.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        tokenizer.save_pretrained(staging)
+        (staging / "token_identity.json").write_text(json.dumps(check, indent=1))
+        try:
+            staging.rename(folder)  # replaces an empty folder; fails if another process got there first
+        except OSError:
+            shutil.rmtree(staging)
+            if not (folder / "tokenizer.json").exists():
+                raise
     return AutoTokenizer.from_pretrained(folder)
 
 
