@@ -20,13 +20,12 @@ from pathlib import Path
 
 from toolkit import peak_memory_gb
 
+from rlhf_time.runtime.throughput import process_memory_bytes  # noqa: E402  (toolkit put the repository on the path)
+
 
 def _rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    resident = process_memory_bytes("VmRSS")
+    return float("nan") if resident is None else resident / 2**20
 
 
 def _write_records(path: Path, count: int) -> None:

@@ -35,6 +35,8 @@ from chat_data import PROMPT_TEMPLATE, RESPONSE_TEMPLATE, make_chat_records
 from toolkit import QWEN3_VOCAB, ROOT, SEED, ChildFailed, StepClock, finish_child, markdown_table, save_qwen3, \
     training_config, write_results
 
+from rlhf_time.runtime.throughput import process_memory_bytes  # noqa: E402  (toolkit put the repository on the path)
+
 LIBRARIES = {"rlhf_time": "rlhf_time", "trl": "TRL"}
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 PROMPT_TOKENS = 32
@@ -148,12 +150,7 @@ def high_water_bytes(pid: int) -> int:
 
     Not the rusage a parent gets from wait4: Linux carries the peak of the process's memory before exec into it,
     and a child forked (vfork) from a large parent, such as a pytest worker, would report the parent's peak."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            line = next(line for line in status if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, StopIteration):
-        return 0
+    return process_memory_bytes("VmHWM", pid) or 0
 
 
 def run_capped(command: list[str], result: Path, cap_bytes: int, *, timeout: float, env: dict | None = None) -> dict:

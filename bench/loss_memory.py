@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 from toolkit import ROOT, markdown_table, write_results
 
+from rlhf_time.runtime.throughput import process_memory_bytes  # noqa: E402  (toolkit put the repository on the path)
+
 
 def memory_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    value = process_memory_bytes(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return value // 1024
 
 
 def reset_peak() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import resource
 import time
+from typing import Optional
 
 import torch
 from torch import nn
@@ -124,11 +125,23 @@ def peak_memory_bytes(device: torch.device) -> float:
     notebook, a benchmark driver) would report its parent's peak."""
     if device.type == "cuda":
         return float(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as status:
-            return float(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024)
-    except (OSError, StopIteration):
+    high_water = process_memory_bytes("VmHWM")
+    if high_water is None:  # not Linux
         return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    return float(high_water)
+
+
+def process_memory_bytes(field: str, pid: int | str = "self") -> Optional[int]:
+    """A memory line of /proc/<pid>/status in bytes (VmHWM: peak resident memory since the program started, VmRSS:
+    resident now); None without that file or line (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # the kernel writes kB
+    except OSError:
+        return None
+    return None
 
 
 def shared_prompt_work(batch: dict[str, torch.Tensor], group: int) -> tuple[float, float]:
